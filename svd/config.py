@@ -1,0 +1,64 @@
+"""Every setting of the service, read from the environment in this one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
+TINY_MODEL_ID = "tiny"
+
+Device = Literal["auto", "cuda", "cpu"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; use one of: {', '.join(allowed)}.")
+    return value
+
+
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be a positive whole number.")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's configuration; see the README's environment table."""
+
+    model_id: str = DEFAULT_MODEL_ID
+    revision: str = "main"
+    device: Device = "auto"
+    max_pixels: int = 40_000_000
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model_id == TINY_MODEL_ID
+
+    @property
+    def is_hub_model(self) -> bool:
+        """A hub id rather than the tiny model or a local directory."""
+        return not self.is_tiny and not os.path.isdir(self.model_id) and not self.model_id.startswith((".", "/", "~"))
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            model_id=os.environ.get("SVD_MODEL_ID", "").strip() or DEFAULT_MODEL_ID,
+            revision=os.environ.get("SVD_MODEL_REVISION", "").strip() or "main",
+            device=_choice("SVD_DEVICE", "auto", ("auto", "cuda", "cpu")),  # type: ignore[arg-type]
+            max_pixels=_positive_int("SVD_MAX_PIXELS", 40_000_000),
+        )

@@ -1,0 +1,156 @@
+"""Model loading: the hub model, a local diffusers directory, or the tiny model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableVideoDiffusionPipeline
+
+from svd.config import Settings
+
+logger = logging.getLogger(__name__)
+
+# Only the fp16 weights and the configs: the hub repo also holds fp32 copies and
+# a single-file checkpoint that would triple the download.
+FP16_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.fp16.safetensors"]
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    pipe: StableVideoDiffusionPipeline
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    load_seconds: float
+
+    @property
+    def max_frames(self) -> int:
+        """Frames the UNet was trained for: 25 for SVD-XT, 14 for SVD."""
+        return int(self.pipe.unet.config.num_frames)
+
+
+def resolve_device(settings: Settings) -> torch.device:
+    """The device to run on, refusing a real model without CUDA unless CPU was asked for."""
+    has_cuda = torch.cuda.is_available()
+    if settings.device == "cuda" and not has_cuda:
+        raise ModelLoadError(
+            "SVD_DEVICE=cuda was set but PyTorch sees no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
+            "Install a CUDA build of torch and check `nvidia-smi`, or set SVD_DEVICE=cpu."
+        )
+    if settings.device == "auto" and not has_cuda and not settings.is_tiny:
+        raise ModelLoadError(
+            f"No CUDA GPU found, so {settings.model_id} will not be loaded: Stable Video "
+            "Diffusion XT needs an NVIDIA GPU with 16 GB of memory or more (fp16, "
+            f"decode_chunk_size 2), and PyTorch here (torch {torch.__version__}, CUDA build: "
+            f"{torch.version.cuda or 'no'}) sees none. Run on a GPU machine with a CUDA build "
+            "of torch; or set SVD_MODEL_ID=tiny for a smoke run with the tiny test model "
+            "(its videos are noise); or set SVD_DEVICE=cpu to run the real model on the CPU "
+            "anyway (hours per video)."
+        )
+    if settings.device == "cpu" or not has_cuda:
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def hub_reference(settings: Settings):  # -> bentoml.models.HuggingFaceModel | None
+    """The hub model as a BentoML model, so a Bento pins its revision and bakes the weights in."""
+    if not settings.is_hub_model:
+        return None
+    import bentoml
+
+    return bentoml.models.HuggingFaceModel(settings.model_id, revision=settings.revision, include=FP16_FILES)
+
+
+def load_pipeline(settings: Settings, locate: Callable[[], str] | None = None) -> LoadedModel:
+    """Load the configured pipeline onto its device: fp16 on CUDA, fp32 on CPU.
+
+    `locate` returns where the weights are when BentoML fetches them (into a
+    Bento's model store or the hub cache); by default the setting itself.
+    """
+    start = time.perf_counter()
+    device = resolve_device(settings)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if settings.is_tiny:
+        from svd.tiny import build_tiny_pipeline
+
+        source = "built in code (svd/tiny.py)"
+        pipe = build_tiny_pipeline()
+    else:
+        with _explained_failures(settings):
+            source = locate() if locate else settings.model_id
+            pipe = _from_pretrained(settings, source, dtype)
+    pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(pipe, device, dtype, source, time.perf_counter() - start)
+
+
+def _from_pretrained(settings: Settings, source: str, dtype: torch.dtype) -> StableVideoDiffusionPipeline:
+    is_local = os.path.isdir(source)
+    if not is_local and not settings.is_hub_model:
+        raise ModelLoadError(
+            f"Model directory {source!r} does not exist. Set SVD_MODEL_ID to a directory in the "
+            "diffusers layout (with model_index.json), a hub id such as "
+            "stabilityai/stable-video-diffusion-img2vid-xt, or 'tiny'."
+        )
+    return StableVideoDiffusionPipeline.from_pretrained(
+        source, torch_dtype=dtype, variant="fp16", revision=None if is_local else settings.revision
+    )
+
+
+@contextmanager
+def _explained_failures(settings: Settings) -> Iterator[None]:
+    """Turn the hub's and diffusers' loading errors into one message naming the model and the fix."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = settings.model_id
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except GatedRepoError as exc:
+        raise ModelLoadError(
+            f"{name} is gated: accept its licence at https://huggingface.co/{name} with your "
+            "account, then set HF_TOKEN to an access token of that account."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(
+            f"{name} was not found on the Hugging Face hub (or it is private and HF_TOKEN is "
+            "missing or lacks access). Check SVD_MODEL_ID and HF_TOKEN."
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise ModelLoadError(f"{name} has no revision {settings.revision!r}; check SVD_MODEL_REVISION.") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(
+            f"{name} could not be downloaded and is not in the local cache: no network, or "
+            "HF_HUB_OFFLINE=1 is set. Connect this machine, download it once elsewhere with "
+            f"`hf download {name} --include '*fp16*' '*.json'` and point SVD_MODEL_ID at that "
+            "directory, or set SVD_MODEL_ID=tiny for a smoke run."
+        ) from exc
+    except (OSError, ValueError) as exc:
+        if "fp16" in str(exc) or "variant" in str(exc):
+            raise ModelLoadError(
+                f"{name} has no fp16 weights (files named *.fp16.safetensors), which this service "
+                f"loads. Save them with `pipe.save_pretrained(dir, variant='fp16')` and point "
+                f"SVD_MODEL_ID there. ({exc})"
+            ) from exc
+        raise ModelLoadError(
+            f"{name} could not be loaded: {exc}. SVD_MODEL_ID must be a hub id, a "
+            "directory in the diffusers layout (model_index.json, unet/, vae/, image_encoder/, "
+            "scheduler/, feature_extractor/), or 'tiny'."
+        ) from exc
