@@ -126,7 +126,7 @@ class VideoGenerator:
 
     def _decode_into(self, path: Path, latents: torch.Tensor, params: GenerationParams, times: StageTimes) -> int:
         """Decode the latents chunk by chunk into the video file; returns the chunk size used."""
-        latents = latents[0] / self.model.pipe.vae.config.scaling_factor
+        latents = 1 / self.model.pipe.vae.config.scaling_factor * latents[0]
         chunk = params.decode_chunk_size
         writer = VideoWriter(path, params.width, params.height, params.fps, params.format)
         try:

@@ -90,7 +90,8 @@ def load_pipeline(settings: Settings, locate: Callable[[], str] | None = None) -
         with _explained_failures(settings):
             source = locate() if locate else settings.model_id
             pipe = _from_pretrained(settings, source, dtype)
-    pipe = pipe.to(device=device, dtype=dtype)
+    # Only cast what is not already in the right dtype: from_pretrained loaded it so.
+    pipe = pipe.to(device) if pipe.dtype == dtype else pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe, device, dtype, source, time.perf_counter() - start)
 
@@ -111,6 +112,15 @@ def _from_pretrained(settings: Settings, source: str, dtype: torch.dtype) -> Sta
 @contextmanager
 def _explained_failures(settings: Settings) -> Iterator[None]:
     """Turn the hub's and diffusers' loading errors into one message naming the model and the fix."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(_explain(settings, exc)) from exc
+
+
+def _explain(settings: Settings, exc: BaseException) -> str:
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -119,38 +129,42 @@ def _explained_failures(settings: Settings) -> Iterator[None]:
     )
 
     name = settings.model_id
-    try:
-        yield
-    except ModelLoadError:
-        raise
-    except GatedRepoError as exc:
-        raise ModelLoadError(
+    # diffusers re-raises the hub's errors as plain OSErrors: look down the chain.
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    kinds = tuple(type(error) for error in chain)
+    text = " ".join(str(error) for error in chain)
+    if any(issubclass(kind, GatedRepoError) for kind in kinds):
+        return (
             f"{name} is gated: accept its licence at https://huggingface.co/{name} with your "
             "account, then set HF_TOKEN to an access token of that account."
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise ModelLoadError(
+        )
+    if any(issubclass(kind, RepositoryNotFoundError) for kind in kinds):
+        return (
             f"{name} was not found on the Hugging Face hub (or it is private and HF_TOKEN is "
             "missing or lacks access). Check SVD_MODEL_ID and HF_TOKEN."
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise ModelLoadError(f"{name} has no revision {settings.revision!r}; check SVD_MODEL_REVISION.") from exc
-    except LocalEntryNotFoundError as exc:
-        raise ModelLoadError(
+        )
+    if any(issubclass(kind, RevisionNotFoundError) for kind in kinds):
+        return f"{name} has no revision {settings.revision!r}; check SVD_MODEL_REVISION."
+    offline = any(issubclass(kind, (LocalEntryNotFoundError, ConnectionError)) for kind in kinds)
+    if offline or "not fully cached locally" in text or "connect" in text.lower():
+        return (
             f"{name} could not be downloaded and is not in the local cache: no network, or "
-            "HF_HUB_OFFLINE=1 is set. Connect this machine, download it once elsewhere with "
-            f"`hf download {name} --include '*fp16*' '*.json'` and point SVD_MODEL_ID at that "
-            "directory, or set SVD_MODEL_ID=tiny for a smoke run."
-        ) from exc
-    except (OSError, ValueError) as exc:
-        if "fp16" in str(exc) or "variant" in str(exc):
-            raise ModelLoadError(
-                f"{name} has no fp16 weights (files named *.fp16.safetensors), which this service "
-                f"loads. Save them with `pipe.save_pretrained(dir, variant='fp16')` and point "
-                f"SVD_MODEL_ID there. ({exc})"
-            ) from exc
-        raise ModelLoadError(
-            f"{name} could not be loaded: {exc}. SVD_MODEL_ID must be a hub id, a "
-            "directory in the diffusers layout (model_index.json, unet/, vae/, image_encoder/, "
-            "scheduler/, feature_extractor/), or 'tiny'."
-        ) from exc
+            "HF_HUB_OFFLINE=1 is set. Connect this machine, or download it once elsewhere with "
+            f"`hf download {name} --include '*fp16*' '*.json' --local-dir DIR`, copy DIR here and "
+            "set SVD_MODEL_ID=DIR; or set SVD_MODEL_ID=tiny for a smoke run."
+        )
+    if "fp16" in text or "variant" in text:
+        return (
+            f"{name} has no fp16 weights (files named *.fp16.safetensors), which this service "
+            "loads. Save them with `pipe.save_pretrained(DIR, variant='fp16')` and set "
+            f"SVD_MODEL_ID=DIR. ({exc})"
+        )
+    return (
+        f"{name} could not be loaded: {exc}. SVD_MODEL_ID must be a hub id, a directory in the "
+        "diffusers layout (model_index.json, unet/, vae/, image_encoder/, scheduler/, "
+        "feature_extractor/), or 'tiny'."
+    )

@@ -26,7 +26,7 @@ class Range:
     step: int = 1
 
     def __str__(self) -> str:
-        span = f"from {self.low:g} to {self.high:g}"
+        span = f"from {_number(self.low)} to {_number(self.high)}"
         return f"a multiple of {self.step} {span}" if self.step > 1 else span
 
     def __call__(self, value: float) -> float:
@@ -34,6 +34,10 @@ class Range:
         if not inside or (self.step > 1 and value % self.step):
             raise ValueError(f"must be {self}, got {value}")
         return value
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def bounded(kind: type, description: str, allowed: Range) -> Any:

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SVD_MODEL_ID", "tiny")
+
+from tests.helpers import Server, serve  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `bentoml serve` of the tiny model shared by the tests that only send requests."""
+    with serve(tmp_path_factory.mktemp("server")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def service():
+    """The service class instantiated in-process, as `bentoml serve` does."""
+    from service import StableDiffusionVideo
+
+    return StableDiffusionVideo()
+
+
+@pytest.fixture
+def call_service(service, tmp_path: Path):
+    """Call /generate in-process inside a request context; returns (video copy, response headers)."""
+    from starlette.requests import Request
+
+    from service import StableDiffusionVideo
+
+    def call(**kwargs) -> tuple[Path, dict[str, str]]:
+        context = StableDiffusionVideo.context
+        with context.in_request(Request({"type": "http", "headers": []})):
+            path = service.generate(context=context, **kwargs)
+            kept = tmp_path / f"{len(list(tmp_path.iterdir()))}-{path.name}"
+            shutil.copy(path, kept)
+            return kept, dict(context.response.headers)
+
+    return call

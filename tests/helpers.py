@@ -1,0 +1,146 @@
+"""What a user would check on a video they got back, plus a real `bentoml serve` to get it from."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import imageio_ffmpeg
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+PHOTO = ASSETS / "rocket.jpg"
+# Small requests keep the suite fast; one test runs the full default size.
+SMALL = {"width": 256, "height": 128, "num_frames": 8, "num_inference_steps": 2}
+
+
+@dataclass
+class Video:
+    path: Path
+    meta: dict
+    frames: np.ndarray  # (frames, height, width, 3) uint8
+
+    @property
+    def codec(self) -> str:
+        return self.meta["codec"].split()[0]
+
+    @property
+    def pix_fmt(self) -> str:
+        return self.meta["pix_fmt"].split("(")[0]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.meta["size"])  # type: ignore[return-value]
+
+
+def decode_video(path: Path) -> Video:
+    """Decode every frame with the bundled ffmpeg, keeping what ffmpeg says about the stream."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = [np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader]
+    return Video(path, meta, np.stack(frames))
+
+
+def top_level_boxes(path: Path) -> list[str]:
+    """The MP4's top-level box types in file order (moov before mdat means it streams)."""
+    data = path.read_bytes()
+    boxes, offset = [], 0
+    while offset + 8 <= len(data):
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        boxes.append(data[offset + 4 : offset + 8].decode("latin-1"))
+        if size == 1:
+            size = int.from_bytes(data[offset + 8 : offset + 16], "big")
+        if size < 8:
+            break
+        offset += size
+    return boxes
+
+
+def assert_browser_safe_mp4(video: Video, width: int, height: int, frames: int, fps: float = 7) -> None:
+    assert video.codec == "h264", video.meta
+    assert video.pix_fmt == "yuv420p", video.meta
+    assert video.size == (width, height)
+    assert len(video.frames) == frames
+    assert video.meta["fps"] == fps
+    boxes = top_level_boxes(video.path)
+    assert boxes.index("moov") < boxes.index("mdat"), boxes
+    assert not all(np.array_equal(video.frames[0], frame) for frame in video.frames[1:]), "all frames equal"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, interval: float = 0.2, what: str = "condition"):
+    """Poll `condition` until it returns something truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not met within {timeout} s")
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _ready(url: str, process: subprocess.Popen, log: Path) -> bool:
+    if process.poll() is not None:
+        raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def serve(tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 180) -> Iterator[Server]:
+    """A real `bentoml serve` of this repo on 127.0.0.1 and a free port, stopped on exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / f"serve-{port}.log"
+    full_env = {**os.environ, "SVD_MODEL_ID": "tiny", "BENTOML_HOME": str(tmp_path / "bentoml"), **(env or {})}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:StableDiffusionVideo", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=full_env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: _ready(url, process, log), timeout, 0.5, "server ready")
+        yield Server(url, process, log)
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()

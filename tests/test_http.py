@@ -1,0 +1,105 @@
+"""A real `bentoml serve` of the tiny model, called the ways the README shows."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
+
+TUTORIAL_CURL = (
+    "curl -X 'POST' '{url}/generate' -H 'accept: video/*' -H 'Content-Type: multipart/form-data' "
+    "-F 'image=@assets/rocket.jpg;type=image/png' -o {out} -F 'decode_chunk_size=2' -F 'seed=null'"
+)
+
+
+def curl(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, shell=True, cwd=Path(__file__).parent.parent, capture_output=True, timeout=600)
+
+
+def test_tutorial_curl_at_the_full_default_size(server, tmp_path):
+    """The tutorial's curl as it stands: 25 frames of 1024x576 with 25 steps (minutes on CPU)."""
+    out = tmp_path / "generated.mp4"
+    result = curl(TUTORIAL_CURL.format(url=server.url, out=out) + f" -D {tmp_path / 'headers'}")
+    assert result.returncode == 0, result.stderr
+    headers = (tmp_path / "headers").read_text().lower()
+    assert " 200 " in headers.splitlines()[0]
+    assert "x-seed: " in headers and "content-type: video/mp4" in headers
+    assert_browser_safe_mp4(decode_video(out), 1024, 576, 25)
+
+
+def test_curl_small_with_seed_null(server, tmp_path):
+    out = tmp_path / "small.mp4"
+    small = " ".join(f"-F '{key}={value}'" for key, value in SMALL.items())
+    result = curl(TUTORIAL_CURL.format(url=server.url, out=out) + " " + small)
+    assert result.returncode == 0, result.stderr
+    assert_browser_safe_mp4(decode_video(out), 256, 128, 8)
+
+
+def test_python_client_returns_a_path_and_seeds_reproduce(server, tmp_path):
+    with bentoml.SyncHTTPClient(server.url, timeout=600) as client:
+        first = client.generate(image=PHOTO, decode_chunk_size=2, seed=42, **SMALL)
+        assert isinstance(first, Path)
+        kept = shutil.copy(first, tmp_path / "first.mp4")
+        again = client.generate(image=PHOTO, decode_chunk_size=2, seed=42, **SMALL)
+        unseeded = client.generate(image=PHOTO, **SMALL)
+    video = decode_video(Path(kept))
+    assert_browser_safe_mp4(video, 256, 128, 8)
+    assert np.array_equal(video.frames, decode_video(again).frames)
+    assert decode_video(unseeded).frames.shape == video.frames.shape
+
+
+def test_x_seed_replays_the_same_frames(server, tmp_path):
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    with httpx.Client(base_url=server.url, timeout=600) as http:
+        first = http.post("/generate", files=files, data=SMALL)
+        seed = first.headers["x-seed"]
+        replay = http.post("/generate", files=files, data={**SMALL, "seed": seed})
+    assert first.status_code == replay.status_code == 200
+    assert replay.headers["x-seed"] == seed
+    (tmp_path / "a.mp4").write_bytes(first.content)
+    (tmp_path / "b.mp4").write_bytes(replay.content)
+    assert np.array_equal(decode_video(tmp_path / "a.mp4").frames, decode_video(tmp_path / "b.mp4").frames)
+    assert "denoise;dur=" in first.headers["server-timing"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("width", "1000", "a multiple of 64 from 64 to 1024"),
+        ("width", "2048", "a multiple of 64 from 64 to 1024"),
+        ("height", "32", "a multiple of 64 from 64 to 1024"),
+        ("num_frames", "26", "from 1 to 25"),
+        ("num_inference_steps", "0", "from 1 to 100"),
+        ("num_inference_steps", "101", "from 1 to 100"),
+        ("decode_chunk_size", "0", "from 1 to 64"),
+        ("seed", "-1", "from 0 to 4294967295"),
+        ("seed", "abc", "valid integer"),
+    ],
+)
+def test_out_of_range_fields_get_400_naming_field_and_range(server, field, value, allowed):
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    response = httpx.post(f"{server.url}/generate", files=files, data={**SMALL, field: value}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert field in response.text and allowed in response.text
+
+
+def test_swagger_lists_generate_with_every_parameter_described(server):
+    spec = httpx.get(f"{server.url}/docs.json", timeout=10).json()
+    operation = spec["paths"]["/generate"]["post"]
+    schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    properties = schema["properties"]
+    expected = {"image", "decode_chunk_size", "seed", "width", "height", "num_frames", "num_inference_steps"}
+    assert expected <= set(properties)
+    undescribed = [name for name, prop in properties.items() if not prop.get("description")]
+    assert undescribed == []
+    assert properties["width"]["default"] == 1024 and properties["decode_chunk_size"]["default"] == 2
+    assert httpx.get(f"{server.url}/", timeout=10).status_code == 200
