@@ -7,18 +7,18 @@ Configuration is read from the environment once, in svd/config.py.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
 from bentoml.validators import ContentType
 from pydantic import Field
 
 from svd.config import Settings
-from svd.generate import Generation, StageTimes, VideoGenerator
-from svd.images import prepare_image
-from svd.loading import hub_reference, load_pipeline
+from svd.engine import Engine
+from svd.errors import Refused
+from svd.generate import Generation
+from svd.loading import hub_reference
 from svd.params import (
     DecodeChunkSize,
     Fps,
@@ -36,23 +36,27 @@ from svd.params import (
     Width,
 )
 
-logger = logging.getLogger("bentoml.svd")
 SETTINGS = Settings.from_env()
 
 
-@bentoml.service(resources={"gpu": 1, "gpu_type": "nvidia-l4"}, traffic={"timeout": 600})
+@bentoml.service(
+    resources={"gpu": 1, "gpu_type": "nvidia-l4"},
+    traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
+)
 class StableDiffusionVideo:
     # Declared for the hub model only: a Bento then pins its revision and
     # `bentoml containerize` bakes the weights in. None for tiny or a local directory.
     hub_model = hub_reference(SETTINGS)
 
     def __init__(self) -> None:
-        self.model = load_pipeline(SETTINGS, (lambda: self.hub_model) if self.hub_model else None)
-        self.generator = VideoGenerator(self.model)
-        logger.info(
-            "Loaded %s (%s) on %s as %s in %.1f s",
-            SETTINGS.model_id, self.model.source, self.model.device, self.model.dtype, self.model.load_seconds,
-        )
+        # Loads and warms up in the background: /livez answers at once, /readyz once warm.
+        self.engine = Engine(SETTINGS, (lambda: self.hub_model) if self.hub_model else None)
+
+    def __is_ready__(self) -> bool:
+        return self.engine.ready
+
+    def __is_alive__(self) -> bool:
+        return self.engine.error is None
 
     @bentoml.api
     def generate(
@@ -76,7 +80,7 @@ class StableDiffusionVideo:
         """Turn a still image into a short video (25 frames at 1024x576 by default).
 
         The seed actually used comes back in the X-Seed header, every effective
-        setting in X-Settings, and the seconds per stage in Server-Timing.
+        setting in X-Settings, and the milliseconds per stage in Server-Timing.
         """
         params = GenerationParams(
             width=width,
@@ -92,13 +96,28 @@ class StableDiffusionVideo:
             max_guidance_scale=max_guidance_scale,
             sizing=sizing,
             format=format,
-        ).resolve(self.model.max_frames)
-        times = StageTimes()
-        with times.measure("prepare"):
-            picture = prepare_image(image, params.width, params.height, params.sizing, SETTINGS.max_pixels)
-        result = self.generator.generate(picture, params, Path(context.temp_dir), times)
+        )
+        task_id = getattr(context.request.state, "task_id", None)
+        try:
+            result = self.engine.run(image, params, Path(context.temp_dir), key=task_id)
+        except Refused as refused:
+            return refused.response()  # type: ignore[return-value]
         context.response.headers.update(response_headers(result))
         return result.path
+
+    # The same generation as an async job: POST /generate_task/submit answers a
+    # task id at once; /generate_task/status and /generate_task/get follow it.
+    generate_task = bentoml.task(generate.func, name="generate_task", route="/generate_task")
+
+    @bentoml.api
+    def progress(
+        self, task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")]
+    ) -> dict[str, Any]:
+        """Where a generate_task job is: its stage (queued, encode, denoise, decode, video) and step."""
+        progress = self.engine.progress(task_id)
+        if progress is None:
+            return {"task_id": task_id, "stage": "unknown", "step": 0, "steps": 0}
+        return {"task_id": task_id, **progress.__dict__}
 
 
 def response_headers(result: Generation) -> dict[str, str]:

@@ -44,6 +44,10 @@ class Settings:
     revision: str = "main"
     device: Device = "auto"
     max_pixels: int = 40_000_000
+    timeout: int = 600
+    max_queue: int = 4
+    max_concurrency: int = 32
+    test_faults: str = ""
 
     @property
     def is_tiny(self) -> bool:
@@ -61,4 +65,8 @@ class Settings:
             revision=os.environ.get("SVD_MODEL_REVISION", "").strip() or "main",
             device=_choice("SVD_DEVICE", "auto", ("auto", "cuda", "cpu")),  # type: ignore[arg-type]
             max_pixels=_positive_int("SVD_MAX_PIXELS", 40_000_000),
+            timeout=_positive_int("SVD_TIMEOUT", 600),
+            max_queue=_positive_int("SVD_MAX_QUEUE", 4),
+            max_concurrency=_positive_int("SVD_MAX_CONCURRENCY", 32),
+            test_faults=os.environ.get("SVD_TEST_FAULTS", ""),
         )

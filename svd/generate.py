@@ -8,10 +8,11 @@ redoing the denoising.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,34 @@ import numpy as np
 import torch
 from PIL import Image
 
+from svd.faults import Faults
 from svd.loading import LoadedModel
 from svd.params import GenerationParams
 from svd.video import CODECS, VideoWriter
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("bentoml.svd")
 
 STAGES = ("prepare", "encode", "denoise", "decode", "video")
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory outside the decode, or at a decode chunk of 1."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request ran past its time limit and was stopped between steps."""
+
+
+@dataclass
+class Progress:
+    """Where a generation is: its stage, and the step within it."""
+
+    stage: str = "queued"
+    step: int = 0
+    steps: int = 0
+
+
+ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass
@@ -55,7 +77,6 @@ class Generation:
     path: Path
     params: GenerationParams
     content_type: str
-    frames: int
     decode_chunk_size: int
     times: StageTimes
 
@@ -63,11 +84,20 @@ class Generation:
 class VideoGenerator:
     """Runs generations one at a time on the loaded model."""
 
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, faults: Faults | None = None):
         self.model = model
-        # One GPU, one generation: concurrent requests wait here instead of
-        # fighting over memory.
+        self.faults = faults or Faults()
+        # One GPU, one generation: concurrent requests and jobs wait here
+        # instead of fighting over memory.
         self._lock = threading.Lock()
+        self._waiting = 0
+        self._count_lock = threading.Lock()
+        self.last_seconds = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        """Generations running or waiting for the GPU."""
+        return self._waiting
 
     def generate(
         self,
@@ -75,21 +105,45 @@ class VideoGenerator:
         params: GenerationParams,
         out_dir: Path,
         times: StageTimes | None = None,
+        on_progress: ProgressCallback | None = None,
+        deadline: float | None = None,
     ) -> Generation:
         """Generate a video from a prepared image with resolved params (see GenerationParams.resolve)."""
         times = times or StageTimes()
-        assert params.num_frames is not None and params.seed is not None, "params must be resolved"
+        report = on_progress or (lambda _: None)
         path = out_dir / f"video.{params.format}"
-        with self._lock:
-            try:
-                latents = self._denoise(image, params, times)
-                chunk = self._decode_into(path, latents, params, times)
-            finally:
-                if self.model.device.type == "cuda":
-                    torch.cuda.empty_cache()
-        return Generation(path, params, CODECS[params.format].content_type, params.num_frames, chunk, times)
+        with self._count_lock:
+            self._waiting += 1
+        try:
+            report(Progress("queued"))
+            with self._lock:
+                start = time.perf_counter()
+                try:
+                    latents = self._denoise(image, params, times, report, deadline)
+                    chunk = self._decode_into(path, latents, params, times, report, deadline)
+                finally:
+                    latents = None
+                    self.release_memory()
+                self.last_seconds = time.perf_counter() - start
+        finally:
+            with self._count_lock:
+                self._waiting -= 1
+        return Generation(path, params, CODECS[params.format].content_type, chunk, times)
 
-    def _denoise(self, image: Image.Image, params: GenerationParams, times: StageTimes) -> torch.Tensor:
+    def release_memory(self) -> None:
+        """Give back what the last generation held, so memory after many requests equals after one."""
+        gc.collect()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _denoise(
+        self,
+        image: Image.Image,
+        params: GenerationParams,
+        times: StageTimes,
+        report: ProgressCallback,
+        deadline: float | None,
+    ) -> torch.Tensor:
         pipe = self.model.pipe
         generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         start = time.perf_counter()
@@ -99,7 +153,14 @@ class VideoGenerator:
             # The first UNet call marks the end of image encoding (CLIP and VAE encoder).
             if not first_step:
                 first_step.append(time.perf_counter())
+                self.faults.check("denoise")
 
+        def after_step(_pipe: object, step: int, _t: object, tensors: dict) -> dict:
+            report(Progress("denoise", step + 1, params.num_inference_steps))
+            _check_deadline(deadline, "denoising")
+            return tensors
+
+        report(Progress("encode"))
         hook = pipe.unet.register_forward_pre_hook(mark_first_step)
         try:
             latents = pipe(
@@ -115,7 +176,10 @@ class VideoGenerator:
                 noise_aug_strength=params.noise_aug_strength,
                 generator=generator,
                 output_type="latent",
+                callback_on_step_end=after_step,
             ).frames
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemory(f"the GPU ran out of memory while denoising ({exc})") from None
         finally:
             hook.remove()
         end = time.perf_counter()
@@ -124,17 +188,40 @@ class VideoGenerator:
         times.seconds["denoise"] += end - encoded
         return latents
 
-    def _decode_into(self, path: Path, latents: torch.Tensor, params: GenerationParams, times: StageTimes) -> int:
-        """Decode the latents chunk by chunk into the video file; returns the chunk size used."""
+    def _decode_into(
+        self,
+        path: Path,
+        latents: torch.Tensor,
+        params: GenerationParams,
+        times: StageTimes,
+        report: ProgressCallback,
+        deadline: float | None,
+    ) -> int:
+        """Decode the latents chunk by chunk into the video file; returns the chunk size finally used."""
         latents = 1 / self.model.pipe.vae.config.scaling_factor * latents[0]
         chunk = params.decode_chunk_size
+        done = 0
         writer = VideoWriter(path, params.width, params.height, params.fps, params.format)
         try:
-            for start in range(0, len(latents), chunk):
-                with times.measure("decode"):
-                    frames = self.decode_frames(latents[start : start + chunk])
+            while done < len(latents):
+                report(Progress("decode", done, len(latents)))
+                _check_deadline(deadline, "decoding")
+                try:
+                    with times.measure("decode"):
+                        frames = self.decode_frames(latents[done : done + chunk])
+                except torch.OutOfMemoryError as exc:
+                    if chunk == 1:
+                        raise OutOfMemory(f"the GPU ran out of memory decoding even one frame at a time ({exc})") from None
+                    self.release_memory()
+                    logger.warning(
+                        "Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, exc
+                    )
+                    chunk //= 2
+                    continue
                 with times.measure("video"):
                     writer.write(frames)
+                done += len(frames)
+            report(Progress("video", done, len(latents)))
         finally:
             with times.measure("video"):
                 writer.close()
@@ -143,7 +230,13 @@ class VideoGenerator:
     @torch.no_grad()
     def decode_frames(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents (frames, 4, h, w) to uint8 RGB frames (frames, H, W, 3), as diffusers rounds them."""
+        self.faults.check("decode")
         vae = self.model.pipe.vae
         pixels = vae.decode(latents.to(vae.dtype), num_frames=len(latents)).sample
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _check_deadline(deadline: float | None, stage: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded(f"the request ran past its time limit and was stopped while {stage}")

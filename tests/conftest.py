@@ -24,7 +24,9 @@ def service():
     """The service class instantiated in-process, as `bentoml serve` does."""
     from service import StableDiffusionVideo
 
-    return StableDiffusionVideo()
+    instance = StableDiffusionVideo()
+    assert instance.engine.wait_ready(120), instance.engine.error
+    return instance
 
 
 @pytest.fixture

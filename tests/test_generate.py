@@ -45,8 +45,9 @@ def test_frames_match_what_the_diffusers_pipeline_returns(service):
     from svd.params import GenerationParams
 
     image = Image.open(PHOTO).convert("RGB").resize((256, 128))
-    params = GenerationParams(**SMALL, seed=5, decode_chunk_size=3).resolve(service.model.max_frames)
-    pipe = service.model.pipe
+    params = GenerationParams(**SMALL, seed=5, decode_chunk_size=3).resolve(service.engine.generator.model.max_frames)
+    generator = service.engine.generator
+    pipe = generator.model.pipe
     expected = pipe(
         image,
         width=256,
@@ -58,9 +59,9 @@ def test_frames_match_what_the_diffusers_pipeline_returns(service):
         output_type="np",
     ).frames[0]
     expected = (expected * 255).round().astype(np.uint8)
-    latents = service.generator._denoise(image, params, StageTimes())
+    latents = generator._denoise(image, params, StageTimes(), lambda _: None, None)
     scaled = 1 / pipe.vae.config.scaling_factor * latents[0]
-    ours = np.concatenate([service.generator.decode_frames(scaled[i : i + 3]) for i in range(0, 8, 3)])
+    ours = np.concatenate([generator.decode_frames(scaled[i : i + 3]) for i in range(0, 8, 3)])
     assert ours.dtype == np.uint8 and ours.shape == (8, 128, 256, 3)
     assert np.abs(ours.astype(int) - expected).max() == 0
 
@@ -78,4 +79,4 @@ def test_frames_beyond_the_model_are_refused(call_service, field, value, allowed
 
 
 def test_the_model_decides_the_default_number_of_frames(service):
-    assert service.model.max_frames == 25
+    assert service.engine.generator.model.max_frames == 25

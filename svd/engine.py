@@ -1,0 +1,148 @@
+"""The model's life in the service: loaded and warmed up in the background, then serving.
+
+Loading a real model takes minutes; doing it off the server's start lets /livez
+answer throughout while /readyz says 503 until the first generation has run.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import math
+from http import HTTPStatus
+
+from PIL import Image
+
+from svd.config import Settings
+from svd.errors import Refused
+from svd.faults import Faults
+from svd.generate import DeadlineExceeded, Generation, OutOfMemory, Progress, StageTimes, VideoGenerator
+from svd.images import prepare_image
+from svd.loading import load_pipeline, resolve_device
+from svd.params import GenerationParams
+
+logger = logging.getLogger("bentoml.svd")
+
+# The smallest generation the model accepts: enough to run every kernel once.
+WARM_UP = GenerationParams(width=64, height=64, num_frames=2, num_inference_steps=1, decode_chunk_size=2, seed=0)
+KEPT_PROGRESS = 1000
+
+
+class NotReady(RuntimeError):
+    """The model is still loading or warming up, or failed to load."""
+
+
+class Engine:
+    """Loads the model in a background thread and hands out its generator once warm."""
+
+    def __init__(self, settings: Settings, locate: Callable[[], str] | None = None):
+        # Refuse to start at once, not minutes later, when there is no device to run on.
+        resolve_device(settings)
+        self.settings = settings
+        self.error: str | None = None
+        self._generator: VideoGenerator | None = None
+        self._ready = threading.Event()
+        self._progress: OrderedDict[str, Progress] = OrderedDict()
+        self._thread = threading.Thread(target=self._start, args=(locate,), name="svd-load", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def generator(self) -> VideoGenerator:
+        if self._generator is None or not self.ready:
+            raise NotReady(self.error or "the model is still loading; retry when /readyz answers 200")
+        return self._generator
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def _start(self, locate: Callable[[], str] | None) -> None:
+        try:
+            model = load_pipeline(self.settings, locate)
+            generator = VideoGenerator(model, Faults(self.settings.test_faults))
+            self._generator = generator
+            warm_up_seconds = self._warm_up(generator)
+        except Exception as exc:
+            self.error = f"the model failed to load: {exc}"
+            logger.error("SVD %s", self.error, exc_info=not isinstance(exc, RuntimeError))
+            return
+        self._ready.set()
+        logger.info(
+            "SVD ready: model %s (%s), device %s, dtype %s; loaded in %.1f s, warmed up in %.1f s",
+            self.settings.model_id,
+            model.source,
+            model.device,
+            str(model.dtype).removeprefix("torch."),
+            model.load_seconds,
+            warm_up_seconds,
+        )
+
+    def _warm_up(self, generator: VideoGenerator) -> float:
+        start = time.perf_counter()
+        image = Image.new("RGB", (WARM_UP.width, WARM_UP.height), (128, 128, 128))
+        with tempfile.TemporaryDirectory(prefix="svd-warm-up-") as out_dir:
+            generator.generate(image, WARM_UP.resolve(generator.model.max_frames), Path(out_dir))
+        return time.perf_counter() - start
+
+    def run(self, image: Path, params: GenerationParams, out_dir: Path, key: str | None = None) -> Generation:
+        """Admit, check, prepare and generate one request; `key` names its progress for `progress`."""
+        deadline = time.monotonic() + self.settings.timeout
+        try:
+            generator = self.generator
+        except NotReady as exc:
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), None if self.error else 10) from None
+        if generator.in_flight >= self.settings.max_queue:
+            raise Refused(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                f"{generator.in_flight} generations are already running or queued (SVD_MAX_QUEUE="
+                f"{self.settings.max_queue}); retry later",
+                self._retry_after(generator),
+            )
+        params = params.resolve(generator.model.max_frames)
+        times = StageTimes()
+        with times.measure("prepare"):
+            picture = prepare_image(image, params.width, params.height, params.sizing, self.settings.max_pixels)
+        report = self.track(key) if key else None
+        try:
+            return generator.generate(picture, params, out_dir, times, report, deadline)
+        except OutOfMemory as exc:
+            logger.error("SVD out of memory: %s", exc)
+            raise Refused(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"{exc}; nothing is left allocated, so retrying may work, or ask for fewer frames, "
+                "a smaller size or a lower decode_chunk_size",
+                self._retry_after(generator),
+            ) from None
+        except DeadlineExceeded as exc:
+            raise Refused(
+                HTTPStatus.GATEWAY_TIMEOUT,
+                f"{exc} after {self.settings.timeout} s (SVD_TIMEOUT); ask for fewer frames, steps or pixels",
+            ) from None
+
+    @staticmethod
+    def _retry_after(generator: VideoGenerator) -> int:
+        """Seconds until the queue has likely moved: the last generation's time per request ahead."""
+        return max(1, math.ceil(generator.last_seconds * max(generator.in_flight, 1)))
+
+    def track(self, key: str) -> Callable[[Progress], None]:
+        """A progress callback that keeps the latest state under `key` for `progress`."""
+
+        def report(progress: Progress) -> None:
+            self._progress[key] = progress
+            self._progress.move_to_end(key)
+            while len(self._progress) > KEPT_PROGRESS:
+                self._progress.popitem(last=False)
+
+        return report
+
+    def progress(self, key: str) -> Progress | None:
+        return self._progress.get(key)
