@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 from pydantic import Field
+from starlette.responses import Response
 
 from svd.config import Settings
 from svd.engine import Engine
@@ -35,6 +36,7 @@ from svd.params import (
     Seed,
     Width,
 )
+from svd.ui import ui_app
 
 SETTINGS = Settings.from_env()
 
@@ -42,7 +44,11 @@ SETTINGS = Settings.from_env()
 @bentoml.service(
     resources={"gpu": 1, "gpu_type": "nvidia-l4"},
     traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
+    # Enough threads that every admitted request reaches the engine, which
+    # queues them for the GPU and answers 429 beyond SVD_MAX_QUEUE.
+    threads=SETTINGS.max_concurrency,
 )
+@bentoml.asgi_app(ui_app, path="/ui")
 class StableDiffusionVideo:
     # Declared for the hub model only: a Bento then pins its revision and
     # `bentoml containerize` bakes the weights in. None for tiny or a local directory.
@@ -102,15 +108,21 @@ class StableDiffusionVideo:
             result = self.engine.run(image, params, Path(context.temp_dir), key=task_id)
         except Refused as refused:
             return refused.response()  # type: ignore[return-value]
-        context.response.headers.update(response_headers(result))
+        headers = response_headers(result)
+        if task_id is not None:
+            # BentoML stores a job's answer by replaying the response without a
+            # request method, which a file response needs: hand it the bytes.
+            return Response(result.path.read_bytes(), headers=headers)  # type: ignore[return-value]
+        context.response.headers.update(headers)
         return result.path
 
     # The same generation as an async job: POST /generate_task/submit answers a
     # task id at once; /generate_task/status and /generate_task/get follow it.
-    generate_task = bentoml.task(generate.func, name="generate_task", route="/generate_task")
+    generate_task = bentoml.task(generate.func, route="/generate_task")
+    generate_task.name = "generate_task"  # bentoml.task ignores its name argument (1.4.39)
 
     @bentoml.api
-    def progress(
+    async def progress(
         self, task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")]
     ) -> dict[str, Any]:
         """Where a generate_task job is: its stage (queued, encode, denoise, decode, video) and step."""

@@ -225,6 +225,7 @@ class VideoGenerator:
         finally:
             with times.measure("video"):
                 writer.close()
+        report(Progress("done", done, len(latents)))
         return chunk
 
     @torch.no_grad()
