@@ -123,7 +123,8 @@ def error_message(response: httpx.Response) -> str:
     body = body[0] if isinstance(body, list) and body else body
     if not isinstance(body, dict):
         return f"{prefix}: {body}"
-    details = [f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in body.get("detail") or [] if isinstance(d, dict)]
+    problems = [d for d in body.get("detail") or [] if isinstance(d, dict)]
+    details = [f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in problems]
     return f"{prefix}: {body.get('error')}" + (f" ({'; '.join(details)})" if details else "")
 
 
@@ -188,7 +189,7 @@ def triage(jobs: list[Job]) -> tuple[list[Job], list[Outcome]]:
     claimed: dict[Path, Path] = {}
     for job in jobs:
         if job.output in claimed:
-            # rocket.jpg and rocket.png would both become rocket.mp4; neither may overwrite the other.
+            # rocket.jpg and rocket.png would both become rocket.mp4: the first by name keeps it.
             known.append(Outcome.of(job, "failed", error=f"{claimed[job.output].name} already makes {job.output.name}"))
         elif job.output.exists():
             known.append(Outcome.of(job, "skipped"))
@@ -198,7 +199,9 @@ def triage(jobs: list[Job]) -> tuple[list[Job], list[Outcome]]:
     return todo, known
 
 
-def run(jobs: list[Job], out_dir: Path, client: httpx.Client, fields: dict[str, str], concurrency: int, retries: int) -> list[Outcome]:
+def run(
+    jobs: list[Job], out_dir: Path, client: httpx.Client, fields: dict[str, str], concurrency: int, retries: int
+) -> list[Outcome]:
     """Every job with a progress bar; each outcome reaches the manifest as soon as it is known.
 
     Progress goes to stderr, like the bar, so stdout carries only the summary.
@@ -260,12 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("images_dir", type=Path, metavar="IMAGES_DIR")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    parser.add_argument("--url", default="http://localhost:3000", help="the service (default: %(default)s)")
-    parser.add_argument("--concurrency", type=at_least(1), default=1, metavar="N", help="requests in flight (default: 1)")
-    parser.add_argument("--token", default=os.environ.get("SVD_API_TOKEN"), help="sent as a Bearer token (default: $SVD_API_TOKEN)")
-    parser.add_argument("--timeout", type=float, default=900, metavar="SECONDS", help="seconds to wait for one video (default: 900)")
-    parser.add_argument("--retries", type=at_least(0), default=5, metavar="N", help="retries on 429, 503 and dropped connections (default: 5)")
-    parser.add_argument("--seed", type=int, help="the same seed for every image (default: a random one each)")
+    add = parser.add_argument
+    add("--url", default="http://localhost:3000", help="the service (default: %(default)s)")
+    add("--concurrency", type=at_least(1), default=1, metavar="N", help="requests in flight (default: 1)")
+    add("--token", default=os.environ.get("SVD_API_TOKEN"), help="sent as a Bearer token (default: $SVD_API_TOKEN)")
+    add("--timeout", type=float, default=900, metavar="SECONDS", help="to wait for one video (default: 900)")
+    add("--retries", type=at_least(0), default=5, metavar="N", help="on 429, 503, dropped connections (default: 5)")
+    add("--seed", type=int, help="one seed for every image (default: a random one each)")
     controls = parser.add_argument_group("generation options (default: the server's)")
     for name, (kind, choices) in CONTROLS.items():
         metavar = None if choices else {int: "N", float: "X"}[kind]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,7 +70,11 @@ def hub_reference(settings: Settings):  # -> bentoml.models.HuggingFaceModel | N
         return None
     import bentoml
 
-    return bentoml.models.HuggingFaceModel(settings.model_id, revision=settings.revision, include=FP16_FILES)
+    model = bentoml.models.HuggingFaceModel(settings.model_id, revision=settings.revision, include=FP16_FILES)
+    if re.fullmatch(r"[0-9a-f]{40}", settings.revision):
+        # A commit hash needs no lookup, so `bentoml build` works offline.
+        object.__setattr__(model, "commit_hash", settings.revision)
+    return model
 
 
 def load_pipeline(settings: Settings, locate: Callable[[], str] | None = None) -> LoadedModel:
