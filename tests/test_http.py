@@ -81,6 +81,16 @@ def test_x_seed_replays_the_same_frames(server, tmp_path):
         ("decode_chunk_size", "0", "from 1 to 64"),
         ("seed", "-1", "from 0 to 4294967295"),
         ("seed", "abc", "valid integer"),
+        ("fps", "0", "from 1 to 60"),
+        ("fps", "61", "from 1 to 60"),
+        ("motion_bucket_id", "256", "from 0 to 255"),
+        ("noise_aug_strength", "1.5", "from 0 to 1"),
+        ("noise_aug_strength", "nan", "from 0 to 1"),
+        ("min_guidance_scale", "-1", "from 0 to 20"),
+        ("max_guidance_scale", "inf", "from 0 to 20"),
+        ("max_guidance_scale", "1e309", "from 0 to 20"),
+        ("sizing", "zoom", "'stretch', 'crop' or 'pad'"),
+        ("format", "avi", "'mp4', 'webm' or 'gif'"),
     ],
 )
 def test_out_of_range_fields_get_400_naming_field_and_range(server, field, value, allowed):
