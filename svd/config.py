@@ -10,6 +10,7 @@ DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
 TINY_MODEL_ID = "tiny"
 
 Device = Literal["auto", "cuda", "cpu"]
+Memory = Literal["full", "model_offload", "sequential_offload"]
 
 
 class ConfigError(ValueError):
@@ -21,6 +22,18 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not allowed; use one of: {', '.join(allowed)}.")
     return value
+
+
+def _flag(name: str) -> bool:
+    return _choice(name, "0", ("0", "1", "false", "true", "no", "yes")) in ("1", "true", "yes")
+
+
+def _compile_backend(raw: str) -> str:
+    """'' for off, else a torch.compile backend: 1 means inductor, the default one."""
+    value = raw.strip().lower()
+    if value in ("", "0", "false", "no"):
+        return ""
+    return "inductor" if value in ("1", "true", "yes") else value
 
 
 def _positive_int(name: str, default: int) -> int:
@@ -43,6 +56,9 @@ class Settings:
     model_id: str = DEFAULT_MODEL_ID
     revision: str = "main"
     device: Device = "auto"
+    memory: Memory = "full"
+    forward_chunking: bool = False
+    compile: str = ""
     max_pixels: int = 40_000_000
     timeout: int = 600
     max_queue: int = 4
@@ -64,6 +80,9 @@ class Settings:
             model_id=os.environ.get("SVD_MODEL_ID", "").strip() or DEFAULT_MODEL_ID,
             revision=os.environ.get("SVD_MODEL_REVISION", "").strip() or "main",
             device=_choice("SVD_DEVICE", "auto", ("auto", "cuda", "cpu")),  # type: ignore[arg-type]
+            memory=_choice("SVD_MEMORY", "full", ("full", "model_offload", "sequential_offload")),  # type: ignore[arg-type]
+            forward_chunking=_flag("SVD_FORWARD_CHUNKING"),
+            compile=_compile_backend(os.environ.get("SVD_COMPILE", "")),
             max_pixels=_positive_int("SVD_MAX_PIXELS", 40_000_000),
             timeout=_positive_int("SVD_TIMEOUT", 600),
             max_queue=_positive_int("SVD_MAX_QUEUE", 4),

@@ -68,20 +68,27 @@ class Engine:
     def _start(self, locate: Callable[[], str] | None) -> None:
         try:
             model = load_pipeline(self.settings, locate)
-            generator = VideoGenerator(model, Faults(self.settings.test_faults))
+            generator = VideoGenerator(model)
             self._generator = generator
             warm_up_seconds = self._warm_up(generator)
+            # Armed after the warm-up, so injected faults hit requests only.
+            generator.faults = Faults(self.settings.test_faults)
         except Exception as exc:
             self.error = f"the model failed to load: {exc}"
             logger.error("SVD %s", self.error, exc_info=not isinstance(exc, RuntimeError))
             return
         self._ready.set()
+        settings = self.settings
+        revision = f"revision {settings.revision}" if settings.is_hub_model else model.source
         logger.info(
-            "SVD ready: model %s (%s), device %s, dtype %s; loaded in %.1f s, warmed up in %.1f s",
-            self.settings.model_id,
-            model.source,
+            "SVD ready: model %s (%s), device %s, dtype %s, memory %s%s%s; loaded in %.1f s, warmed up in %.1f s",
+            settings.model_id,
+            revision,
             model.device,
             str(model.dtype).removeprefix("torch."),
+            settings.memory,
+            ", forward chunking" if settings.forward_chunking else "",
+            f", compiled with {settings.compile}" if settings.compile else "",
             model.load_seconds,
             warm_up_seconds,
         )
@@ -115,7 +122,7 @@ class Engine:
         try:
             return generator.generate(picture, params, out_dir, times, report, deadline)
         except OutOfMemory as exc:
-            logger.error("SVD out of memory: %s", exc)
+            logger.error("SVD out of memory: %s", str(exc))  # a string: a record must not keep tensors alive
             raise Refused(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 f"{exc}; nothing is left allocated, so retrying may work, or ask for fewer frames, "

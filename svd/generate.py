@@ -133,6 +133,7 @@ class VideoGenerator:
     def release_memory(self) -> None:
         """Give back what the last generation held, so memory after many requests equals after one."""
         gc.collect()
+        self.model.pipe.maybe_free_model_hooks()
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -214,7 +215,7 @@ class VideoGenerator:
                         raise OutOfMemory(f"the GPU ran out of memory decoding even one frame at a time ({exc})") from None
                     self.release_memory()
                     logger.warning(
-                        "Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, exc
+                        "Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, str(exc)
                     )
                     chunk //= 2
                     continue

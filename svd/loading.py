@@ -14,6 +14,7 @@ import torch
 from diffusers import StableVideoDiffusionPipeline
 
 from svd.config import Settings
+from svd.placement import place
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,7 @@ def load_pipeline(settings: Settings, locate: Callable[[], str] | None = None) -
         with _explained_failures(settings):
             source = locate() if locate else settings.model_id
             pipe = _from_pretrained(settings, source, dtype)
-    # Only cast what is not already in the right dtype: from_pretrained loaded it so.
-    pipe = pipe.to(device) if pipe.dtype == dtype else pipe.to(device=device, dtype=dtype)
+    pipe = place(pipe, settings, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe, device, dtype, source, time.perf_counter() - start)
 

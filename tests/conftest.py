@@ -4,6 +4,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,13 +34,17 @@ def service():
 def call_service(service, tmp_path: Path):
     """Call /generate in-process inside a request context; returns (video copy, response headers)."""
     from starlette.requests import Request
+    from starlette.responses import Response
 
     from service import StableDiffusionVideo
 
-    def call(**kwargs) -> tuple[Path, dict[str, str]]:
+    def call(**kwargs) -> tuple[Any, dict[str, str]]:
+        """The video's path, or the refusal response the service answered instead."""
         context = StableDiffusionVideo.context
         with context.in_request(Request({"type": "http", "headers": []})):
             path = service.generate(context=context, **kwargs)
+            if isinstance(path, Response):
+                return path, dict(path.headers)
             kept = tmp_path / f"{len(list(tmp_path.iterdir()))}-{path.name}"
             shutil.copy(path, kept)
             return kept, dict(context.response.headers)

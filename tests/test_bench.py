@@ -1,0 +1,33 @@
+"""The benchmarks still run: `python -m bench --quick` goes through every section.
+
+--quick measures nothing worth reading (tiny frames and requests, one run each);
+the real figures come from `python -m bench`, outside the test run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.__main__ import SECTIONS, main
+
+
+def test_quick_bench_runs_every_section_and_gpu_mode_refuses_without_cuda(tmp_path, capsys):
+    out = tmp_path / "latest.json"
+    assert main(["--quick", "--out", str(out)]) == 0
+
+    printed = capsys.readouterr().out
+    assert "| section | measure | value | target | met |" in printed
+    results = json.loads(out.read_text())
+    assert results["command"] == f"python -m bench --quick --out {out}"
+    assert list(results["sections"]) == list(SECTIONS)
+    assert all(section["rows"] for section in results["sections"].values())
+    assert results["sections"]["encoding"]["data"]["video_writer"]["browser_safe"]
+    for level in results["sections"]["load"]["data"]["levels"]:
+        assert level["videos"] > 0 and set(level["statuses"]) <= {"200", "429"}, level
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            main(["--gpu", "--out", str(tmp_path / "gpu.json")])

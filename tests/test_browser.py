@@ -1,0 +1,189 @@
+"""The web page at /ui and the Swagger UI at /, used in a real headless Chromium.
+
+Needs Debian's chromium (/usr/bin/chromium) and Playwright for Python; never a
+browser that Playwright downloads. Every request off the test server is refused,
+so nothing reaches the network (the Swagger page asks Google Tag Manager).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import PHOTO, SMALL, Server, assert_browser_safe_mp4, decode_video
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+expect = sync_api.expect
+
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+GENERATION_MS = 180_000  # a tiny generation takes seconds; this is only the deadline
+
+# Keeps every text the progress line shows, to check the run was followed step by step.
+RECORD_PROGRESS = """
+window.progressTexts = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const line = document.getElementById("progress-text");
+  if (!line) return;
+  new MutationObserver(() => window.progressTexts.push(line.textContent))
+    .observe(line, { childList: true, characterData: true, subtree: true });
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser, server: Server) -> Iterator:
+    """A fresh tab that can reach the test server only; fails the test on any script error."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    context.route(
+        "**/*",
+        lambda route: route.continue_() if route.request.url.startswith(server.url) else route.abort(),
+    )
+    tab = context.new_page()
+    tab.set_default_timeout(30_000)
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    tab.on(
+        "console",
+        lambda message: errors.append(message.text)
+        if message.type == "error" and "Content Security Policy" in message.text
+        else None,
+    )
+    yield tab
+    context.close()
+    assert errors == [], errors
+
+
+def fill_small(page, **overrides: str) -> None:
+    """Open Advanced and ask for a tiny video, as a user would type it."""
+    page.locator("summary", has_text="Advanced").click()
+    for name, value in {**{key: str(value) for key, value in SMALL.items()}, **overrides}.items():
+        page.fill(f"#{name}", value)
+
+
+def test_the_page_generates_a_video_and_shows_its_seed_and_settings(page, server, tmp_path):
+    page.add_init_script(RECORD_PROGRESS)
+    page.goto(f"{server.url}/ui")
+    expect(page.get_by_role("heading", name="Stable Video Diffusion XT")).to_be_visible()
+    page.get_by_label("Random").check()  # the default: no seed is sent
+    page.set_input_files("#image", PHOTO)
+    expect(page.locator("#preview")).to_be_visible()
+    page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")
+    fill_small(page)
+    page.get_by_role("button", name="Generate").click()
+
+    # Playable (enough data to play on), or an error to report at once rather than at the deadline.
+    page.wait_for_function(
+        "() => document.querySelector('#media video')?.readyState >= 3 || !document.getElementById('error').hidden",
+        timeout=GENERATION_MS,
+    )
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#result-seed")).to_have_text(re.compile(r"^\d+$"))
+    seed = page.locator("#result-seed").inner_text()
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done \(\d+ s\)$"))
+    assert page.evaluate("document.getElementById('progress').value") == 1
+    texts = page.evaluate("window.progressTexts")
+    assert len(texts) >= 2 and texts[-1].startswith("Done"), texts
+    counted = [text for text in texts if re.match(r"(Denoising step|Decoding frames) \d+ of \d+", text)]
+    assert all(re.match(r"(Denoising step \d of 2|Decoding frames \d of 8) \(", text) for text in counted), texts
+
+    video = page.locator("#media video")
+    for attribute in ("controls", "autoplay", "loop", "muted", "playsInline"):
+        assert video.evaluate(f"v => v.{attribute}"), attribute
+    assert video.evaluate("v => [v.videoWidth, v.videoHeight]") == [256, 128]
+    settings = page.locator("#settings").inner_text()
+    for row in ("width\t256", "height\t128", "num_frames\t8", "num_inference_steps\t2", "format\tmp4", "sizing\tstretch"):
+        assert row in settings, settings
+
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    assert download.value.suggested_filename == f"svd-seed{seed}-256x128.mp4"
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert_browser_safe_mp4(decode_video(saved), 256, 128, 8)
+
+    page.get_by_role("button", name="Reuse this seed").click()
+    expect(page.locator("#seed")).to_have_value(seed)
+    expect(page.locator("#seed")).to_be_enabled()
+
+    screenshot = tmp_path / "ui.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+
+
+def test_an_invalid_field_is_explained_in_words_and_the_token_is_sent(page, server):
+    sent: list[dict[str, str]] = []
+    page.on("request", lambda request: sent.append(request.headers) if "/generate_task/" in request.url else None)
+    page.goto(f"{server.url}/ui?token=s3cret")
+    assert "token" not in page.url  # kept in the tab, not in the address bar or history
+    page.set_input_files("#image", PHOTO)
+    fill_small(page, width="1000")
+    page.get_by_role("button", name="Generate").click()
+
+    error = page.get_by_role("alert")
+    expect(error).to_contain_text("could not use these settings", timeout=GENERATION_MS)
+    expect(error).to_contain_text("Width (width): must be a multiple of 64 from 64 to 1024, got 1000")
+    assert "Traceback" not in error.inner_text() and "{" not in error.inner_text()
+    expect(page.locator("#width")).to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    assert sent and all(headers.get("authorization") == "Bearer s3cret" for headers in sent), sent
+
+
+def test_a_file_that_is_not_an_image_is_explained_in_words(page, server):
+    page.goto(f"{server.url}/ui")
+    page.set_input_files("#image", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a picture"})
+    fill_small(page)
+    page.get_by_role("button", name="Generate").click()
+
+    error = page.get_by_role("alert")
+    expect(error).to_contain_text("not an image the service can read", timeout=GENERATION_MS)
+    expect(error).to_contain_text("image is not an image this service can read; accepted formats: PNG, JPEG")
+    assert "Traceback" not in error.inner_text()
+    expect(page.locator("#result")).to_be_hidden()
+
+
+def test_a_missing_image_is_explained_before_calling_the_service(page, server):
+    page.goto(f"{server.url}/ui")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_role("alert")).to_have_text("Choose an image first.")
+
+
+def test_swagger_ui_try_it_out_generates_a_video(page, server):
+    page.goto(f"{server.url}/")
+    operation = page.locator('.opblock-post:has(.opblock-summary-path[data-path="/generate"])')
+    operation.locator(".opblock-summary").first.click()
+    operation.get_by_role("button", name="Try it out").click()
+    operation.locator('tr[data-property-name="image"] input[type=file]').set_input_files(PHOTO)
+    for name, value in SMALL.items():
+        operation.locator(f'tr[data-property-name="{name}"] input[placeholder="{name}"]').fill(str(value))
+    operation.get_by_role("button", name="Execute").click()
+
+    live = operation.locator(".live-responses-table tr.response")  # the answer received, not the documented ones
+    status = live.locator(".response-col_status")
+    status.wait_for(timeout=GENERATION_MS)
+    assert status.inner_text().strip() == "200", live.inner_text()
+    headers = live.locator(".response-col_description .microlight").last
+    expect(headers).to_contain_text(re.compile("content-type: video/mp4", re.I))
+    expect(headers).to_contain_text(re.compile(r"x-seed: \d+", re.I))
