@@ -19,6 +19,7 @@ from svd.config import Settings
 from svd.engine import Engine
 from svd.errors import Refused
 from svd.generate import Generation
+from svd.guards import BearerAuth, UploadGuard
 from svd.loading import hub_reference
 from svd.params import (
     DecodeChunkSize,
@@ -130,6 +131,11 @@ class StableDiffusionVideo:
         if progress is None:
             return {"task_id": task_id, "stage": "unknown", "step": 0, "steps": 0}
         return {"task_id": task_id, **progress.__dict__}
+
+
+StableDiffusionVideo.add_asgi_middleware(UploadGuard, max_bytes=SETTINGS.max_upload_bytes)
+if SETTINGS.api_token:
+    StableDiffusionVideo.add_asgi_middleware(BearerAuth, token=SETTINGS.api_token)
 
 
 def response_headers(result: Generation) -> dict[str, str]:

@@ -60,6 +60,8 @@ class Settings:
     forward_chunking: bool = False
     compile: str = ""
     max_pixels: int = 40_000_000
+    max_upload_bytes: int = 20_000_000
+    api_token: str = ""
     timeout: int = 600
     max_queue: int = 4
     max_concurrency: int = 32
@@ -84,6 +86,8 @@ class Settings:
             forward_chunking=_flag("SVD_FORWARD_CHUNKING"),
             compile=_compile_backend(os.environ.get("SVD_COMPILE", "")),
             max_pixels=_positive_int("SVD_MAX_PIXELS", 40_000_000),
+            max_upload_bytes=_positive_int("SVD_MAX_UPLOAD_BYTES", 20_000_000),
+            api_token=os.environ.get("SVD_API_TOKEN", "").strip(),
             timeout=_positive_int("SVD_TIMEOUT", 600),
             max_queue=_positive_int("SVD_MAX_QUEUE", 4),
             max_concurrency=_positive_int("SVD_MAX_CONCURRENCY", 32),

@@ -7,6 +7,7 @@ answer throughout while /readyz says 503 until the first generation has run.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -17,8 +18,10 @@ from pathlib import Path
 import math
 from http import HTTPStatus
 
+from bentoml.exceptions import BentoMLException
 from PIL import Image
 
+from svd import metrics
 from svd.config import Settings
 from svd.errors import Refused
 from svd.faults import Faults
@@ -102,14 +105,37 @@ class Engine:
 
     def run(self, image: Path, params: GenerationParams, out_dir: Path, key: str | None = None) -> Generation:
         """Admit, check, prepare and generate one request; `key` names its progress for `progress`."""
+        start = time.perf_counter()
+        try:
+            result = self._run(image, params, out_dir, key)
+        except Refused as refused:
+            metrics.GENERATIONS.labels(outcome=refused.reason).inc()
+            if refused.reason in ("busy", "not_ready"):
+                metrics.REFUSED.labels(reason=refused.reason).inc()
+            raise
+        except BentoMLException:
+            metrics.GENERATIONS.labels(outcome="bad_input").inc()
+            raise
+        except Exception:
+            metrics.GENERATIONS.labels(outcome="error").inc()
+            raise
+        metrics.GENERATIONS.labels(outcome="ok").inc()
+        metrics.GENERATION_SECONDS.observe(time.perf_counter() - start)
+        metrics.FRAMES.inc(result.params.num_frames or 0)
+        for stage, seconds in result.times.seconds.items():
+            metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
+        return result
+
+    def _run(self, image: Path, params: GenerationParams, out_dir: Path, key: str | None) -> Generation:
         deadline = time.monotonic() + self.settings.timeout
         try:
             generator = self.generator
         except NotReady as exc:
-            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), None if self.error else 10) from None
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", str(exc), None if self.error else 10) from None
         if generator.in_flight >= self.settings.max_queue:
             raise Refused(
                 HTTPStatus.TOO_MANY_REQUESTS,
+                "busy",
                 f"{generator.in_flight} generations are already running or queued (SVD_MAX_QUEUE="
                 f"{self.settings.max_queue}); retry later",
                 self._retry_after(generator),
@@ -125,6 +151,7 @@ class Engine:
             logger.error("SVD out of memory: %s", str(exc))  # a string: a record must not keep tensors alive
             raise Refused(
                 HTTPStatus.SERVICE_UNAVAILABLE,
+                "out_of_memory",
                 f"{exc}; nothing is left allocated, so retrying may work, or ask for fewer frames, "
                 "a smaller size or a lower decode_chunk_size",
                 self._retry_after(generator),
@@ -132,6 +159,7 @@ class Engine:
         except DeadlineExceeded as exc:
             raise Refused(
                 HTTPStatus.GATEWAY_TIMEOUT,
+                "timeout",
                 f"{exc} after {self.settings.timeout} s (SVD_TIMEOUT); ask for fewer frames, steps or pixels",
             ) from None
 

@@ -29,9 +29,10 @@ class Refused(Exception):
     BentoML's own error responses carry no headers, so these become responses here.
     """
 
-    def __init__(self, status: HTTPStatus, message: str, retry_after: int | None = None):
+    def __init__(self, status: HTTPStatus, reason: str, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
+        self.reason = reason
         self.retry_after = retry_after
 
     def response(self):  # -> starlette.responses.JSONResponse

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from svd import metrics
 from svd.faults import Faults
 from svd.loading import LoadedModel
 from svd.params import GenerationParams
@@ -217,6 +218,7 @@ class VideoGenerator:
                     logger.warning(
                         "Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, str(exc)
                     )
+                    metrics.OOM_RETRIES.inc()
                     chunk //= 2
                     continue
                 with times.measure("video"):

@@ -25,7 +25,9 @@ header h1 { font-size: 1.5rem; margin: .2rem 0; }
 header p { margin: 0 0 1rem; opacity: .85; }
 main { display: grid; grid-template-columns: minmax(300px, 400px) 1fr; gap: 1.5rem; align-items: start; }
 @media (max-width: 760px) { main { grid-template-columns: 1fr; } }
-fieldset { border: 1px solid var(--line); border-radius: 8px; margin: 0 0 1rem; padding: .6rem .9rem .9rem; }
+/* Side by side, the result stays in view while the form scrolls. */
+@media (min-width: 761px) { #output { position: sticky; top: 1rem; max-height: calc(100vh - 2rem); overflow: auto; } }
+fieldset { border: 1px solid var(--line); border-radius: 8px; margin: 0 0 1rem; padding: .6rem .9rem .9rem; min-width: 0; }
 legend { font-weight: 600; padding: 0 .3rem; }
 .grid { display: grid; grid-template-columns: 1fr 1fr; gap: .6rem .9rem; }
 .field label, .field > span { display: block; font-size: .9rem; margin-bottom: .15rem; }
@@ -136,7 +138,7 @@ BODY = """
   </details>
   <button type="submit" id="generate">Generate</button>
 </form>
-<section aria-label="Result">
+<section id="output" aria-label="Result">
   <div id="status" hidden>
     <progress id="progress" max="1" aria-labelledby="progress-text"></progress>
     <p id="progress-text" role="status" aria-live="polite"></p>
@@ -280,6 +282,7 @@ function showError(err) {
     }
   }
   box.hidden = false;
+  box.scrollIntoView({ block: "nearest" });
 }
 
 // --- Progress: one line in words, one bar for the whole run.
@@ -388,6 +391,7 @@ form.addEventListener("submit", async (event) => {
   $("status").hidden = false;
   $("placeholder").hidden = true;
   showProgress("unknown", 0, 0, started);
+  $("status").scrollIntoView({ block: "nearest" });
   try {
     const submitted = await api("generate_task/submit", { method: "POST", body: data });
     if (!submitted.ok) throw await problem(submitted);

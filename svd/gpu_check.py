@@ -1,0 +1,95 @@
+"""Run once on a GPU machine: load the configured model, make one default video, report.
+
+    python -m svd.gpu_check [--json results.json] [--full]
+
+Prints the seconds of each stage, peak memory and the settings, as a table and as
+JSON. Without a CUDA GPU it runs the tiny model on the CPU, small, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from svd.config import Settings
+from svd.generate import StageTimes, VideoGenerator
+from svd.images import fit
+from svd.loading import load_pipeline
+from svd.params import GenerationParams
+
+PHOTO = Path(__file__).resolve().parent.parent / "assets" / "rocket.jpg"
+SMALL = GenerationParams(width=256, height=128, num_frames=8, num_inference_steps=2, seed=0)
+
+
+def run(settings: Settings, params: GenerationParams) -> dict:
+    """Load, generate once, and measure; returns the report as a dict."""
+    on_gpu = torch.cuda.is_available() and settings.device != "cpu"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    model = load_pipeline(settings)
+    generator = VideoGenerator(model)
+    params = params.resolve(model.max_frames)
+    image = fit(Image.open(PHOTO).convert("RGB"), params.width, params.height)
+    times = StageTimes()
+    with tempfile.TemporaryDirectory() as out_dir:
+        start = time.perf_counter()
+        result = generator.generate(image, params, Path(out_dir), times)
+        total = time.perf_counter() - start
+        size = result.path.stat().st_size
+    return {
+        "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})",
+        "model": settings.model_id,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "memory_mode": settings.memory,
+        "compile": settings.compile or "off",
+        "load_seconds": round(model.load_seconds, 2),
+        "stage_seconds": {stage: round(seconds, 3) for stage, seconds in times.seconds.items()},
+        "generate_seconds": round(total, 2),
+        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "decode_chunk_size_used": result.decode_chunk_size,
+        "video_bytes": size,
+        "settings": asdict(params),
+        "torch": torch.__version__,
+    }
+
+
+def table(report: dict) -> str:
+    rows = [(key, value) for key, value in report.items() if key not in ("stage_seconds", "settings")]
+    rows += [(f"  {stage} s", seconds) for stage, seconds in report["stage_seconds"].items()]
+    rows += [(f"  {key}", value) for key, value in report["settings"].items()]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m svd.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="also write the report to this file")
+    parser.add_argument("--full", action="store_true", help="on the CPU too, the full default video (minutes)")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    params = GenerationParams(seed=0)
+    if not torch.cuda.is_available() and settings.device != "cpu":
+        print("No CUDA GPU here: running the tiny test model on the CPU instead (its video is noise).")
+        settings = replace(settings, model_id="tiny", device="cpu")
+        params = params if args.full else SMALL
+    report = run(settings, params)
+    print(table(report))
+    print(json.dumps(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""ASGI middleware that turns requests away before BentoML parses them.
+
+- Bearer-token access (SVD_API_TOKEN), leaving the probes and /metrics open.
+- An upload limit (SVD_MAX_UPLOAD_BYTES): 413 from the Content-Length header, or
+  as soon as a streamed body passes it, before anything is decoded.
+- `image` must be an uploaded file: BentoML would otherwise download a URL sent
+  in its place, from the server, to anywhere.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from svd import metrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+FILE_FIELDS = (b"image",)
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, reason: str, message: str, **headers: str):
+    metrics.REFUSED.labels(reason=reason).inc()
+    await JSONResponse({"error": message}, status_code=status, headers=headers or None)(scope, receive, send)
+
+
+class BearerAuth:
+    """Every route but the probes and /metrics needs `Authorization: Bearer <token>`.
+
+    Page loads (GET) may carry it as `?token=` instead, since a browser cannot
+    set a header on a navigation.
+    """
+
+    def __init__(self, app: App, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        await _refuse(
+            scope, receive, send, 401, "unauthorized",
+            "missing or wrong API token: send `Authorization: Bearer <token>` (SVD_API_TOKEN is set)",
+            **{"WWW-Authenticate": "Bearer"},
+        )
+
+    def _authorised(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(header, self.expected):
+            return True
+        if scope["method"] != "GET":
+            return False
+        query = re.search(rb"(?:^|&)token=([^&]*)", scope.get("query_string", b""))
+        return bool(query) and hmac.compare_digest(query.group(1), self.token)
+
+
+class UploadGuard:
+    """Refuses bodies above the limit (413) and `image` fields that are not files (400)."""
+
+    def __init__(self, app: App, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        boundary = re.search(rb"boundary=\"?([^\";]+)", headers.get(b"content-type", b""))
+        if boundary and (field := _field_not_file(bytes(body), boundary.group(1))):
+            await _refuse(
+                scope, receive, send, 400, "url_not_file",
+                f"`{field}` must be an uploaded file (a multipart file part with a filename); this "
+                "service never downloads URLs: fetch the image yourself and upload it.",
+            )
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _refuse(
+            scope, receive, send, 413, "too_large",
+            f"the upload is larger than {self.max_bytes / 1e6:g} MB (SVD_MAX_UPLOAD_BYTES); send a smaller image",
+        )
+
+
+def _field_not_file(body: bytes, boundary: bytes) -> str | None:
+    """The name of a file field sent as a plain value, if any."""
+    for part in body.split(b"--" + boundary):
+        head = part[: part.find(b"\r\n\r\n")]
+        name = re.search(rb'name="([^"]*)"', head)
+        if name and name.group(1) in FILE_FIELDS and b"filename=" not in head:
+            return name.group(1).decode()
+    return None

@@ -1,0 +1,34 @@
+"""The service's Prometheus metrics, served at /metrics beside BentoML's own.
+
+Created through bentoml.metrics so they join BentoML's multiprocess registry.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+GENERATIONS = bentoml.metrics.Counter(
+    name="svd_generations",
+    documentation="Generations by outcome: ok, bad_input, refused, out_of_memory, timeout, error.",
+    labelnames=["outcome"],
+)
+GENERATION_SECONDS = bentoml.metrics.Histogram(
+    name="svd_generation_seconds",
+    documentation="Seconds from admission to a finished video, for successful generations.",
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600),
+)
+STAGE_SECONDS = bentoml.metrics.Histogram(
+    name="svd_stage_seconds",
+    documentation="Seconds per stage: prepare, encode, denoise, decode, video.",
+    labelnames=["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 60, 120, 300),
+)
+FRAMES = bentoml.metrics.Counter(name="svd_frames_generated", documentation="Video frames generated.")
+OOM_RETRIES = bentoml.metrics.Counter(
+    name="svd_oom_retries", documentation="VAE decodes retried with a smaller chunk after running out of GPU memory."
+)
+REFUSED = bentoml.metrics.Counter(
+    name="svd_requests_refused",
+    documentation="Requests refused before generating, by reason: busy, not_ready, too_large, unauthorized, url_not_file.",
+    labelnames=["reason"],
+)
