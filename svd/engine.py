@@ -13,10 +13,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
-
-import math
 from http import HTTPStatus
+from pathlib import Path
 
 from bentoml.exceptions import BentoMLException
 from PIL import Image
@@ -132,14 +130,20 @@ class Engine:
             generator = self.generator
         except NotReady as exc:
             raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", str(exc), None if self.error else 10) from None
-        if generator.in_flight >= self.settings.max_queue:
-            raise Refused(
-                HTTPStatus.TOO_MANY_REQUESTS,
-                "busy",
-                f"{generator.in_flight} generations are already running or queued (SVD_MAX_QUEUE="
-                f"{self.settings.max_queue}); retry later",
-                self._retry_after(generator),
-            )
+        with generator.admitted(self.settings.max_queue) as admitted:
+            if not admitted:
+                raise Refused(
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    "busy",
+                    f"{generator.in_flight} generations are already running or queued (SVD_MAX_QUEUE="
+                    f"{self.settings.max_queue}); retry later",
+                    self._retry_after(generator),
+                )
+            return self._generate(generator, image, params, out_dir, key, deadline)
+
+    def _generate(
+        self, generator: VideoGenerator, image: Path, params: GenerationParams, out_dir: Path, key: str | None, deadline: float
+    ) -> Generation:
         params = params.resolve(generator.model.max_frames)
         times = StageTimes()
         with times.measure("prepare"):

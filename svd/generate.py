@@ -97,8 +97,20 @@ class VideoGenerator:
 
     @property
     def in_flight(self) -> int:
-        """Generations running or waiting for the GPU."""
+        """Generations admitted: running, waiting for the GPU, or preparing their image."""
         return self._waiting
+
+    @contextmanager
+    def admitted(self, limit: int) -> Iterator[bool]:
+        """Take one of `limit` places in the queue, atomically; yields False when all are taken."""
+        with self._count_lock:
+            admitted = self._waiting < limit
+            self._waiting += admitted
+        try:
+            yield admitted
+        finally:
+            with self._count_lock:
+                self._waiting -= admitted
 
     def generate(
         self,
@@ -113,22 +125,16 @@ class VideoGenerator:
         times = times or StageTimes()
         report = on_progress or (lambda _: None)
         path = out_dir / f"video.{params.format}"
-        with self._count_lock:
-            self._waiting += 1
-        try:
-            report(Progress("queued"))
-            with self._lock:
-                start = time.perf_counter()
-                try:
-                    latents = self._denoise(image, params, times, report, deadline)
-                    chunk = self._decode_into(path, latents, params, times, report, deadline)
-                finally:
-                    latents = None
-                    self.release_memory()
-                self.last_seconds = time.perf_counter() - start
-        finally:
-            with self._count_lock:
-                self._waiting -= 1
+        report(Progress("queued"))
+        with self._lock:
+            start = time.perf_counter()
+            try:
+                latents = self._denoise(image, params, times, report, deadline)
+                chunk = self._decode_into(path, latents, params, times, report, deadline)
+            finally:
+                latents = None
+                self.release_memory()
+            self.last_seconds = time.perf_counter() - start
         return Generation(path, params, CODECS[params.format].content_type, chunk, times)
 
     def release_memory(self) -> None:

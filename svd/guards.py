@@ -13,6 +13,7 @@ import hmac
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.responses import JSONResponse
 
@@ -92,8 +93,7 @@ class UploadGuard:
             if len(body) > self.max_bytes:
                 await self._too_large(scope, receive, send)
                 return
-        boundary = re.search(rb"boundary=\"?([^\";]+)", headers.get(b"content-type", b""))
-        if boundary and (field := _field_not_file(bytes(body), boundary.group(1))):
+        if field := _field_not_file(bytes(body), headers.get(b"content-type", b"")):
             await _refuse(
                 scope, receive, send, 400, "url_not_file",
                 f"`{field}` must be an uploaded file (a multipart file part with a filename); this "
@@ -118,11 +118,18 @@ class UploadGuard:
         )
 
 
-def _field_not_file(body: bytes, boundary: bytes) -> str | None:
+def _field_not_file(body: bytes, content_type: bytes) -> str | None:
     """The name of a file field sent as a plain value, if any."""
-    for part in body.split(b"--" + boundary):
+    if content_type.startswith(b"application/x-www-form-urlencoded"):
+        sent = parse_qs(body.decode("latin-1"), keep_blank_values=True)
+        return next((field.decode() for field in FILE_FIELDS if field.decode() in sent), None)
+    boundary = re.search(rb"boundary=\"?([^\";]+)", content_type)
+    if not boundary:
+        return None
+    for part in body.split(b"--" + boundary.group(1)):
         head = part[: part.find(b"\r\n\r\n")]
         name = re.search(rb'name="([^"]*)"', head)
-        if name and name.group(1) in FILE_FIELDS and b"filename=" not in head:
+        filename = re.search(rb'filename="([^"]+)"', head)
+        if name and name.group(1) in FILE_FIELDS and not filename:
             return name.group(1).decode()
     return None

@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from svd.errors import BadInput
 from svd.images import Sizing
@@ -75,12 +75,20 @@ MinGuidanceScale = bounded(float, "Guidance for the first frame; 1 or less turns
 MaxGuidanceScale = bounded(
     float, "Guidance for the last frame, ramped from min_guidance_scale; 1 or less turns guidance off.", Range(0, 20)
 )
+def _text(value: Any) -> Any:
+    """A bare word as text: Swagger UI sends every form field as an application/json part, and
+    BentoML 1.4.39 hands one that is not JSON (`crop`, unquoted) to validation as bytes."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 ImageSizing = Annotated[
     Sizing,
+    BeforeValidator(_text),
     Field(description="How the image reaches width x height: stretch it, crop it to cover, or pad it to fit."),
 ]
 OutputFormat = Annotated[
     VideoFormat,
+    BeforeValidator(_text),
     Field(description="mp4 (H.264, plays everywhere), webm (VP9) or gif (loops)."),
 ]
 

@@ -164,13 +164,10 @@ const form = $("form"), fileInput = $("image"), drop = $("drop");
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 let previewUrl = null, videoUrl = null, lastSeed = null;
 
-// --- Token: from ?token= (then dropped from the address bar) or the Advanced field, kept per tab.
-const params = new URLSearchParams(location.search);
-if (params.has("token")) {
-  sessionStorage.setItem("svd-token", params.get("token"));
-  params.delete("token");
-  history.replaceState(null, "", location.pathname + (params.toString() ? "?" + params : "") + location.hash);
-}
+// --- Token: from ?token= (kept in the address, since reloading the page needs it there when the
+// service wants a token) or typed under Advanced; kept for this tab only.
+const fromUrl = new URLSearchParams(location.search).get("token");
+if (fromUrl) sessionStorage.setItem("svd-token", fromUrl);
 $("token").value = sessionStorage.getItem("svd-token") || "";
 $("token").addEventListener("input", (e) => sessionStorage.setItem("svd-token", e.target.value.trim()));
 
@@ -246,6 +243,7 @@ async function problem(response) {
   }
   const plain = text.trim().split("\n")[0];
   if (!lines.length && plain && plain.length < 300 && !/^</.test(plain) && !/Traceback/.test(text)) lines.push(plain);
+  if (response.status === 401) fields.push("token");
   const retry = response.headers.get("Retry-After");
   if (retry) lines.push(`Try again in ${retry} s.`);
   const heading = HEADINGS[response.status] ||

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -99,6 +100,25 @@ class Server:
     url: str
     process: subprocess.Popen
     log: Path
+    tmp: Path
+
+    def leftover_files(self) -> list[Path]:
+        """Regular files the server left in its temporary directory."""
+        return [path for path in self.tmp.rglob("*") if path.is_file() and "prometheus" not in str(path)]
+
+    def worker_rss(self) -> int:
+        """Resident bytes of the server's processes (the worker holds the model)."""
+        total = 0
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                text = status.read_text()
+                stat = (status.parent / "stat").read_text()
+            except OSError:
+                continue  # the process ended meanwhile
+            session = int(stat.rsplit(")", 1)[1].split()[3])
+            if session == self.process.pid and (match := re.search(r"VmRSS:\s+(\d+) kB", text)):
+                total += int(match.group(1)) * 1024
+        return total
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -114,12 +134,24 @@ def _ready(url: str, process: subprocess.Popen, log: Path) -> bool:
 
 
 @contextmanager
-def serve(tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 180) -> Iterator[Server]:
-    """A real `bentoml serve` of this repo on 127.0.0.1 and a free port, stopped on exit."""
+def serve(
+    tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 180, wait_ready: bool = True
+) -> Iterator[Server]:
+    """A real `bentoml serve` of this repo on 127.0.0.1 and a free port, stopped on exit.
+
+    Its temporary files go to tmp_path/tmp, so tests can check none are left.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / f"serve-{port}.log"
-    full_env = {**os.environ, "SVD_MODEL_ID": "tiny", "BENTOML_HOME": str(tmp_path / "bentoml"), **(env or {})}
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    full_env = {
+        **os.environ,
+        "SVD_MODEL_ID": "tiny",
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "TMPDIR": str(tmp_path / "tmp"),
+        **(env or {}),
+    }
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service:StableDiffusionVideo", "--host", "127.0.0.1", "--port", str(port)],
@@ -130,8 +162,9 @@ def serve(tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 18
             start_new_session=True,
         )
     try:
-        wait_until(lambda: _ready(url, process, log), timeout, 0.5, "server ready")
-        yield Server(url, process, log)
+        if wait_ready:
+            wait_until(lambda: _ready(url, process, log), timeout, 0.5, "server ready")
+        yield Server(url, process, log, tmp_path / "tmp")
     finally:
         stop(process)
 

@@ -26,7 +26,7 @@ def test_quick_bench_runs_every_section_and_gpu_mode_refuses_without_cuda(tmp_pa
     assert all(section["rows"] for section in results["sections"].values())
     assert results["sections"]["encoding"]["data"]["video_writer"]["browser_safe"]
     for level in results["sections"]["load"]["data"]["levels"]:
-        assert level["videos"] > 0 and set(level["statuses"]) <= {"200", "429"}, level
+        assert level["videos"] > 0 and set(level["answers"]) <= {"200", "429"}, level
 
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):

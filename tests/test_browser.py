@@ -1,7 +1,7 @@
 """The web page at /ui and the Swagger UI at /, used in a real headless Chromium.
 
 Needs Debian's chromium (/usr/bin/chromium) and Playwright for Python; never a
-browser that Playwright downloads. Every request off the test server is refused,
+browser that Playwright downloads. Every request off the test servers is refused,
 so nothing reaches the network (the Swagger page asks Google Tag Manager).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PHOTO, SMALL, Server, assert_browser_safe_mp4, decode_video
+from tests.helpers import PHOTO, SMALL, Server, assert_browser_safe_mp4, decode_video, serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -32,6 +32,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 GENERATION_MS = 180_000  # a tiny generation takes seconds; this is only the deadline
+TOKEN = "s3cret"
 
 # Keeps every text the progress line shows, to check the run was followed step by step.
 RECORD_PROGRESS = """
@@ -53,13 +54,20 @@ def browser() -> Iterator:
         launched.close()
 
 
+@pytest.fixture(scope="module")
+def locked_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A second `bentoml serve` that wants an API token (SVD_API_TOKEN)."""
+    with serve(tmp_path_factory.mktemp("locked"), env={"SVD_API_TOKEN": TOKEN}) as running:
+        yield running
+
+
 @pytest.fixture
-def page(browser, server: Server) -> Iterator:
-    """A fresh tab that can reach the test server only; fails the test on any script error."""
+def page(browser) -> Iterator:
+    """A fresh tab that can reach the test servers only; fails the test on any script error."""
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     context.route(
         "**/*",
-        lambda route: route.continue_() if route.request.url.startswith(server.url) else route.abort(),
+        lambda route: route.continue_() if route.request.url.startswith("http://127.0.0.1:") else route.abort(),
     )
     tab = context.new_page()
     tab.set_default_timeout(30_000)
@@ -128,16 +136,14 @@ def test_the_page_generates_a_video_and_shows_its_seed_and_settings(page, server
     expect(page.locator("#seed")).to_have_value(seed)
     expect(page.locator("#seed")).to_be_enabled()
 
+    page.evaluate("window.scrollTo(0, 0)")
     screenshot = tmp_path / "ui.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
 
 
-def test_an_invalid_field_is_explained_in_words_and_the_token_is_sent(page, server):
-    sent: list[dict[str, str]] = []
-    page.on("request", lambda request: sent.append(request.headers) if "/generate_task/" in request.url else None)
-    page.goto(f"{server.url}/ui?token=s3cret")
-    assert "token" not in page.url  # kept in the tab, not in the address bar or history
+def test_an_invalid_field_is_explained_in_words(page, server):
+    page.goto(f"{server.url}/ui")
     page.set_input_files("#image", PHOTO)
     fill_small(page, width="1000")
     page.get_by_role("button", name="Generate").click()
@@ -148,7 +154,26 @@ def test_an_invalid_field_is_explained_in_words_and_the_token_is_sent(page, serv
     assert "Traceback" not in error.inner_text() and "{" not in error.inner_text()
     expect(page.locator("#width")).to_have_attribute("aria-invalid", "true")
     expect(page.get_by_role("button", name="Generate")).to_be_enabled()
-    assert sent and all(headers.get("authorization") == "Bearer s3cret" for headers in sent), sent
+
+
+def test_a_token_in_the_address_is_sent_on_every_call(page, locked_server):
+    """With SVD_API_TOKEN set, `?token=` opens the page and the page sends it as a Bearer header."""
+    sent: list[str | None] = []
+    page.on("request", lambda request: sent.append(request.headers.get("authorization")) if request.resource_type == "fetch" else None)
+    page.goto(f"{locked_server.url}/ui?token={TOKEN}")
+    expect(page.locator("#token")).to_have_value(TOKEN)
+    page.set_input_files("#image", PHOTO)
+    fill_small(page, width="1000")  # refused after the token check, so nothing is generated
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_role("alert")).to_contain_text("Width (width): must be a multiple of 64", timeout=GENERATION_MS)
+    assert sent and set(sent) == {f"Bearer {TOKEN}"}, sent  # submit, progress, status and get alike
+
+    page.fill("#token", "wrong")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_role("alert")).to_contain_text("The service needs a valid API token")
+    expect(page.locator("#token")).to_have_attribute("aria-invalid", "true")
+    page.reload()  # the token stays in the address, so the page still loads
+    expect(page.get_by_role("heading", name="Stable Video Diffusion XT")).to_be_visible()
 
 
 def test_a_file_that_is_not_an_image_is_explained_in_words(page, server):

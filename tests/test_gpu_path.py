@@ -10,7 +10,7 @@ import torch
 
 from svd.config import Settings
 from svd.loading import load_pipeline
-from tests.helpers import PHOTO, SMALL, decode_video
+from tests.helpers import PHOTO, decode_video
 
 TINY = {"width": 128, "height": 64, "num_frames": 8, "num_inference_steps": 3, "seed": 3}
 
@@ -123,8 +123,8 @@ def test_compiled_unet_serves_new_sizes_without_recompiling_endlessly(tmp_path):
     from torch._dynamo.utils import counters
 
     from svd.generate import VideoGenerator
-    from svd.placement import COMPILE_CACHE_LIMIT
     from svd.params import GenerationParams
+    from svd.placement import COMPILE_CACHE_LIMIT
 
     counters.clear()
     settings = Settings(model_id="tiny", device="cpu", compile="aot_eager")
