@@ -108,6 +108,8 @@ class StableDiffusionVideo:
         try:
             result = self.engine.run(image, params, Path(context.temp_dir), key=task_id)
         except Refused as refused:
+            # BentoML answers with the context's status code, whatever the response says.
+            context.response.status_code = refused.status
             return refused.response()  # type: ignore[return-value]
         headers = response_headers(result)
         if task_id is not None:

@@ -6,6 +6,7 @@ answer throughout while /readyz says 503 until the first generation has run.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import tempfile
@@ -72,6 +73,9 @@ class Engine:
             generator = VideoGenerator(model)
             self._generator = generator
             warm_up_seconds = self._warm_up(generator)
+            # The model's half a million objects never die: keep them out of the
+            # collections that run after every generation (0.35 s each otherwise).
+            gc.freeze()
             # Armed after the warm-up, so injected faults hit requests only.
             generator.faults = Faults(self.settings.test_faults)
         except Exception as exc:

@@ -106,11 +106,13 @@ class VideoGenerator:
         with self._count_lock:
             admitted = self._waiting < limit
             self._waiting += admitted
+            metrics.IN_FLIGHT.set(self._waiting)
         try:
             yield admitted
         finally:
             with self._count_lock:
                 self._waiting -= admitted
+                metrics.IN_FLIGHT.set(self._waiting)
 
     def generate(
         self,

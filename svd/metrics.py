@@ -32,3 +32,8 @@ REFUSED = bentoml.metrics.Counter(
     documentation="Requests refused before generating, by reason: busy, not_ready, too_large, unauthorized, url_not_file.",
     labelnames=["reason"],
 )
+IN_FLIGHT = bentoml.metrics.Gauge(
+    name="svd_in_flight",
+    documentation="Generations admitted and not finished: running, waiting for the GPU, or preparing.",
+    multiprocess_mode="livesum",
+)

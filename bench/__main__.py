@@ -1,0 +1,134 @@
+"""Run the benchmarks side by side: `python -m bench` (all CPU sections, tiny model), `--quick`, `--gpu`.
+
+Prints a Markdown table and writes every figure to JSON. The HTTP sections share
+one fresh `bentoml serve` on loopback: cold start first, then memory (so its
+first request is the server's first), serving overhead, and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import coldstart, encoding, gpu, load, memory, serving
+from bench.report import Section, machine, table, write_json
+from bench.server import QUICK_REQUEST, REQUEST, started
+from tests.helpers import PHOTO, ROOT
+
+SECTIONS = ("encoding", "coldstart", "memory", "serving", "load")
+SERVER_SECTIONS = SECTIONS[1:]
+# What --quick changes: enough to prove every section still runs, in well under a minute.
+QUICK = {
+    "encode_size": "256x144",
+    "encode_frames": 5,
+    "encode_repeats": 1,
+    "imports": "svd.config",
+    "presets": "ultrafast",
+    "crfs": "23",
+    "runs": 1,
+    "requests": 2,
+    "clients": "1,2",
+    "videos": 2,
+    "level_seconds": 60.0,
+}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, from: " + ", ".join(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and counts: checks the bench runs, no figures")
+    parser.add_argument("--gpu", action="store_true", help="the real model on CUDA instead: stages, end to end, VRAM")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json", help="JSON output")
+    group = parser.add_argument_group("encoding")
+    group.add_argument("--photo", type=Path, default=PHOTO, help="the photo the frames pan across")
+    group.add_argument("--encode-size", default="1024x576", help="WIDTHxHEIGHT of the frames")
+    group.add_argument("--encode-frames", type=int, default=25)
+    group.add_argument("--encode-repeats", type=int, default=5, help="timed runs of each encoding; the median counts")
+    group.add_argument("--presets", default="ultrafast,superfast,veryfast,faster,medium", help="x264 presets to sweep")
+    group.add_argument("--crfs", default="16,18,20", help="libx264 CRFs to sweep with each preset")
+    group = parser.add_argument_group("server")
+    group.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads for the server and the in-process model; 0: torch's default (one per core). "
+        "On a shared machine more threads than free cores make every figure erratic",
+    )
+    group.add_argument("--imports", default="torch,service", help="coldstart: modules to time in a fresh interpreter")
+    group.add_argument("--runs", type=int, default=5, help="serving: timed runs each way; the median counts")
+    group.add_argument("--requests", type=int, default=30, help="memory: requests to sample RSS over")
+    group.add_argument("--clients", default="1,2,4,8", help="load: concurrent clients per level")
+    group.add_argument("--videos", type=int, default=8, help="load: videos per level, shared among the clients")
+    group.add_argument("--level-seconds", type=float, default=240.0, help="load: no new requests after this per level")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    args.sections = _names(args.sections)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {', '.join(sorted(unknown))}; use {', '.join(SECTIONS)}")
+    return args
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(part) for part in _names(text)]
+
+
+def run_cpu(args: argparse.Namespace) -> list[Section]:
+    sections: list[Section] = []
+
+    def done(section: Section, start: float) -> None:
+        sections.append(section)
+        print(f"[bench] {section.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    if "encoding" in args.sections:
+        start = time.perf_counter()
+        width, height = (int(side) for side in args.encode_size.lower().split("x"))
+        presets, crfs = _names(args.presets), _numbers(args.crfs)
+        done(encoding.run(args.photo, width, height, args.encode_frames, args.encode_repeats, presets, crfs), start)
+    if not set(args.sections) & set(SERVER_SECTIONS):
+        return sections
+    request = QUICK_REQUEST if args.quick else REQUEST
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, started(Path(tmp), args.torch_threads) as (server, ready):
+        if "coldstart" in args.sections:
+            done(coldstart.run(server, ready, _names(args.imports)), start)
+        for name, measure in (
+            ("memory", lambda: memory.run(server, request, args.requests)),
+            ("serving", lambda: serving.run(server, request, args.runs, args.torch_threads)),
+            ("load", lambda: load.run(server, request, _numbers(args.clients), args.videos, args.level_seconds)),
+        ):
+            if name in args.sections:
+                start = time.perf_counter()
+                done(measure(), start)
+    return sections
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    info = machine()
+    start = time.perf_counter()
+    sections = [gpu.run()] if args.gpu else run_cpu(args)
+    seconds = time.perf_counter() - start
+    command = shlex.join(["python", "-m", "bench", *argv])
+    print(table(sections))
+    load = ", ".join(f"{value:.1f}" for value in info["load_average_at_start"])
+    print(f"\n{command}: {seconds:.0f} s on {info['nproc']} × {info['cpu']}; load average at start {load}")
+    write_json(args.out, command, vars(args), info, seconds, sections)
+    print(f"Wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""A real server's life: refusing to start without a GPU, readiness after warm-up, graceful stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import PHOTO, ROOT, serve, wait_until
+
+
+def status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def test_a_real_model_without_a_gpu_refuses_to_start_with_one_clear_paragraph(tmp_path: Path):
+    env = {**os.environ, "SVD_MODEL_ID": "", "BENTOML_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "service:StableDiffusionVideo", "--port", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "No CUDA GPU found, so stabilityai/stable-video-diffusion-img2vid-xt will not be loaded" in output
+    assert "SVD_MODEL_ID=tiny" in output and "SVD_DEVICE=cpu" in output
+
+
+def test_readyz_turns_200_only_after_warm_up_while_livez_answers_throughout(tmp_path: Path):
+    with serve(tmp_path, wait_ready=False) as server:
+        seen: list[tuple[int | None, int | None]] = []
+
+        def probe() -> bool:
+            seen.append((status(f"{server.url}/livez"), status(f"{server.url}/readyz")))
+            assert server.process.poll() is None, server.log_text()[-3000:]
+            return seen[-1] == (200, 200)
+
+        wait_until(probe, 180, 0.02, "readyz 200")
+        assert (200, 503) in seen, f"never saw live-but-not-ready: {sorted(set(seen), key=str)}"
+        log = server.log_text()
+        assert "SVD ready: model tiny (built in code (svd/tiny.py)), device cpu, dtype float32, memory full" in log
+        assert "loaded in" in log and "warmed up in" in log
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path: Path):
+    with serve(tmp_path) as server:
+        answers: list[httpx.Response] = []
+        data = {"width": 256, "height": 128, "num_frames": 8, "num_inference_steps": 12}
+
+        def request() -> None:
+            files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+            answers.append(httpx.post(f"{server.url}/generate", files=files, data=data, timeout=300))
+
+        client = threading.Thread(target=request)
+        client.start()
+        wait_until(lambda: _generating(server.url), 60, 0.05, "a generation in flight")
+        os.killpg(server.process.pid, signal.SIGTERM)
+        wait_until(lambda: status(f"{server.url}/livez") is None, 60, 0.1, "new connections refused")
+        client.join(300)
+        assert answers and answers[0].status_code == 200, answers and answers[0].text
+        assert answers[0].headers["content-type"] == "video/mp4"
+        server.process.wait(120)
+
+
+def _generating(url: str) -> bool:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return any(line.startswith("svd_in_flight ") and float(line.split()[1]) >= 1 for line in text.splitlines())
