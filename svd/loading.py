@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import attrs
 import torch
+from bentoml.models import HuggingFaceModel
 from diffusers import StableVideoDiffusionPipeline
 
 from svd.config import Settings
@@ -65,13 +67,23 @@ def resolve_device(settings: Settings) -> torch.device:
     return torch.device("cuda")
 
 
-def hub_reference(settings: Settings):  # -> bentoml.models.HuggingFaceModel | None
+@attrs.define(unsafe_hash=True)
+class HubModel(HuggingFaceModel):
+    """The hub model as BentoML downloads it before the service starts, failing as clearly as the loader."""
+
+    def resolve(self, base_path: str | None = None) -> str:
+        settings = Settings.from_env()
+        # Before a download of many GB: refuse at once when there is nothing to run it on.
+        resolve_device(settings)
+        with _explained_failures(settings):
+            return super().resolve(base_path)
+
+
+def hub_reference(settings: Settings) -> HubModel | None:
     """The hub model as a BentoML model, so a Bento pins its revision and bakes the weights in."""
     if not settings.is_hub_model:
         return None
-    import bentoml
-
-    model = bentoml.models.HuggingFaceModel(settings.model_id, revision=settings.revision, include=FP16_FILES)
+    model = HubModel(settings.model_id, revision=settings.revision, include=FP16_FILES)
     if re.fullmatch(r"[0-9a-f]{40}", settings.revision):
         # A commit hash needs no lookup, so `bentoml build` works offline.
         object.__setattr__(model, "commit_hash", settings.revision)
