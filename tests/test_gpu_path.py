@@ -143,3 +143,18 @@ def test_compiled_unet_serves_new_sizes_without_recompiling_endlessly(tmp_path):
     assert graphs[0] >= 1, "the UNet ran compiled"
     # Dynamo generalises to dynamic shapes after the first changes, then stops compiling.
     assert graphs[-1] == graphs[-2] <= COMPILE_CACHE_LIMIT, f"graphs after each request: {graphs}"
+
+
+def test_gpu_check_without_a_gpu_runs_the_tiny_model_and_says_so(tmp_path, capsys, monkeypatch):
+    from svd import gpu_check
+
+    monkeypatch.delenv("SVD_MODEL_ID", raising=False)
+    assert gpu_check.main(["--json", str(tmp_path / "report.json")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("No CUDA GPU here: running the tiny test model on the CPU instead")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"] == "tiny" and report["peak_vram_gib"] is None
+    assert set(report["stage_seconds"]) == {"prepare", "encode", "denoise", "decode", "video"}
+    assert report["stage_seconds"]["denoise"] > 0 and report["video_bytes"] > 0
+    assert report["settings"]["num_frames"] == 8
+    assert "denoise s" in printed and json.loads(printed.strip().splitlines()[-1]) == report
