@@ -128,16 +128,17 @@ class StableDiffusionVideo:
     async def progress(
         self, task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")]
     ) -> dict[str, Any]:
-        """Where a generate_task job is: its stage (queued, encode, denoise, decode, video) and step."""
+        """Where a generate_task job is: its stage (queued, encode, denoise, decode, video, done) and step."""
         progress = self.engine.progress(task_id)
         if progress is None:
             return {"task_id": task_id, "stage": "unknown", "step": 0, "steps": 0}
         return {"task_id": task_id, **progress.__dict__}
 
 
-StableDiffusionVideo.add_asgi_middleware(UploadGuard, max_bytes=SETTINGS.max_upload_bytes)
+# The first added runs first: check the token before reading any upload.
 if SETTINGS.api_token:
     StableDiffusionVideo.add_asgi_middleware(BearerAuth, token=SETTINGS.api_token)
+StableDiffusionVideo.add_asgi_middleware(UploadGuard, max_bytes=SETTINGS.max_upload_bytes)
 
 
 def response_headers(result: Generation) -> dict[str, str]:

@@ -94,6 +94,14 @@ def test_a_url_in_place_of_the_image_is_refused_without_any_connection(server):
     assert post(server.url, files=photo(), data=TINY).status_code == 200
 
 
+def test_upload_names_never_become_paths(server):
+    escape = server.tmp.parent / "escaped.jpg"
+    response = post(server.url, files=photo("../../escaped.jpg"), data=TINY)
+    assert response.status_code == 200
+    assert not escape.exists() and not list(server.tmp.parent.rglob("escaped.jpg"))
+    wait_until(lambda: not server.leftover_files(), 30, what="temp files removed")
+
+
 def test_uploads_above_the_limit_get_413_before_decoding(server):
     # Default limit 20 MB: a 21 MB body, refused from its Content-Length.
     oversized = {"image": ("big.jpg", b"\xff\xd8" + b"\0" * 21_000_000, "image/jpeg")}
