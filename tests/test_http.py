@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -113,3 +114,36 @@ def test_swagger_lists_generate_with_every_parameter_described(server):
     assert undescribed == []
     assert properties["width"]["default"] == 1024 and properties["decode_chunk_size"]["default"] == 2
     assert httpx.get(f"{server.url}/", timeout=10).status_code == 200
+
+
+def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
+    """Three jobs and a synchronous request at once: the GPU runs one generation at a time."""
+    import threading
+
+    from svd.client import SyncHTTPClient
+    from tests.helpers import wait_until
+
+    active = {"encode", "denoise", "decode", "video"}
+    overlaps: list[list[str]] = []
+    with SyncHTTPClient(server.url, timeout=600) as client:
+        tasks = [client.generate_task.submit(image=PHOTO, seed=seed, **SMALL) for seed in (1, 2, 3)]
+        sync = threading.Thread(target=lambda: client.generate(image=PHOTO, seed=4, **SMALL))
+        sync.start()
+
+        def all_done() -> bool:
+            stages = [client.progress(task_id=task.id)["stage"] for task in tasks]
+            running = [stage for stage in stages if stage in active]
+            if len(running) > 1:
+                overlaps.append(stages)
+            return all(task.get_status().value != "in_progress" for task in tasks)
+
+        wait_until(all_done, 300, 0.05, "jobs finished")
+        sync.join(300)
+        for seed, task in zip((1, 2, 3), tasks):
+            assert task.get_status().value == "completed"
+            video = decode_video(task.get())
+            assert len(video.frames) == 8 and video.codec == "h264"
+        assert client.progress(task_id=tasks[0].id)["stage"] == "done"
+    assert overlaps == []
+    response = httpx.get(f"{server.url}/generate_task/get", params={"task_id": tasks[2].id}, timeout=60)
+    assert response.headers["x-seed"] == "3" and json.loads(response.headers["x-settings"])["num_frames"] == 8
