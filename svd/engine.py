@@ -173,8 +173,11 @@ class Engine:
 
     @staticmethod
     def _retry_after(generator: VideoGenerator) -> int:
-        """Seconds until the queue has likely moved: the last generation's time per request ahead."""
-        return max(1, math.ceil(generator.last_seconds * max(generator.in_flight, 1)))
+        """Seconds until a place in the queue likely frees: one generation, the last one's time.
+
+        Waiting for the whole queue to drain instead left the GPU idle under load (bench/load.py).
+        """
+        return max(1, math.ceil(generator.last_seconds))
 
     def track(self, key: str) -> Callable[[Progress], None]:
         """A progress callback that keeps the latest state under `key` for `progress`."""
