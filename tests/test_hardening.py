@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import socket
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -200,7 +200,7 @@ def test_a_burst_gets_200_or_429_with_retry_after_and_the_server_stays_healthy(g
 
 
 def decode_video_bytes(content: bytes):
-    path = Path(__import__("tempfile").mkdtemp()) / "video.mp4"
+    path = Path(tempfile.mkdtemp()) / "video.mp4"
     path.write_bytes(content)
     return decode_video(path)
 
@@ -217,10 +217,8 @@ def test_a_generation_past_its_deadline_stops_between_steps():
     params = GenerationParams(width=256, height=128, num_frames=8, num_inference_steps=40, seed=1)
     start = time.monotonic()
     with pytest.raises(Refused) as refused:
-        engine.run(PHOTO, params, Path(__import__("tempfile").mkdtemp()))
+        engine.run(PHOTO, params, Path(tempfile.mkdtemp()))
     elapsed = time.monotonic() - start
     assert refused.value.status == 504 and "stopped while denoising" in str(refused.value)
-    assert engine.progress  # the engine is free for the next request
     assert elapsed < 8, f"took {elapsed:.1f} s: the denoising ran on past the deadline"
-    assert engine.generator.in_flight == 0
-    assert np.isfinite(elapsed)
+    assert engine.generator.in_flight == 0, "the queue place is given back"
