@@ -51,6 +51,7 @@ class Engine:
         self._generator: VideoGenerator | None = None
         self._ready = threading.Event()
         self._progress: OrderedDict[str, Progress] = OrderedDict()
+        self._progress_lock = threading.Lock()
         self._thread = threading.Thread(target=self._start, args=(locate,), name="svd-load", daemon=True)
         self._thread.start()
 
@@ -183,10 +184,12 @@ class Engine:
         """A progress callback that keeps the latest state under `key` for `progress`."""
 
         def report(progress: Progress) -> None:
-            self._progress[key] = progress
-            self._progress.move_to_end(key)
-            while len(self._progress) > KEPT_PROGRESS:
-                self._progress.popitem(last=False)
+            # Queued jobs report from their own threads while another one runs.
+            with self._progress_lock:
+                self._progress[key] = progress
+                self._progress.move_to_end(key)
+                while len(self._progress) > KEPT_PROGRESS:
+                    self._progress.popitem(last=False)
 
         return report
 

@@ -85,9 +85,9 @@ class Generation:
 class VideoGenerator:
     """Runs generations one at a time on the loaded model."""
 
-    def __init__(self, model: LoadedModel, faults: Faults | None = None):
+    def __init__(self, model: LoadedModel):
         self.model = model
-        self.faults = faults or Faults()
+        self.faults = Faults()
         # One GPU, one generation: concurrent requests and jobs wait here
         # instead of fighting over memory.
         self._lock = threading.Lock()
@@ -134,7 +134,7 @@ class VideoGenerator:
                 latents = self._denoise(image, params, times, report, deadline)
                 chunk = self._decode_into(path, latents, params, times, report, deadline)
             finally:
-                latents = None
+                latents = None  # drop our reference so release_memory can free it
                 self.release_memory()
             self.last_seconds = time.perf_counter() - start
         return Generation(path, params, CODECS[params.format].content_type, chunk, times)

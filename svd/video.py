@@ -56,8 +56,6 @@ class VideoWriter:
 
     def __init__(self, path: Path, width: int, height: int, fps: int, video_format: VideoFormat = "mp4"):
         codec = CODECS[video_format]
-        self.path = path
-        self.frames_written = 0
         self._size = (width, height)
         self._writer: Generator[None, np.ndarray, None] = imageio_ffmpeg.write_frames(
             str(path),
@@ -78,7 +76,6 @@ class VideoWriter:
             raise ValueError(f"expected uint8 frames of shape (n, {self._size[1]}, {self._size[0]}, 3), got {frames.dtype} {frames.shape}")
         for frame in np.ascontiguousarray(frames):
             self._writer.send(frame)
-        self.frames_written += len(frames)
 
     def close(self) -> None:
         self._writer.close()
