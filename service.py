@@ -20,11 +20,10 @@ from svd.engine import Engine
 from svd.errors import Refused
 from svd.generate import Generation
 from svd.guards import BearerAuth, UploadGuard
-from svd.loading import hub_reference
-from svd.params import (
+from svd.hub import hub_reference
+from svd.fields import (
     DecodeChunkSize,
     Fps,
-    GenerationParams,
     Height,
     ImageSizing,
     MaxGuidanceScale,
@@ -37,6 +36,7 @@ from svd.params import (
     Seed,
     Width,
 )
+from svd.params import GenerationParams
 from svd.ui import ui_app
 
 SETTINGS = Settings.from_env()

@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import coldstart, encoding, gpu, load, memory, serving
 from bench.report import Section, machine, table, write_json
-from bench.server import QUICK_REQUEST, REQUEST, started
-from tests.helpers import PHOTO, ROOT
+from svd.gpu_check import PHOTO
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SECTIONS = ("encoding", "coldstart", "memory", "serving", "load")
 SERVER_SECTIONS = SECTIONS[1:]
@@ -41,8 +41,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, from: " + ", ".join(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and counts: checks the bench runs, no figures")
-    parser.add_argument("--gpu", action="store_true", help="the real model on CUDA instead: stages, end to end, VRAM")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json", help="JSON output")
+    parser.add_argument(
+        "--gpu", action="store_true", help="the configured model on CUDA instead: stages, end to end, VRAM (needs no BentoML)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="JSON output (default: bench/results/latest.json; with --gpu, gpu-<device>.json)"
+    )
     group = parser.add_argument_group("encoding")
     group.add_argument("--photo", type=Path, default=PHOTO, help="the photo the frames pan across")
     group.add_argument("--encode-size", default="1024x576", help="WIDTHxHEIGHT of the frames")
@@ -85,6 +89,10 @@ def _numbers(text: str) -> list[int]:
 
 
 def run_cpu(args: argparse.Namespace) -> list[Section]:
+    # Here, not above: these need BentoML and a server, which `--gpu` runs without.
+    from bench import coldstart, encoding, load, memory, serving
+    from bench.server import QUICK_REQUEST, REQUEST, started
+
     sections: list[Section] = []
 
     def done(section: Section, start: float) -> None:
@@ -119,14 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     info = machine()
     start = time.perf_counter()
-    sections = [gpu.run()] if args.gpu else run_cpu(args)
+    if args.gpu:
+        from bench import gpu
+        from svd.config import Settings
+
+        sections = [gpu.run()]
+        out = args.out or gpu.results_path(Settings.from_env())
+    else:
+        sections = run_cpu(args)
+        out = args.out or ROOT / "bench" / "results" / "latest.json"
     seconds = time.perf_counter() - start
     command = shlex.join(["python", "-m", "bench", *argv])
     print(table(sections))
     load = ", ".join(f"{value:.1f}" for value in info["load_average_at_start"])
     print(f"\n{command}: {seconds:.0f} s on {info['nproc']} × {info['cpu']}; load average at start {load}")
-    write_json(args.out, command, vars(args), info, seconds, sections)
-    print(f"Wrote {args.out}")
+    write_json(out, command, vars(args), info, seconds, sections)
+    print(f"Wrote {out}")
     return 0
 
 

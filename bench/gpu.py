@@ -1,28 +1,34 @@
-"""GPU mode: the real model on CUDA at the default size, per stage, end to end and peak VRAM.
+"""GPU mode: the configured model on CUDA at the default size, per stage, end to end and peak VRAM.
+
+    SVD_MODEL_ID=random-svd-xt python -m bench --gpu                   # no weights needed
+    SVD_MODEL_ID=random-svd-xt SVD_COMPILE=1 python -m bench --gpu     # the same, compiled
 
 Run in-process, since peak VRAM (torch.cuda.max_memory_allocated) is only visible
-from inside; the stages are the StageTimes the service sends as Server-Timing.
+from inside; the stages are the StageTimes the service sends as Server-Timing,
+synchronised with the GPU. Needs no BentoML. Writes bench/results/gpu-<device>.json
+(gpu-<device>-compile.json when compiled).
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from bench.report import Row, Section
 from svd.config import Settings
-from svd.generate import StageTimes, VideoGenerator
+from svd.generate import StageTimes, VideoGenerator, warm_up_params
+from svd.gpu_check import PHOTO
 from svd.images import prepare_image
 from svd.loading import load_pipeline
 from svd.params import GenerationParams
-from tests.helpers import PHOTO
 
 GIB = 2**30
+RESULTS = Path(__file__).resolve().parent / "results"
 # The service's defaults (1024x576, 25 frames, 25 steps) with a fixed seed.
 DEFAULT = GenerationParams(seed=42)
 CASES = {
@@ -31,15 +37,24 @@ CASES = {
     "decode_chunk_size 25": replace(DEFAULT, decode_chunk_size=25),
     "guidance off (max_guidance_scale 1), chunk 2": replace(DEFAULT, max_guidance_scale=1.0),
 }
+# What emptying the CUDA cache after a request costs the next one: a per-request
+# cost, so two steps show it as well as twenty-five.
+SHORT = replace(DEFAULT, num_inference_steps=2)
 
 
 def require_cuda() -> None:
     if not torch.cuda.is_available():
         raise SystemExit(
-            "bench --gpu needs a CUDA GPU and the real model, and PyTorch here sees no GPU "
+            "bench --gpu needs a CUDA GPU, and PyTorch here sees none "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Run it on a GPU "
             "machine with a CUDA build of torch; the other sections run on CPU without --gpu."
         )
+
+
+def results_path(settings: Settings) -> Path:
+    """bench/results/gpu-<device>.json, for example gpu-nvidia-h100-80gb-hbm3.json."""
+    device = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return RESULTS / f"gpu-{device}{'-compile' if settings.compile else ''}.json"
 
 
 def run() -> Section:
@@ -49,30 +64,48 @@ def run() -> Section:
     generator = VideoGenerator(model)
     section = Section(
         "gpu",
-        data={"model": settings.model_id, "device": torch.cuda.get_device_name(), "load_seconds": model.load_seconds},
+        data={
+            "model": settings.model_id,
+            "device": torch.cuda.get_device_name(),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "memory_mode": settings.memory,
+            "compile": settings.compile or "off",
+            "load_seconds": round(model.load_seconds, 2),
+        },
     )
+    # Unmeasured: the first call pays for the CUDA context, kernel loading and, compiled, compiling.
+    start = time.perf_counter()
+    generator.warm_up(warm_up_params(bool(settings.compile), model.max_frames))
+    section.data["warm_up_seconds"] = round(time.perf_counter() - start, 2)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        # Unmeasured and tiny: the first call pays for CUDA context and kernel loading.
-        tiny = GenerationParams(width=64, height=64, num_frames=2, num_inference_steps=1, seed=0)
-        generator.generate(Image.new("RGB", (64, 64)), tiny.resolve(model.max_frames), Path(tmp))
         for name, case in CASES.items():
-            params = case.resolve(model.max_frames)
-            times = StageTimes()
-            torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            with times.measure("prepare"):
-                image = prepare_image(PHOTO, params.width, params.height, params.sizing, settings.max_pixels)
-            result = generator.generate(image, params, Path(tmp), times)
-            torch.cuda.synchronize()
-            total = time.perf_counter() - start
-            peak = torch.cuda.max_memory_allocated() / GIB
-            stages = {stage: round(seconds, 2) for stage, seconds in times.seconds.items()}
-            section.data[name] = {
-                "seconds": round(total, 2),
-                "stages": stages,
-                "peak_vram_gib": round(peak, 2),
-                "decode_chunk_size_used": result.decode_chunk_size,
-            }
-            per_stage = ", ".join(f"{stage} {value:.1f} s" for stage, value in stages.items())
-            section.rows.append(Row(name, f"{total:.1f} s end to end, {peak:.1f} GiB peak VRAM; {per_stage}"))
+            _measure(section, name, generator, case, settings, Path(tmp))
+        _measure(section, "2 steps, CUDA cache kept", generator, SHORT, settings, Path(tmp))
+        torch.cuda.empty_cache()
+        _measure(section, "2 steps, after torch.cuda.empty_cache()", generator, SHORT, settings, Path(tmp))
     return section
+
+
+def _measure(
+    section: Section, name: str, generator: VideoGenerator, case: GenerationParams, settings: Settings, out_dir: Path
+) -> None:
+    params = case.resolve(generator.model.max_frames)
+    times = StageTimes()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with times.measure("prepare"):
+        image = prepare_image(PHOTO, params.width, params.height, params.sizing, settings.max_pixels)
+    result = generator.generate(image, params, out_dir, times)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / GIB
+    stages = {stage: round(seconds, 2) for stage, seconds in times.seconds.items()}
+    section.data[name] = {
+        "seconds": round(total, 2),
+        "stages": stages,
+        "peak_vram_gib": round(peak, 2),
+        "reserved_gib": round(torch.cuda.memory_reserved() / GIB, 2),
+        "decode_chunk_size_used": result.decode_chunk_size,
+    }
+    per_stage = ", ".join(f"{stage} {value:.1f} s" for stage, value in stages.items())
+    section.rows.append(Row(name, f"{total:.1f} s end to end, {peak:.1f} GiB peak VRAM; {per_stage}"))

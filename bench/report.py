@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,16 @@ def machine() -> dict[str, Any]:
         "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "ffmpeg": imageio_ffmpeg.get_ffmpeg_version(),
-        **{package: version(package) for package in ("torch", "diffusers", "bentoml")},
+        **{package: _version(package) for package in ("torch", "diffusers", "bentoml")},
     }
+
+
+def _version(package: str) -> str | None:
+    """None where it is not installed: GPU machines run `bench --gpu` without BentoML."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def table(sections: list[Section]) -> str:

@@ -8,9 +8,12 @@ from typing import Literal
 
 DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
 TINY_MODEL_ID = "tiny"
+# Built in code with random weights (svd/architectures.py): no download.
+BUILT_IN_MODEL_IDS = (TINY_MODEL_ID, "random-svd-xt", "random-svd")
 
 Device = Literal["auto", "cuda", "cpu"]
 Memory = Literal["full", "model_offload", "sequential_offload"]
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,7 @@ class Settings:
     model_id: str = DEFAULT_MODEL_ID
     revision: str = "main"
     device: Device = "auto"
+    dtype: Dtype = "auto"
     memory: Memory = "full"
     forward_chunking: bool = False
     compile: str = ""
@@ -72,9 +76,24 @@ class Settings:
         return self.model_id == TINY_MODEL_ID
 
     @property
+    def is_built_in(self) -> bool:
+        """The tiny model or a full-size architecture with random weights, built in code."""
+        return self.model_id in BUILT_IN_MODEL_IDS
+
+    @property
     def is_hub_model(self) -> bool:
-        """A hub id rather than the tiny model or a local directory."""
-        return not self.is_tiny and not os.path.isdir(self.model_id) and not self.model_id.startswith((".", "/", "~"))
+        """A hub id rather than a built-in model or a local directory."""
+        return not self.is_built_in and not os.path.isdir(self.model_id) and not self.model_id.startswith((".", "/", "~"))
+
+    def __post_init__(self) -> None:
+        if self.compile and self.memory != "full":
+            # Offloading wraps each model's forward in accelerate's hooks, which then
+            # sit inside the compiled graph and are wrapped again on every request.
+            raise ConfigError(
+                f"SVD_COMPILE cannot be combined with SVD_MEMORY={self.memory}: offloading moves "
+                "weights inside the compiled model on every call. Use SVD_MEMORY=full with "
+                "SVD_COMPILE, or turn SVD_COMPILE off to offload."
+            )
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -82,6 +101,7 @@ class Settings:
             model_id=os.environ.get("SVD_MODEL_ID", "").strip() or DEFAULT_MODEL_ID,
             revision=os.environ.get("SVD_MODEL_REVISION", "").strip() or "main",
             device=_choice("SVD_DEVICE", "auto", ("auto", "cuda", "cpu")),  # type: ignore[arg-type]
+            dtype=_choice("SVD_DTYPE", "auto", ("auto", "float16", "bfloat16", "float32")),  # type: ignore[arg-type]
             memory=_choice("SVD_MEMORY", "full", ("full", "model_offload", "sequential_offload")),  # type: ignore[arg-type]
             forward_chunking=_flag("SVD_FORWARD_CHUNKING"),
             compile=_compile_backend(os.environ.get("SVD_COMPILE", "")),

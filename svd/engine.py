@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -17,23 +16,30 @@ from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 
-from bentoml.exceptions import BentoMLException
-from PIL import Image
-
 from svd import metrics
 from svd.config import Settings
-from svd.errors import Refused
+from svd.errors import InputError, Refused
 from svd.faults import Faults
-from svd.generate import DeadlineExceeded, Generation, OutOfMemory, Progress, StageTimes, VideoGenerator
+from svd.generate import (
+    DeadlineExceeded,
+    DeviceFailure,
+    Generation,
+    OutOfMemory,
+    Progress,
+    StageTimes,
+    VideoGenerator,
+    warm_up_params,
+)
 from svd.images import prepare_image
 from svd.loading import load_pipeline, resolve_device
 from svd.params import GenerationParams
 
 logger = logging.getLogger("bentoml.svd")
 
-# The smallest generation the model accepts: enough to run every kernel once.
-WARM_UP = GenerationParams(width=64, height=64, num_frames=2, num_inference_steps=1, decode_chunk_size=2, seed=0)
 KEPT_PROGRESS = 1000
+# Below this, the GPU memory other processes hold is CUDA's own context, not a
+# neighbour that may free enough for a retry.
+SHARED_GPU_BYTES = 2**30
 
 
 class NotReady(RuntimeError):
@@ -57,7 +63,7 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self._ready.is_set() and self.error is None
 
     @property
     def generator(self) -> VideoGenerator:
@@ -72,13 +78,16 @@ class Engine:
         try:
             model = load_pipeline(self.settings, locate)
             generator = VideoGenerator(model)
+            generator.on_decode_retry = metrics.OOM_RETRIES.inc
             self._generator = generator
-            warm_up_seconds = self._warm_up(generator)
+            start = time.perf_counter()
+            generator.warm_up(warm_up_params(bool(self.settings.compile), model.max_frames))
+            warm_up_seconds = time.perf_counter() - start
             # The model's half a million objects never die: keep them out of the
             # collections that run after every generation (0.35 s each otherwise).
             gc.freeze()
             # Armed after the warm-up, so injected faults hit requests only.
-            generator.faults = Faults(self.settings.test_faults)
+            generator.faults = Faults(model.pipe, self.settings.test_faults)
         except Exception as exc:
             self.error = f"the model failed to load: {exc}"
             logger.error("SVD %s", self.error, exc_info=not isinstance(exc, RuntimeError))
@@ -99,13 +108,6 @@ class Engine:
             warm_up_seconds,
         )
 
-    def _warm_up(self, generator: VideoGenerator) -> float:
-        start = time.perf_counter()
-        image = Image.new("RGB", (WARM_UP.width, WARM_UP.height), (128, 128, 128))
-        with tempfile.TemporaryDirectory(prefix="svd-warm-up-") as out_dir:
-            generator.generate(image, WARM_UP.resolve(generator.model.max_frames), Path(out_dir))
-        return time.perf_counter() - start
-
     def run(self, image: Path, params: GenerationParams, out_dir: Path, key: str | None = None) -> Generation:
         """Admit, check, prepare and generate one request; `key` names its progress for `progress`."""
         start = time.perf_counter()
@@ -116,9 +118,9 @@ class Engine:
             if refused.reason in ("busy", "not_ready"):
                 metrics.REFUSED.labels(reason=refused.reason).inc()
             raise
-        except BentoMLException:
+        except InputError as exc:
             metrics.GENERATIONS.labels(outcome="bad_input").inc()
-            raise
+            raise Refused(exc.status, "bad_input", str(exc)) from None
         except Exception:
             metrics.GENERATIONS.labels(outcome="error").inc()
             raise
@@ -135,7 +137,7 @@ class Engine:
             generator = self.generator
         except NotReady as exc:
             raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", str(exc), None if self.error else 10) from None
-        with generator.admitted(self.settings.max_queue) as admitted:
+        with generator.admitted(self.settings.max_queue, metrics.IN_FLIGHT.set) as admitted:
             if not admitted:
                 raise Refused(
                     HTTPStatus.TOO_MANY_REQUESTS,
@@ -158,19 +160,36 @@ class Engine:
             return generator.generate(picture, params, out_dir, times, report, deadline)
         except OutOfMemory as exc:
             logger.error("SVD out of memory: %s", str(exc))  # a string: a record must not keep tensors alive
-            raise Refused(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "out_of_memory",
-                f"{exc}; nothing is left allocated, so retrying may work, or ask for fewer frames, "
-                "a smaller size or a lower decode_chunk_size",
-                self._retry_after(generator),
-            ) from None
+            raise self._out_of_memory(exc, generator) from None
+        except DeviceFailure as exc:
+            self.error = str(exc)
+            logger.error("SVD %s; /livez now answers 503 so that the worker is restarted", self.error)
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "device_failure", self.error) from None
         except DeadlineExceeded as exc:
             raise Refused(
                 HTTPStatus.GATEWAY_TIMEOUT,
                 "timeout",
                 f"{exc} after {self.settings.timeout} s (SVD_TIMEOUT); ask for fewer frames, steps or pixels",
             ) from None
+
+    def _out_of_memory(self, exc: OutOfMemory, generator: VideoGenerator) -> Refused:
+        """503 when other processes hold GPU memory they may free; else the request alone is too big: 422."""
+        gib = exc.held_elsewhere / 2**30
+        if exc.held_elsewhere > SHARED_GPU_BYTES:
+            return Refused(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "out_of_memory",
+                f"{exc}; other processes hold {gib:.1f} GiB of this GPU and nothing of this request "
+                "is left allocated, so retrying may work",
+                self._retry_after(generator),
+            )
+        return Refused(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "too_big_for_gpu",
+            f"{exc}; this request needs more memory than the GPU has, even with nothing else on it: "
+            "lower width and height, num_frames or decode_chunk_size, or set max_guidance_scale to 1 "
+            "(no guidance halves the denoising memory); the operator can also set SVD_MEMORY=model_offload",
+        )
 
     @staticmethod
     def _retry_after(generator: VideoGenerator) -> int:

@@ -1,30 +1,39 @@
-"""Errors a caller can act on, each with the HTTP status BentoML answers with."""
+"""Errors a caller can act on, each with the HTTP status the service answers it with.
+
+The generation core raises them without knowing about HTTP servers; the service
+edge (svd/engine.py) turns them into responses.
+"""
 
 from __future__ import annotations
 
 from http import HTTPStatus
 
-from bentoml.exceptions import BentoMLException, InvalidArgument
+
+class InputError(ValueError):
+    """The request cannot be served as sent; the message says what is allowed."""
+
+    status = HTTPStatus.BAD_REQUEST
 
 
-class BadInput(InvalidArgument):
-    """400: the request is wrong; the message says what is allowed."""
+class BadInput(InputError):
+    """400: the request is wrong."""
 
 
-class TooLarge(BentoMLException):
+class TooLarge(InputError):
     """413: the upload or the image is bigger than the service accepts."""
 
-    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
-class UnsupportedImage(BentoMLException):
+class UnsupportedImage(InputError):
     """415: the upload is not an image format the service reads."""
 
-    error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 
 
 class Refused(Exception):
-    """The service cannot take the request now; answered with a Retry-After where retrying helps.
+    """The service answers the request with this status and message instead of a video,
+    with a Retry-After where retrying helps.
 
     BentoML's own error responses carry no headers, so these become responses here.
     """

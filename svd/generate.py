@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from svd import metrics
 from svd.faults import Faults
 from svd.loading import LoadedModel
 from svd.params import GenerationParams
@@ -30,14 +29,32 @@ from svd.video import CODECS, VideoWriter
 logger = logging.getLogger("bentoml.svd")
 
 STAGES = ("prepare", "encode", "denoise", "decode", "video")
+# The smallest generation the model accepts: enough to run every kernel once.
+WARM_UP = GenerationParams(width=64, height=64, num_frames=2, num_inference_steps=1, seed=0)
+# A compiled model compiles again for every new shape: warm it at the defaults, so
+# that a default request, the common one, never pays for compiling.
+COMPILED_WARM_UP = GenerationParams(num_inference_steps=1, seed=0)
 
 
 class OutOfMemory(RuntimeError):
-    """The GPU ran out of memory outside the decode, or at a decode chunk of 1."""
+    """The GPU ran out of memory and the request could not finish.
+
+    `held_elsewhere` is the GPU memory other processes held just after: if they
+    hold much, a retry may fit; if not, the request alone is too big for the GPU.
+    """
+
+    def __init__(self, message: str, held_elsewhere: int = 0):
+        super().__init__(message)
+        self.held_elsewhere = held_elsewhere
 
 
 class DeadlineExceeded(RuntimeError):
     """The request ran past its time limit and was stopped between steps."""
+
+
+class DeviceFailure(RuntimeError):
+    """The GPU failed in a way that leaves this process's CUDA context unusable
+    (a device-side assert, an illegal memory access): only a restart recovers."""
 
 
 @dataclass
@@ -87,7 +104,8 @@ class VideoGenerator:
 
     def __init__(self, model: LoadedModel):
         self.model = model
-        self.faults = Faults()
+        self.faults = Faults(model.pipe)
+        self.on_decode_retry: Callable[[], None] = lambda: None
         # One GPU, one generation: concurrent requests and jobs wait here
         # instead of fighting over memory.
         self._lock = threading.Lock()
@@ -101,18 +119,18 @@ class VideoGenerator:
         return self._waiting
 
     @contextmanager
-    def admitted(self, limit: int) -> Iterator[bool]:
+    def admitted(self, limit: int, on_change: Callable[[int], None] = lambda _: None) -> Iterator[bool]:
         """Take one of `limit` places in the queue, atomically; yields False when all are taken."""
         with self._count_lock:
             admitted = self._waiting < limit
             self._waiting += admitted
-            metrics.IN_FLIGHT.set(self._waiting)
+            on_change(self._waiting)
         try:
             yield admitted
         finally:
             with self._count_lock:
                 self._waiting -= admitted
-                metrics.IN_FLIGHT.set(self._waiting)
+                on_change(self._waiting)
 
     def generate(
         self,
@@ -130,21 +148,72 @@ class VideoGenerator:
         report(Progress("queued"))
         with self._lock:
             start = time.perf_counter()
-            try:
+            with self._releasing():
                 latents = self._denoise(image, params, times, report, deadline)
                 chunk = self._decode_into(path, latents, params, times, report, deadline)
-            finally:
-                latents = None  # drop our reference so release_memory can free it
-                self.release_memory()
             self.last_seconds = time.perf_counter() - start
         return Generation(path, params, CODECS[params.format].content_type, chunk, times)
 
-    def release_memory(self) -> None:
-        """Give back what the last generation held, so memory after many requests equals after one."""
+    def warm_up(self, params: GenerationParams) -> None:
+        """Run every kernel at these shapes once: one denoising step, then one decode of each
+        chunk length a request with these params decodes, without making a video."""
+        image = Image.new("RGB", (params.width, params.height), (128, 128, 128))
+        with self._lock, self._releasing():
+            latents = self._denoise(image, params, StageTimes(), lambda _: None, None)
+            scaled = latents[0] / self.model.pipe.vae.config.scaling_factor
+            for length in chunk_lengths(len(scaled), params.decode_chunk_size):
+                self.decode_frames(scaled[:length])
+
+    @contextmanager
+    def _releasing(self) -> Iterator[None]:
+        """Give back what the block held once it is over, failed or not.
+
+        A failure's traceback holds the frames of the calls that failed, and with
+        them their tensors: it is dropped before releasing, or nothing would be freed.
+        """
+        failure: BaseException | None = None
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            failure = OutOfMemory(f"the GPU ran out of memory ({exc})")
+        except (OutOfMemory, DeadlineExceeded) as exc:
+            failure = exc.with_traceback(None)
+        except RuntimeError as exc:
+            if not is_device_failure(exc):
+                raise
+            # The CUDA context is gone: every further call on it fails too.
+            raise DeviceFailure(f"the GPU failed and this worker must be restarted: {exc}") from None
+        self._restore_vae_dtype()
+        self.release_memory(emptying_cache=failure is not None)
+        if isinstance(failure, OutOfMemory):
+            failure.held_elsewhere = memory_held_elsewhere(self.model.device)
+        if failure is not None:
+            raise failure
+
+    def release_memory(self, emptying_cache: bool = False) -> None:
+        """Give back what the last generation held, so memory after many requests equals after one.
+
+        The CUDA cache is kept after a success: the next request reuses its blocks
+        instead of allocating gigabytes again, and PyTorch empties it by itself
+        before it would run out. After an out-of-memory it is emptied, so that other
+        processes on the GPU see the memory free.
+        """
         gc.collect()
         self.model.pipe.maybe_free_model_hooks()
-        if self.model.device.type == "cuda":
+        if emptying_cache and self.model.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _restore_vae_dtype(self) -> None:
+        """diffusers runs the VAE encoder in float32 when the VAE is float16 with force_upcast and
+        casts it back afterwards; a failure in between would leave it float32 for good."""
+        vae = self.model.pipe.vae
+        if vae.dtype != self.model.dtype:
+            vae.to(dtype=self.model.dtype)
+
+    def _synchronize(self) -> None:
+        """Wait for the GPU, so that a stage's time is the GPU's and not only the host's queueing."""
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
 
     def _denoise(
         self,
@@ -155,15 +224,14 @@ class VideoGenerator:
         deadline: float | None,
     ) -> torch.Tensor:
         pipe = self.model.pipe
-        generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         start = time.perf_counter()
         first_step: list[float] = []
 
         def mark_first_step(*_: object) -> None:
             # The first UNet call marks the end of image encoding (CLIP and VAE encoder).
             if not first_step:
+                self._synchronize()
                 first_step.append(time.perf_counter())
-                self.faults.check("denoise")
 
         def after_step(_pipe: object, step: int, _t: object, tensors: dict) -> dict:
             report(Progress("denoise", step + 1, params.num_inference_steps))
@@ -171,7 +239,10 @@ class VideoGenerator:
             return tensors
 
         report(Progress("encode"))
-        hook = pipe.unet.register_forward_pre_hook(mark_first_step)
+        # An offloaded UNet is moved to the GPU inside its own forward: mark the step
+        # from its first layer, once the move is over, so the move counts as encoding.
+        marker = pipe.unet.time_proj if hasattr(pipe.unet, "_hf_hook") else pipe.unet
+        hook = marker.register_forward_pre_hook(mark_first_step)
         try:
             latents = pipe(
                 image,
@@ -184,19 +255,24 @@ class VideoGenerator:
                 fps=params.fps,
                 motion_bucket_id=params.motion_bucket_id,
                 noise_aug_strength=params.noise_aug_strength,
-                generator=generator,
+                generator=seeded(params.seed),
                 output_type="latent",
                 callback_on_step_end=after_step,
             ).frames
+            self._synchronize()
         except torch.OutOfMemoryError as exc:
-            raise OutOfMemory(f"the GPU ran out of memory while denoising ({exc})") from None
+            error = str(exc)
+        else:
+            end = time.perf_counter()
+            encoded = first_step[0] if first_step else end
+            times.seconds["encode"] += encoded - start
+            times.seconds["denoise"] += end - encoded
+            return latents
         finally:
             hook.remove()
-        end = time.perf_counter()
-        encoded = first_step[0] if first_step else end
-        times.seconds["encode"] += encoded - start
-        times.seconds["denoise"] += end - encoded
-        return latents
+        # Out of the except block, whose traceback held the pipeline's tensors.
+        stage = "denoising" if first_step else "encoding the image"
+        raise OutOfMemory(f"the GPU ran out of memory while {stage} ({error})")
 
     def _decode_into(
         self,
@@ -208,7 +284,7 @@ class VideoGenerator:
         deadline: float | None,
     ) -> int:
         """Decode the latents chunk by chunk into the video file; returns the chunk size finally used."""
-        latents = 1 / self.model.pipe.vae.config.scaling_factor * latents[0]
+        latents = latents[0] / self.model.pipe.vae.config.scaling_factor
         chunk = params.decode_chunk_size
         done = 0
         writer = VideoWriter(path, params.width, params.height, params.fps, params.format)
@@ -220,18 +296,19 @@ class VideoGenerator:
                     with times.measure("decode"):
                         frames = self.decode_frames(latents[done : done + chunk])
                 except torch.OutOfMemoryError as exc:
-                    if chunk == 1:
-                        raise OutOfMemory(f"the GPU ran out of memory decoding even one frame at a time ({exc})") from None
-                    self.release_memory()
-                    logger.warning(
-                        "Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, str(exc)
-                    )
-                    metrics.OOM_RETRIES.inc()
-                    chunk //= 2
+                    error = str(exc)
+                else:
+                    with times.measure("video"):
+                        writer.write(frames)
+                    done += len(frames)
                     continue
-                with times.measure("video"):
-                    writer.write(frames)
-                done += len(frames)
+                # Out of the except block, whose traceback held the failed chunk's activations.
+                if chunk == 1:
+                    raise OutOfMemory(f"the GPU ran out of memory decoding even one frame at a time ({error})")
+                self.release_memory(emptying_cache=True)
+                logger.warning("Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, error)
+                self.on_decode_retry()
+                chunk //= 2
             report(Progress("video", done, len(latents)))
         finally:
             with times.measure("video"):
@@ -242,11 +319,40 @@ class VideoGenerator:
     @torch.no_grad()
     def decode_frames(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents (frames, 4, h, w) to uint8 RGB frames (frames, H, W, 3), as diffusers rounds them."""
-        self.faults.check("decode")
         vae = self.model.pipe.vae
         pixels = vae.decode(latents.to(vae.dtype), num_frames=len(latents)).sample
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def warm_up_params(compiled: bool, max_frames: int) -> GenerationParams:
+    return (COMPILED_WARM_UP if compiled else WARM_UP).resolve(max_frames)
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A CPU generator, as the tutorial's torch.manual_seed is: diffusers draws the starting
+    noise on the CPU and moves it, so one seed gives the same noise on every device."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def chunk_lengths(num_frames: int, chunk: int) -> list[int]:
+    """The distinct lengths of the chunks `num_frames` frames are decoded in: 25 in 2s are [2, 1]."""
+    return sorted({min(chunk, num_frames - start) for start in range(0, num_frames, chunk)}, reverse=True)
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error that poisons the context, as opposed to an out-of-memory, which does not."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(exc)
+
+
+def memory_held_elsewhere(device: torch.device) -> int:
+    """Bytes of the GPU that this process's PyTorch does not hold: other processes, and CUDA's own context."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
 
 
 def _check_deadline(deadline: float | None, stage: str) -> None:

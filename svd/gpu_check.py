@@ -1,9 +1,13 @@
 """Run once on a GPU machine: load the configured model, make one default video, report.
 
-    python -m svd.gpu_check [--json results.json] [--full]
+    python -m svd.gpu_check [--json results.json] [--full] [--width W --height H --num-frames N --num-inference-steps S]
 
-Prints the seconds of each stage, peak memory and the settings, as a table and as
-JSON. Without a CUDA GPU it runs the tiny model on the CPU, small, and says so.
+Prints the device, dtype, each network's parameters, the seconds of each stage,
+peak memory and the settings, as a table and as JSON. Without a CUDA GPU (and
+without SVD_DEVICE=cpu) it runs the tiny model on the CPU, small, and says so.
+`SVD_MODEL_ID=random-svd-xt` checks the full-size architecture without its weights.
+Needs no BentoML: only torch, diffusers, transformers, accelerate, pillow, numpy
+and imageio-ffmpeg.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from svd.architectures import parameter_count
 from svd.config import Settings
 from svd.generate import StageTimes, VideoGenerator
 from svd.images import fit
@@ -46,10 +51,16 @@ def run(settings: Settings, params: GenerationParams) -> dict:
         result = generator.generate(image, params, Path(out_dir), times)
         total = time.perf_counter() - start
         size = result.path.stat().st_size
+    pipe = model.pipe
     return {
         "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})",
         "model": settings.model_id,
         "dtype": str(model.dtype).removeprefix("torch."),
+        "parameters": {
+            "unet": parameter_count(pipe.unet),
+            "vae": parameter_count(pipe.vae),
+            "image_encoder": parameter_count(pipe.image_encoder),
+        },
         "memory_mode": settings.memory,
         "compile": settings.compile or "off",
         "load_seconds": round(model.load_seconds, 2),
@@ -65,7 +76,9 @@ def run(settings: Settings, params: GenerationParams) -> dict:
 
 
 def table(report: dict) -> str:
-    rows = [(key, value) for key, value in report.items() if key not in ("stage_seconds", "settings")]
+    nested = ("parameters", "stage_seconds", "settings")
+    rows = [(key, value) for key, value in report.items() if key not in nested]
+    rows += [(f"  {network} parameters", f"{count:,}") for network, count in report["parameters"].items()]
     rows += [(f"  {stage} s", seconds) for stage, seconds in report["stage_seconds"].items()]
     rows += [(f"  {key}", value) for key, value in report["settings"].items()]
     width = max(len(key) for key, _ in rows)
@@ -76,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m svd.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the report to this file")
     parser.add_argument("--full", action="store_true", help="on the CPU too, the full default video (minutes)")
+    for name in ("width", "height", "num_frames", "num_inference_steps"):
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, help=f"{name} of the video (default: the service's)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     params = GenerationParams(seed=0)
@@ -83,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print("No CUDA GPU here: running the tiny test model on the CPU instead (its video is noise).")
         settings = replace(settings, model_id="tiny", device="cpu")
         params = params if args.full else SMALL
-    report = run(settings, params)
+    chosen = {field.name: getattr(args, field.name, None) for field in fields(GenerationParams)}
+    chosen = {name: value for name, value in chosen.items() if value is not None}
+    report = run(settings, replace(params, **chosen))
     print(table(report))
     print(json.dumps(report))
     if args.json:

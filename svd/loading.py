@@ -1,24 +1,18 @@
-"""Model loading: the hub model, a local diffusers directory, or the tiny model."""
+"""Model loading: the hub model, a local diffusers directory, or a model built in code."""
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import attrs
 import torch
-from bentoml.models import HuggingFaceModel
 from diffusers import StableVideoDiffusionPipeline
 
 from svd.config import Settings
 from svd.placement import place
-
-logger = logging.getLogger(__name__)
 
 # Only the fp16 weights and the configs: the hub repo also holds fp32 copies and
 # a single-file checkpoint that would triple the download.
@@ -67,45 +61,30 @@ def resolve_device(settings: Settings) -> torch.device:
     return torch.device("cuda")
 
 
-@attrs.define(unsafe_hash=True)
-class HubModel(HuggingFaceModel):
-    """The hub model as BentoML downloads it before the service starts, failing as clearly as the loader."""
-
-    def resolve(self, base_path: str | None = None) -> str:
-        settings = Settings.from_env()
-        # Before a download of many GB: refuse at once when there is nothing to run it on.
-        resolve_device(settings)
-        with _explained_failures(settings):
-            return super().resolve(base_path)
-
-
-def hub_reference(settings: Settings) -> HubModel | None:
-    """The hub model as a BentoML model, so a Bento pins its revision and bakes the weights in."""
-    if not settings.is_hub_model:
-        return None
-    model = HubModel(settings.model_id, revision=settings.revision, include=FP16_FILES)
-    if re.fullmatch(r"[0-9a-f]{40}", settings.revision):
-        # A commit hash needs no lookup, so `bentoml build` works offline.
-        object.__setattr__(model, "commit_hash", settings.revision)
-    return model
+def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    """SVD_DTYPE, where auto is float16 on CUDA, as the tutorial runs it, and float32 on the CPU."""
+    if settings.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, settings.dtype)
 
 
 def load_pipeline(settings: Settings, locate: Callable[[], str] | None = None) -> LoadedModel:
-    """Load the configured pipeline onto its device: fp16 on CUDA, fp32 on CPU.
+    """Load the configured pipeline onto its device in its dtype (see resolve_dtype).
 
     `locate` returns where the weights are when BentoML fetches them (into a
     Bento's model store or the hub cache); by default the setting itself.
     """
     start = time.perf_counter()
     device = resolve_device(settings)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if settings.is_tiny:
-        from svd.tiny import build_tiny_pipeline
+    dtype = resolve_dtype(settings, device)
+    if settings.is_built_in:
+        from svd.architectures import build_pipeline
 
-        source = "built in code (svd/tiny.py)"
-        pipe = build_tiny_pipeline()
+        source = "built in code, random weights"
+        # Offloading starts on the CPU and moves each model to the GPU while it runs.
+        pipe = build_pipeline(settings.model_id, device if settings.memory == "full" else "cpu", dtype)
     else:
-        with _explained_failures(settings):
+        with explained_failures(settings):
             source = locate() if locate else settings.model_id
             pipe = _from_pretrained(settings, source, dtype)
     pipe = place(pipe, settings, device, dtype)
@@ -119,7 +98,8 @@ def _from_pretrained(settings: Settings, source: str, dtype: torch.dtype) -> Sta
         raise ModelLoadError(
             f"Model directory {source!r} does not exist. Set SVD_MODEL_ID to a directory in the "
             "diffusers layout (with model_index.json), a hub id such as "
-            "stabilityai/stable-video-diffusion-img2vid-xt, or 'tiny'."
+            "stabilityai/stable-video-diffusion-img2vid-xt, or a built-in model: 'tiny', "
+            "'random-svd-xt' or 'random-svd'."
         )
     return StableVideoDiffusionPipeline.from_pretrained(
         source, torch_dtype=dtype, variant="fp16", revision=None if is_local else settings.revision
@@ -127,7 +107,7 @@ def _from_pretrained(settings: Settings, source: str, dtype: torch.dtype) -> Sta
 
 
 @contextmanager
-def _explained_failures(settings: Settings) -> Iterator[None]:
+def explained_failures(settings: Settings) -> Iterator[None]:
     """Turn the hub's and diffusers' loading errors into one message naming the model and the fix."""
     try:
         yield
@@ -183,5 +163,5 @@ def _explain(settings: Settings, exc: BaseException) -> str:
     return (
         f"{name} could not be loaded: {exc}. SVD_MODEL_ID must be a hub id, a directory in the "
         "diffusers layout (model_index.json, unet/, vae/, image_encoder/, scheduler/, "
-        "feature_extractor/), or 'tiny'."
+        "feature_extractor/), or a built-in model: 'tiny', 'random-svd-xt' or 'random-svd'."
     )

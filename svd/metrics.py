@@ -9,7 +9,8 @@ import bentoml
 
 GENERATIONS = bentoml.metrics.Counter(
     name="svd_generations",
-    documentation="Generations by outcome: ok, bad_input, busy, not_ready, out_of_memory, timeout, error.",
+    documentation="Generations by outcome: ok, bad_input, busy, not_ready, out_of_memory, too_big_for_gpu, "
+    "device_failure, timeout, error.",
     labelnames=["outcome"],
 )
 GENERATION_SECONDS = bentoml.metrics.Histogram(

@@ -21,27 +21,34 @@ def place(pipe: StableVideoDiffusionPipeline, settings: Settings, device: torch.
     """Put the pipeline on its device in the configured memory mode, with the speed options on."""
     if pipe.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
-    if device.type != "cuda":
-        if settings.memory != "full":
-            logger.warning(
-                "SVD_MEMORY=%s offloads GPU memory to the CPU; on the CPU there is nothing to "
-                "offload, so the model runs with everything in memory.",
-                settings.memory,
-            )
-        pipe = pipe.to(device)
-    elif settings.memory == "model_offload":
+    offloading = device.type == "cuda" and settings.memory != "full"
+    if settings.memory != "full" and not offloading:
+        logger.warning(
+            "SVD_MEMORY=%s offloads GPU memory to the CPU; on the CPU there is nothing to "
+            "offload, so the model runs with everything in memory.",
+            settings.memory,
+        )
+    if settings.memory == "model_offload" and offloading:
         pipe.enable_model_cpu_offload()
-    elif settings.memory == "sequential_offload":
+    elif settings.memory == "sequential_offload" and offloading:
         pipe.enable_sequential_cpu_offload()
     else:
-        pipe = pipe.to(device)
-        # Convolutions in NHWC run on tensor cores without layout shuffles.
-        pipe.unet.to(memory_format=torch.channels_last)
+        # Built-in models are made where they run; moving again would only warn.
+        if pipe.device.type != device.type:
+            pipe = pipe.to(device)
+        if device.type == "cuda":
+            # Convolutions in NHWC run on tensor cores without layout shuffles.
+            pipe.unet.to(memory_format=torch.channels_last)
     if settings.forward_chunking:
         pipe.unet.enable_forward_chunking()
     if settings.compile:
-        torch._dynamo.config.cache_size_limit = COMPILE_CACHE_LIMIT
-        pipe.unet = torch.compile(pipe.unet, backend=settings.compile)
-        if device.type == "cuda":
-            pipe.vae.decoder = torch.compile(pipe.vae.decoder, backend=settings.compile)
+        compile_networks(pipe, settings.compile, device)
     return pipe
+
+
+def compile_networks(pipe: StableVideoDiffusionPipeline, backend: str, device: torch.device) -> None:
+    """torch.compile the UNet, and on CUDA the VAE decoder: the two that run longest."""
+    torch._dynamo.config.cache_size_limit = COMPILE_CACHE_LIMIT
+    pipe.unet = torch.compile(pipe.unet, backend=backend)
+    if device.type == "cuda":
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, backend=backend)

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import imageio_ffmpeg
 import numpy as np
 
@@ -125,6 +124,8 @@ class Server:
 
 
 def _ready(url: str, process: subprocess.Popen, log: Path) -> bool:
+    import httpx  # here, not above: the GPU tier runs where only the generation core is installed
+
     if process.poll() is not None:
         raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
     try:

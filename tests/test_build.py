@@ -34,7 +34,7 @@ def test_build_packs_the_service_and_the_svd_package(tmp_path: Path):
     source = bento / "src"
     modules = {path.name for path in (source / "svd").glob("*.py")}
     assert {"service.py", "bentofile.yaml"} <= {path.name for path in source.iterdir()}
-    assert {"config.py", "loading.py", "images.py", "video.py", "generate.py", "tiny.py"} <= modules
+    assert {"config.py", "loading.py", "images.py", "video.py", "generate.py", "architectures.py"} <= modules
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert manifest["service"] == "service:StableDiffusionVideo"
     assert manifest["labels"] == {"owner": "bentoml-team", "project": "stable-video-diffusion"}

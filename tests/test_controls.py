@@ -13,7 +13,7 @@ from svd.config import Settings
 from svd.errors import BadInput
 from svd.loading import load_pipeline
 from svd.params import GenerationParams
-from svd.tiny import build_tiny_pipeline
+from svd.architectures import build_pipeline
 from tests.helpers import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
 
 TINY = {"width": 128, "height": 64, "num_frames": 4, "num_inference_steps": 2, "seed": 11}
@@ -84,7 +84,7 @@ def test_guidance_range_must_be_ordered():
 
 def test_frames_default_and_limit_come_from_the_loaded_unet(tmp_path: Path):
     """An SVD (14-frame) checkpoint gets 14 frames by default and refuses 15."""
-    pipe = build_tiny_pipeline()
+    pipe = build_pipeline("tiny")
     pipe.unet.register_to_config(num_frames=14)
     pipe.save_pretrained(tmp_path, variant="fp16")
     model = load_pipeline(Settings(model_id=str(tmp_path), device="cpu"))

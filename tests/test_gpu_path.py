@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 
 import pytest
 import torch
+from PIL import Image
 
 from svd.config import Settings
 from svd.loading import load_pipeline
@@ -27,7 +29,7 @@ def unet_calls(service):
 def faults(service):
     generator = service.engine.generator
     yield generator.faults
-    generator.faults.__init__()  # nothing left planned for the next test
+    generator.faults.clear()  # nothing left planned for the next test
 
 
 def test_decode_out_of_memory_halves_the_chunk_without_denoising_again(
@@ -44,50 +46,112 @@ def test_decode_out_of_memory_halves_the_chunk_without_denoising_again(
     assert "decoding 2 frames at once; retrying with 1" in caplog.text
 
 
-def test_decode_out_of_memory_at_one_frame_is_a_503_and_the_next_request_works(call_service, faults):
+def test_decode_out_of_memory_at_one_frame_alone_on_the_gpu_is_a_422_saying_what_to_lower(call_service, faults):
+    """Nothing else holds GPU memory (the CPU has none), so a retry would fail the same way: no Retry-After."""
     faults.inject("decode", 1)
     refused, headers = call_service(image=PHOTO, **TINY, decode_chunk_size=1)
-    assert refused.status_code == 503
-    assert int(headers["retry-after"]) >= 1
-    assert "out of memory" in json.loads(refused.body)["error"]
+    assert refused.status_code == 422 and "retry-after" not in headers
+    error = json.loads(refused.body)["error"]
+    assert "decoding even one frame at a time" in error
+    assert all(field in error for field in ("width and height", "num_frames", "decode_chunk_size"))
     path, _ = call_service(image=PHOTO, **TINY, decode_chunk_size=1)
     assert len(decode_video(path).frames) == 8
 
 
-def test_denoise_out_of_memory_is_a_503_with_retry_after_and_the_next_request_works(call_service, faults):
+def test_denoise_out_of_memory_alone_on_the_gpu_is_a_422_and_the_next_request_works(call_service, faults):
     faults.inject("denoise", 1)
     refused, headers = call_service(image=PHOTO, **TINY)
-    assert refused.status_code == 503 and int(headers["retry-after"]) >= 1
+    assert refused.status_code == 422 and "retry-after" not in headers
     assert "while denoising" in json.loads(refused.body)["error"]
     path, headers = call_service(image=PHOTO, **TINY)
     assert headers["x-seed"] == "3" and len(decode_video(path).frames) == 8
 
 
-def test_nothing_stays_referenced_after_a_failed_request(call_service, faults, service):
-    """No latents or frames outlive a generation, successful or not: only the model's weights stay."""
-    import gc
+def test_out_of_memory_while_other_processes_hold_the_gpu_is_a_503_with_retry_after(
+    call_service, faults, monkeypatch: pytest.MonkeyPatch
+):
+    """Another process holding gigabytes may free them: worth a retry, as the batch client does on 503."""
+    from svd import generate
 
+    monkeypatch.setattr(generate, "memory_held_elsewhere", lambda device: 6 * 2**30)
+    faults.inject("denoise", 1)
+    refused, headers = call_service(image=PHOTO, **TINY)
+    assert refused.status_code == 503 and int(headers["retry-after"]) >= 1
+    assert "other processes hold 6.0 GiB" in json.loads(refused.body)["error"]
+
+
+def test_encode_out_of_memory_leaves_the_float16_vae_in_float16(tmp_path):
+    """diffusers upcasts a float16 VAE with force_upcast to float32 for the image encode and casts
+    it back afterwards; an out-of-memory in between used to leave it float32 for good."""
+    from svd.generate import OutOfMemory, VideoGenerator
+    from svd.params import GenerationParams
+
+    model = load_pipeline(Settings(model_id="tiny", device="cpu", dtype="float16"))
+    assert model.pipe.vae.config.force_upcast and model.pipe.vae.dtype == torch.float16
+    generator = VideoGenerator(model)
+    generator.faults.inject("encode", 1)
+    params = GenerationParams(width=64, height=64, num_frames=2, num_inference_steps=1, seed=0).resolve(25)
+    with pytest.raises(OutOfMemory, match="while encoding the image"):
+        generator.generate(Image.new("RGB", (64, 64)), params, tmp_path)
+    assert model.pipe.vae.dtype == torch.float16
+
+
+def test_memory_is_released_only_once_the_failed_call_s_tensors_are_dropped(call_service, faults, service):
+    """A failure's traceback holds the activations of the call that failed: releasing inside the
+    except block freed nothing. At each release only the weights and the latents may be alive."""
     pipe = service.engine.generator.model.pipe
-    weights = {
+    weights = _weights(pipe)
+    generator = service.engine.generator
+    release = generator.release_memory
+    alive_at_release: list[list[tuple[int, ...]]] = []
+
+    def spy(**kwargs) -> None:
+        alive_at_release.append(_leftovers(weights))
+        release(**kwargs)
+
+    generator.release_memory = spy
+    try:
+        faults.inject("decode", 2)  # decode 4 frames, then 2 fail; 1 at a time works
+        path, _ = call_service(image=PHOTO, **TINY, decode_chunk_size=4)
+        assert len(decode_video(path).frames) == 8
+        faults.inject("denoise", 1)
+        refused, _ = call_service(image=PHOTO, **TINY)
+        assert refused.status_code == 422
+    finally:
+        del generator.release_memory
+    latent_shapes = {(8, 4, 8, 16), (1, 8, 4, 8, 16)}
+    assert len(alive_at_release) == 4, alive_at_release
+    for alive in alive_at_release:
+        assert set(alive) <= latent_shapes, f"activations alive at release: {alive}"
+
+
+def _weights(pipe) -> set[int]:
+    return {
         id(tensor)
         for module in (pipe.unet, pipe.vae, pipe.image_encoder)
         for tensor in [*module.parameters(), *module.buffers()]
     }
 
-    def leftovers() -> list[tuple[int, ...]]:
-        gc.collect()
-        return [
-            tuple(obj.shape)
-            for obj in gc.get_objects()
-            if isinstance(obj, torch.Tensor) and obj.numel() >= 1024 and id(obj) not in weights
-        ]
 
+def _leftovers(weights: set[int]) -> list[tuple[int, ...]]:
+    """Shapes of the tensors of 1024 values or more that are alive and not the model's."""
+    gc.collect()
+    return [
+        tuple(obj.shape)
+        for obj in gc.get_objects()
+        if isinstance(obj, torch.Tensor) and obj.numel() >= 1024 and id(obj) not in weights
+    ]
+
+
+def test_nothing_stays_referenced_after_a_failed_request(call_service, faults, service):
+    """No latents or frames outlive a generation, successful or not: only the model's weights stay."""
+    weights = _weights(service.engine.generator.model.pipe)
     faults.inject("decode", 1)
     refused, _ = call_service(image=PHOTO, **TINY, decode_chunk_size=1)
-    assert refused.status_code == 503
-    assert leftovers() == []
+    assert refused.status_code == 422
+    assert _leftovers(weights) == []
     call_service(image=PHOTO, **TINY)
-    assert leftovers() == []
+    assert _leftovers(weights) == []
 
 
 @pytest.mark.parametrize("memory", ["model_offload", "sequential_offload"])
@@ -107,9 +171,11 @@ def test_offload_modes_on_cpu_say_so_and_run(memory: str, caplog: pytest.LogCapt
 def test_memory_modes_and_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SVD_MEMORY", "model_offload")
     monkeypatch.setenv("SVD_FORWARD_CHUNKING", "1")
-    monkeypatch.setenv("SVD_COMPILE", "true")
     settings = Settings.from_env()
-    assert (settings.memory, settings.forward_chunking, settings.compile) == ("model_offload", True, "inductor")
+    assert (settings.memory, settings.forward_chunking, settings.compile) == ("model_offload", True, "")
+    monkeypatch.setenv("SVD_MEMORY", "full")
+    monkeypatch.setenv("SVD_COMPILE", "true")
+    assert Settings.from_env().compile == "inductor"
     monkeypatch.setenv("SVD_COMPILE", "aot_eager")
     assert Settings.from_env().compile == "aot_eager"
     monkeypatch.setenv("SVD_MEMORY", "half")
@@ -117,38 +183,54 @@ def test_memory_modes_and_flags_come_from_the_environment(monkeypatch: pytest.Mo
         Settings.from_env()
 
 
-def test_compiled_unet_serves_new_sizes_without_recompiling_endlessly(tmp_path):
+@pytest.mark.parametrize("memory", ["model_offload", "sequential_offload"])
+def test_compile_with_offloading_is_refused_at_start_naming_both(memory: str, monkeypatch: pytest.MonkeyPatch):
+    """accelerate's offload hooks would sit inside the compiled graph and be wrapped again on every call."""
+    monkeypatch.setenv("SVD_MEMORY", memory)
+    monkeypatch.setenv("SVD_COMPILE", "1")
+    with pytest.raises(ValueError, match=f"SVD_COMPILE cannot be combined with SVD_MEMORY={memory}"):
+        Settings.from_env()
+
+
+def test_compiled_unet_is_warmed_at_the_default_shapes_and_stops_recompiling(tmp_path):
     """SVD_COMPILE with the aot_eager backend: dynamo's tracing and guards as on a GPU, without
-    inductor's C++ build, which takes minutes on two CPU cores."""
+    inductor's C++ build, which takes minutes on two CPU cores.
+
+    The warm-up used to run at 64x64 with 2 frames, so the first default request paid for
+    compiling inside its deadline."""
     from torch._dynamo.utils import counters
 
-    from svd.generate import VideoGenerator
+    from svd.engine import Engine
+    from svd.generate import StageTimes
     from svd.params import GenerationParams
     from svd.placement import COMPILE_CACHE_LIMIT
 
     counters.clear()
-    settings = Settings(model_id="tiny", device="cpu", compile="aot_eager")
-    generator = VideoGenerator(load_pipeline(settings))
-    compiled = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
-    from PIL import Image
-
-    shapes = [(64, 64, 2), (128, 64, 4), (192, 128, 4), (128, 128, 2)]
-    graphs = []
-    for width, height, frames in shapes:
+    engine = Engine(Settings(model_id="tiny", device="cpu", compile="aot_eager"))
+    assert engine.wait_ready(600), engine.error
+    generator = engine.generator
+    graphs = [counters["stats"]["unique_graphs"]]
+    assert graphs[0] >= 1, "the warm-up ran the UNet compiled"
+    default = GenerationParams(num_inference_steps=2, seed=1).resolve(generator.model.max_frames)
+    image = Image.open(PHOTO).convert("RGB").resize((default.width, default.height))
+    latents = generator._denoise(image, default, StageTimes(), lambda _: None, None)
+    assert latents.shape == (1, 25, 4, 72, 128)
+    assert counters["stats"]["unique_graphs"] == graphs[0], "a default request compiles nothing new"
+    for width, height, frames in [(128, 64, 4), (192, 128, 4), (128, 128, 2)]:
         params = GenerationParams(width=width, height=height, num_frames=frames, num_inference_steps=1, seed=1)
-        image = Image.open(PHOTO).convert("RGB").resize((width, height))
-        result = generator.generate(image, params.resolve(25), tmp_path)
+        result = generator.generate(image.resize((width, height)), params.resolve(25), tmp_path)
         assert len(decode_video(result.path).frames) == frames
-        graphs.append(compiled())
-    assert graphs[0] >= 1, "the UNet ran compiled"
-    # Dynamo generalises to dynamic shapes after the first changes, then stops compiling.
+        graphs.append(counters["stats"]["unique_graphs"])
+    # Dynamo generalises to dynamic shapes after the first change, then stops compiling.
     assert graphs[-1] == graphs[-2] <= COMPILE_CACHE_LIMIT, f"graphs after each request: {graphs}"
 
 
 def test_gpu_check_without_a_gpu_runs_the_tiny_model_and_says_so(tmp_path, capsys, monkeypatch):
     from svd import gpu_check
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("SVD_MODEL_ID", raising=False)
+    monkeypatch.delenv("SVD_DEVICE", raising=False)
     assert gpu_check.main(["--json", str(tmp_path / "report.json")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("No CUDA GPU here: running the tiny test model on the CPU instead")

@@ -22,7 +22,14 @@ def status(url: str) -> int | None:
 
 
 def test_a_real_model_without_a_gpu_refuses_to_start_with_one_clear_paragraph(tmp_path: Path):
-    env = {**os.environ, "SVD_MODEL_ID": "", "BENTOML_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "SVD_MODEL_ID": "",
+        "SVD_DEVICE": "",
+        "CUDA_VISIBLE_DEVICES": "",  # a machine without a GPU, also where there is one
+        "BENTOML_HOME": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "bentoml", "serve", "service:StableDiffusionVideo", "--port", "0"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
@@ -45,7 +52,7 @@ def test_readyz_turns_200_only_after_warm_up_while_livez_answers_throughout(tmp_
         wait_until(probe, 180, 0.02, "readyz 200")
         assert (200, 503) in seen, f"never saw live-but-not-ready: {sorted(set(seen), key=str)}"
         log = server.log_text()
-        assert "SVD ready: model tiny (built in code (svd/tiny.py)), device cpu, dtype float32, memory full" in log
+        assert "SVD ready: model tiny (built in code, random weights), device cpu, dtype float32, memory full" in log
         assert "loaded in" in log and "warmed up in" in log
 
 
@@ -72,3 +79,18 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path: Path):
 def _generating(url: str) -> bool:
     text = httpx.get(f"{url}/metrics", timeout=5).text
     return any(line.startswith("svd_in_flight ") and float(line.split()[1]) >= 1 for line in text.splitlines())
+
+
+def test_a_cuda_error_that_poisons_the_context_turns_livez_503_so_the_worker_is_restarted(tmp_path: Path):
+    """An illegal memory access leaves the CUDA context unusable: only a restart recovers."""
+    with serve(tmp_path, env={"SVD_TEST_FAULTS": "decode:1:device_error"}) as server:
+        files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+        data = {"width": 64, "height": 64, "num_frames": 2, "num_inference_steps": 1}
+        failed = httpx.post(f"{server.url}/generate", files=files, data=data, timeout=120)
+        assert failed.status_code == 503, failed.text
+        assert "the GPU failed and this worker must be restarted" in failed.json()["error"]
+        assert "illegal memory access" in failed.json()["error"]
+        assert (status(f"{server.url}/livez"), status(f"{server.url}/readyz")) == (503, 503)
+        refused = httpx.post(f"{server.url}/generate", files=files, data=data, timeout=120)
+        assert refused.status_code == 503 and "must be restarted" in refused.json()["error"]
+        assert "/livez now answers 503" in server.log_text()

@@ -10,14 +10,14 @@ import torch
 
 from svd.config import DEFAULT_MODEL_ID, ConfigError, Settings
 from svd.loading import ModelLoadError, load_pipeline
-from svd.tiny import build_tiny_pipeline
+from svd.architectures import build_pipeline
 
 
 @pytest.fixture(scope="module")
 def hub_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline saved as the hub repo is laid out, fp16 variant files included."""
     directory = tmp_path_factory.mktemp("svd-hub-layout")
-    build_tiny_pipeline().save_pretrained(directory, variant="fp16")
+    build_pipeline("tiny").save_pretrained(directory, variant="fp16")
     return directory
 
 
@@ -48,8 +48,13 @@ def test_hub_layout_loads_through_the_real_path(hub_layout: Path):
     assert np.allclose(ours.numpy(), reference.numpy(), atol=0.05)
 
 
-def test_a_real_model_without_a_gpu_is_refused_with_one_clear_paragraph():
-    assert not torch.cuda.is_available()
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without a GPU, also where there is one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_a_real_model_without_a_gpu_is_refused_with_one_clear_paragraph(no_gpu):
     with pytest.raises(ModelLoadError) as refused:
         load_pipeline(Settings(model_id=DEFAULT_MODEL_ID))
     message = str(refused.value)
@@ -57,12 +62,12 @@ def test_a_real_model_without_a_gpu_is_refused_with_one_clear_paragraph():
     assert "\n" not in message
 
 
-def test_cuda_asked_for_without_one_is_refused():
+def test_cuda_asked_for_without_one_is_refused(no_gpu):
     with pytest.raises(ModelLoadError, match="SVD_DEVICE=cuda"):
         load_pipeline(Settings(model_id="tiny", device="cuda"))
 
 
-def test_a_local_directory_with_the_gpu_check_passed_still_needs_the_device(hub_layout: Path):
+def test_a_local_directory_with_the_gpu_check_passed_still_needs_the_device(hub_layout: Path, no_gpu):
     with pytest.raises(ModelLoadError, match="No CUDA GPU"):
         load_pipeline(Settings(model_id=str(hub_layout)))
 
@@ -74,7 +79,7 @@ def test_missing_directory_names_it_and_the_fix(tmp_path: Path):
 
 
 def test_directory_without_fp16_weights_says_so(tmp_path: Path):
-    build_tiny_pipeline().save_pretrained(tmp_path)
+    build_pipeline("tiny").save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="no fp16 weights"):
         load_pipeline(Settings(model_id=str(tmp_path), device="cpu"))
 

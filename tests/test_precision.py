@@ -1,0 +1,63 @@
+"""Half precision on the CPU: SVD_DTYPE, and the service path in float16 and bfloat16.
+
+This is where the GPU path's dtype handling shows without a GPU: the VAE's
+force_upcast, latents against the VAE's dtype, the conversion to uint8.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from svd.config import ConfigError, Settings
+from svd.engine import Engine
+from svd.loading import resolve_dtype
+from svd.params import GenerationParams
+from tests.helpers import PHOTO, ROOT, assert_browser_safe_mp4, decode_video
+
+
+def test_svd_dtype_comes_from_the_environment_and_auto_is_float16_only_on_cuda(monkeypatch: pytest.MonkeyPatch):
+    assert Settings.from_env().dtype == "auto"
+    assert resolve_dtype(Settings(), torch.device("cpu")) == torch.float32
+    assert resolve_dtype(Settings(), torch.device("cuda")) == torch.float16
+    for name in ("float16", "bfloat16", "float32"):
+        monkeypatch.setenv("SVD_DTYPE", name.upper())
+        settings = Settings.from_env()
+        assert resolve_dtype(settings, torch.device("cpu")) == resolve_dtype(settings, torch.device("cuda")) == getattr(torch, name)
+    monkeypatch.setenv("SVD_DTYPE", "half")
+    with pytest.raises(ConfigError, match="SVD_DTYPE='half'.*auto, float16, bfloat16, float32"):
+        Settings.from_env()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_tiny_model_serves_valid_videos_in_half_precision(dtype: str, tmp_path: Path):
+    engine = Engine(Settings(model_id="tiny", device="cpu", dtype=dtype))
+    assert engine.wait_ready(120), engine.error
+    model = engine.generator.model
+    assert {parameter.dtype for parameter in model.pipe.unet.parameters()} == {getattr(torch, dtype)}
+    params = GenerationParams(width=64, height=64, num_frames=2, num_inference_steps=2, seed=11)
+    result = engine.run(PHOTO, params, tmp_path)
+    video = decode_video(result.path)
+    assert_browser_safe_mp4(video, 64, 64, 2)
+    assert video.frames.std() > 1, "not a flat picture: no NaN or overflow turned every pixel one colour"
+    # diffusers runs the float16 VAE's encoder in float32 (force_upcast) and casts it back.
+    assert model.pipe.vae.dtype == getattr(torch, dtype)
+    (tmp_path / "again").mkdir()
+    again = engine.run(PHOTO, params, tmp_path / "again")
+    assert np.array_equal(decode_video(again.path).frames, video.frames), "a seed replays in half precision too"
+
+
+def test_a_bad_dtype_stops_the_start_naming_the_variable(tmp_path: Path):
+    env = {**os.environ, "SVD_DTYPE": "fp8", "BENTOML_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "service:StableDiffusionVideo", "--port", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode != 0
+    assert "SVD_DTYPE='fp8' is not allowed; use one of: auto, float16, bfloat16, float32." in result.stdout + result.stderr
