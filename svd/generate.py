@@ -149,8 +149,11 @@ class VideoGenerator:
         with self._lock:
             start = time.perf_counter()
             with self._releasing():
-                latents = self._denoise(image, params, times, report, deadline)
-                chunk = self._decode_into(path, latents, params, times, report, deadline)
+                # Handed straight over, the latents live only inside _decode_into: they are
+                # gone by the time memory is released.
+                chunk = self._decode_into(
+                    path, self._denoise(image, params, times, report, deadline), params, times, report, deadline
+                )
             self.last_seconds = time.perf_counter() - start
         return Generation(path, params, CODECS[params.format].content_type, chunk, times)
 
@@ -163,6 +166,7 @@ class VideoGenerator:
             scaled = latents[0] / self.model.pipe.vae.config.scaling_factor
             for length in chunk_lengths(len(scaled), params.decode_chunk_size):
                 self.decode_frames(scaled[:length])
+            del latents, scaled
 
     @contextmanager
     def _releasing(self) -> Iterator[None]:

@@ -43,10 +43,11 @@ def test_a_built_model_is_made_in_its_dtype_and_identical_on_every_build():
     assert torch.equal(first.vae.decoder.conv_norm_out.weight, torch.ones(32)), "a normalisation scales by 1"
 
 
-def test_gpu_check_runs_the_full_size_architecture_on_the_cpu(tmp_path: Path):
-    """The Done-when command of the real-path issue, as a user would type it: no weights, no GPU."""
+@pytest.mark.parametrize("name", ["random-svd-xt", "random-svd"])
+def test_gpu_check_runs_the_full_size_architecture_on_the_cpu(name: str, tmp_path: Path):
+    """The command as a user would type it: the real shapes, no weights, no GPU."""
     report_path = tmp_path / "out.json"
-    env = {**os.environ, "SVD_MODEL_ID": "random-svd-xt", "SVD_DEVICE": "cpu"}
+    env = {**os.environ, "SVD_MODEL_ID": name, "SVD_DEVICE": "cpu"}
     command = ["--width", "64", "--height", "64", "--num-frames", "2", "--num-inference-steps", "1"]
     result = subprocess.run(
         [sys.executable, "-m", "svd.gpu_check", *command, "--json", str(report_path)],
@@ -54,7 +55,7 @@ def test_gpu_check_runs_the_full_size_architecture_on_the_cpu(tmp_path: Path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(report_path.read_text())
-    assert report["model"] == "random-svd-xt" and report["dtype"] == "float32"
+    assert report["model"] == name and report["dtype"] == "float32"
     assert report["parameters"]["unet"] == 1_524_623_082
     assert report["settings"]["num_frames"] == 2 and report["video_bytes"] > 0
     assert "unet parameters" in result.stdout and "1,524,623,082" in result.stdout
