@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import bentoml
 from bentoml.validators import ContentType
@@ -16,9 +16,7 @@ from pydantic import Field
 from starlette.responses import Response
 
 from svd.config import Settings
-from svd.engine import Engine
 from svd.errors import Refused
-from svd.generate import Generation
 from svd.guards import BearerAuth, UploadGuard
 from svd.hub import hub_reference
 from svd.fields import (
@@ -39,6 +37,9 @@ from svd.fields import (
 from svd.params import GenerationParams
 from svd.ui import ui_app
 
+if TYPE_CHECKING:
+    from svd.generate import Generation
+
 SETTINGS = Settings.from_env()
 
 
@@ -56,6 +57,10 @@ class StableDiffusionVideo:
     hub_model = hub_reference(SETTINGS)
 
     def __init__(self) -> None:
+        # Here, not above: `bentoml serve` imports this file in a process that never runs
+        # the model, and torch, diffusers and transformers take seconds and hundreds of MiB.
+        from svd.engine import Engine
+
         # Loads and warms up in the background: /livez answers at once, /readyz once warm.
         self.engine = Engine(SETTINGS, (lambda: self.hub_model) if self.hub_model else None)
 

@@ -1,6 +1,8 @@
 """The hub model declared to BentoML, so a Bento pins its revision and bakes the weights in.
 
-Only the service imports this: the generation core runs without BentoML.
+Only the service imports this: the generation core runs without BentoML. It is imported
+where `bentoml serve` imports service.py, so it imports no torch: the loader comes in
+when the model resolves.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import attrs
 from bentoml.models import HuggingFaceModel
 
 from svd.config import Settings
-from svd.loading import FP16_FILES, explained_failures, resolve_device
+
+# Only the fp16 weights and the configs: the hub repo also holds fp32 copies and
+# a single-file checkpoint that would triple the download.
+FP16_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.fp16.safetensors"]
 
 
 @attrs.define(unsafe_hash=True)
@@ -19,6 +24,8 @@ class HubModel(HuggingFaceModel):
     """The hub model as BentoML downloads it before the service starts, failing as clearly as the loader."""
 
     def resolve(self, base_path: str | None = None) -> str:
+        from svd.loading import explained_failures, resolve_device
+
         settings = Settings.from_env()
         # Before a download of many GB: refuse at once when there is nothing to run it on.
         resolve_device(settings)

@@ -14,10 +14,6 @@ from diffusers import StableVideoDiffusionPipeline
 from svd.config import Settings
 from svd.placement import place
 
-# Only the fp16 weights and the configs: the hub repo also holds fp32 copies and
-# a single-file checkpoint that would triple the download.
-FP16_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.fp16.safetensors"]
-
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says why and what to do."""

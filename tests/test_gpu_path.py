@@ -211,12 +211,12 @@ def test_compiled_unet_is_warmed_at_the_default_shapes_and_stops_recompiling(tmp
     generator = engine.generator
     graphs = [counters["stats"]["unique_graphs"]]
     assert graphs[0] >= 1, "the warm-up ran the UNet compiled"
-    default = GenerationParams(num_inference_steps=2, seed=1).resolve(generator.model.max_frames)
+    default = GenerationParams(num_inference_steps=1, seed=1).resolve(generator.model.max_frames)
     image = Image.open(PHOTO).convert("RGB").resize((default.width, default.height))
     latents = generator._denoise(image, default, StageTimes(), lambda _: None, None)
     assert latents.shape == (1, 25, 4, 72, 128)
     assert counters["stats"]["unique_graphs"] == graphs[0], "a default request compiles nothing new"
-    for width, height, frames in [(128, 64, 4), (192, 128, 4), (128, 128, 2)]:
+    for width, height, frames in [(128, 64, 4), (192, 128, 2)]:
         params = GenerationParams(width=width, height=height, num_frames=frames, num_inference_steps=1, seed=1)
         result = generator.generate(image.resize((width, height)), params.resolve(25), tmp_path)
         assert len(decode_video(result.path).frames) == frames
