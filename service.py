@@ -143,7 +143,15 @@ class StableDiffusionVideo:
 # The first added runs first: check the token before reading any upload.
 if SETTINGS.api_token:
     StableDiffusionVideo.add_asgi_middleware(BearerAuth, token=SETTINGS.api_token)
-StableDiffusionVideo.add_asgi_middleware(UploadGuard, max_bytes=SETTINGS.max_upload_bytes)
+StableDiffusionVideo.add_asgi_middleware(
+    UploadGuard,
+    max_bytes=SETTINGS.max_upload_bytes,
+    # Each POST route's fields, as the signatures above declare them; a task is submitted at ROUTE/submit.
+    fields={
+        f"{api.route}/submit" if api.is_task else api.route: list(api.input_spec.model_fields)
+        for api in StableDiffusionVideo.apis.values()
+    },
+)
 
 
 def response_headers(result: Generation) -> dict[str, str]:

@@ -101,6 +101,26 @@ def test_out_of_range_fields_get_400_naming_field_and_range(server, field, value
     assert field in response.text and allowed in response.text
 
 
+@pytest.mark.parametrize("route", ["/generate", "/generate_task/submit"])
+def test_a_misspelt_field_gets_400_naming_it_and_the_accepted_ones(server, route: str):
+    """Silently ignored, it would cost minutes of GPU for a video made with the defaults."""
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    response = httpx.post(f"{server.url}{route}", files=files, data={**SMALL, "motion_bucket": "3"}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error.startswith("unknown field `motion_bucket`;")
+    assert f"{route} accepts: image, decode_chunk_size, seed, width" in error and "motion_bucket_id" in error
+
+
+def test_unknown_fields_are_refused_in_urlencoded_and_json_bodies_too(server):
+    form = httpx.post(f"{server.url}/generate", data={"num_frame": "14", "sede": "1"}, timeout=30)
+    assert form.status_code == 400 and "unknown fields `num_frame`, `sede`;" in form.json()["error"]
+    as_json = httpx.post(f"{server.url}/progress", json={"task": "abc"}, timeout=30)
+    assert as_json.status_code == 400 and "unknown field `task`; /progress accepts: task_id." in as_json.json()["error"]
+    known = httpx.post(f"{server.url}/progress", json={"task_id": "abc"}, timeout=30)
+    assert known.status_code == 200 and known.json()["stage"] == "unknown"
+
+
 def test_swagger_lists_generate_with_every_parameter_described(server):
     spec = httpx.get(f"{server.url}/docs.json", timeout=10).json()
     operation = spec["paths"]["/generate"]["post"]
