@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.report import Row, Section
 from bench.server import workers
-from tests.helpers import ROOT, Server
+from harness import ROOT, Server
 
 # The service logs "... loaded in 0.3 s, warmed up in 5.7 s" once ready; older versions
 # only "Loaded ... in 0.3 s". Missing figures are reported as such, not guessed.

@@ -20,7 +20,7 @@ from PIL import Image
 
 from bench.report import Row, Section, median
 from svd.video import CODECS, VideoWriter
-from tests.helpers import decode_video, top_level_boxes
+from harness import decode_video, top_level_boxes
 
 FPS = 7
 # The service's default decode_chunk_size: frames reach the encoder two at a time.

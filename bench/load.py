@@ -16,7 +16,7 @@ import httpx
 
 from bench.report import Row, Section, median, percentile
 from bench.server import REQUEST_TIMEOUT, is_video, post, server_seconds
-from tests.helpers import Server
+from harness import Server
 
 MIN_THROUGHPUT_FRACTION = 0.95
 ALLOWED = {"200", "429"}

@@ -13,7 +13,7 @@ import httpx
 
 from bench.report import Row, Section, median
 from bench.server import REQUEST_TIMEOUT, post, workers
-from tests.helpers import Server
+from harness import Server
 
 MIB = 1024
 # Our own bar (the issue sets none): after the first request memory should stay

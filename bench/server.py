@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import PHOTO, SMALL, Server, serve
+from harness import PHOTO, SMALL, Server, serve
 
-# tests.helpers.SMALL with the seed and chunk size pinned, so every run does the same work.
+# harness.SMALL with the seed and chunk size pinned, so every run does the same work.
 REQUEST: dict[str, int] = {**SMALL, "seed": 42, "decode_chunk_size": 2}
 # The smallest the service accepts, for --quick: the bench's own check, not a measurement.
 QUICK_REQUEST: dict[str, int] = {**REQUEST, "width": 64, "height": 64, "num_frames": 2, "num_inference_steps": 1}

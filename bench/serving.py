@@ -20,7 +20,7 @@ from svd.generate import VideoGenerator
 from svd.images import prepare_image
 from svd.loading import load_pipeline
 from svd.params import GenerationParams
-from tests.helpers import PHOTO, Server
+from harness import PHOTO, Server
 
 MAX_RATIO = 1.05
 

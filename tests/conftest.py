@@ -12,7 +12,7 @@ os.environ.setdefault("SVD_MODEL_ID", "tiny")
 # The CPU suite runs on the CPU also where CUDA is present; the gpu tier asks for CUDA itself.
 os.environ["SVD_DEVICE"] = "cpu"
 
-from tests.helpers import Server, serve  # noqa: E402
+from harness import Server, serve  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from svd.architectures import build_empty_pipeline, build_pipeline, parameter_count
-from tests.helpers import ROOT
+from harness import ROOT
 
 
 @pytest.mark.parametrize(("name", "frames"), [("random-svd-xt", 25), ("random-svd", 14)])

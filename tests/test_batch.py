@@ -17,7 +17,7 @@ from PIL import Image
 
 from svd import batch
 from svd.video import VideoWriter
-from tests.helpers import ASSETS, PHOTO, SMALL, Server, decode_video, serve
+from harness import ASSETS, PHOTO, SMALL, Server, decode_video, serve
 
 SMALL_OPTIONS = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL.items()]
 

@@ -31,3 +31,17 @@ def test_quick_bench_runs_every_section_and_gpu_mode_refuses_without_cuda(tmp_pa
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             main(["--gpu", "--out", str(tmp_path / "gpu.json")])
+
+
+def test_the_benchmarks_import_nothing_of_the_tests():
+    """What both need lives in harness.py."""
+    import ast
+
+    from harness import ROOT
+
+    for path in (ROOT / "bench").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(name == "tests" or name.startswith("tests.") for name in names), f"{path.name} imports {names}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PHOTO, SMALL, Server, assert_browser_safe_mp4, decode_video, serve
+from harness import PHOTO, SMALL, Server, assert_browser_safe_mp4, decode_video, serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers import ROOT
+from harness import ROOT
 
 PINNED = "0123456789abcdef0123456789abcdef01234567"
 

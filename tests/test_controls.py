@@ -14,7 +14,7 @@ from svd.errors import BadInput
 from svd.loading import load_pipeline
 from svd.params import GenerationParams
 from svd.architectures import build_pipeline
-from tests.helpers import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
+from harness import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
 
 TINY = {"width": 128, "height": 64, "num_frames": 4, "num_inference_steps": 2, "seed": 11}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, Server
+from harness import ROOT, Server
 
 HEAVY = ("torch", "diffusers", "transformers")
 

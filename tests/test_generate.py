@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from svd.generate import StageTimes
-from tests.helpers import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
+from harness import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
 
 
 def test_small_request_gives_a_browser_safe_mp4(call_service):

@@ -21,7 +21,7 @@ from svd.config import Settings
 from svd.generate import OutOfMemory, StageTimes, VideoGenerator, warm_up_params
 from svd.loading import load_pipeline
 from svd.params import GenerationParams
-from tests.helpers import PHOTO, assert_browser_safe_mp4, decode_video
+from harness import PHOTO, assert_browser_safe_mp4, decode_video
 
 pytestmark = pytest.mark.gpu
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from svd.config import Settings
 from svd.loading import load_pipeline
-from tests.helpers import PHOTO, decode_video
+from harness import PHOTO, decode_video
 
 TINY = {"width": 128, "height": 64, "num_frames": 8, "num_inference_steps": 3, "seed": 3}
 

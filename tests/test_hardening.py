@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import PHOTO, SMALL, decode_video, serve, wait_until
+from harness import PHOTO, SMALL, decode_video, serve, wait_until
 
 TINY = {"width": 128, "height": 64, "num_frames": 4, "num_inference_steps": 1}
 

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
+from harness import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
 
 TUTORIAL_CURL = (
     "curl -X 'POST' '{url}/generate' -H 'accept: video/*' -H 'Content-Type: multipart/form-data' "
@@ -141,7 +141,7 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
     import threading
 
     from svd.client import SyncHTTPClient
-    from tests.helpers import wait_until
+    from harness import wait_until
 
     active = {"encode", "denoise", "decode", "video"}
     overlaps: list[list[str]] = []

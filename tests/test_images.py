@@ -11,7 +11,7 @@ from PIL import Image
 
 from svd.errors import BadInput, TooLarge, UnsupportedImage
 from svd.images import fit, open_image, prepare_image, to_rgb
-from tests.helpers import PHOTO
+from harness import PHOTO
 
 MAX_PIXELS = 40_000_000
 

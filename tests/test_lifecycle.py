@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import PHOTO, ROOT, serve, wait_until
+from harness import PHOTO, ROOT, serve, wait_until
 
 
 def status(url: str) -> int | None:

@@ -1,4 +1,7 @@
-"""What a user would check on a video they got back, plus a real `bentoml serve` to get it from."""
+"""What a user would check on a video they got back, plus a real `bentoml serve` to get it from.
+
+Shared by the tests and the benchmarks, which import it and nothing of each other.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
 PHOTO = ASSETS / "rocket.jpg"
 # Small requests keep the suite fast; one test runs the full default size.
