@@ -109,28 +109,28 @@ class VideoGenerator:
         # One GPU, one generation: concurrent requests and jobs wait here
         # instead of fighting over memory.
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._in_flight = 0
         self._count_lock = threading.Lock()
         self.last_seconds = 0.0
 
     @property
     def in_flight(self) -> int:
         """Generations admitted: running, waiting for the GPU, or preparing their image."""
-        return self._waiting
+        return self._in_flight
 
     @contextmanager
     def admitted(self, limit: int, on_change: Callable[[int], None] = lambda _: None) -> Iterator[bool]:
         """Take one of `limit` places in the queue, atomically; yields False when all are taken."""
         with self._count_lock:
-            admitted = self._waiting < limit
-            self._waiting += admitted
-            on_change(self._waiting)
+            admitted = self._in_flight < limit
+            self._in_flight += admitted
+            on_change(self._in_flight)
         try:
             yield admitted
         finally:
             with self._count_lock:
-                self._waiting -= admitted
-                on_change(self._waiting)
+                self._in_flight -= admitted
+                on_change(self._in_flight)
 
     def generate(
         self,

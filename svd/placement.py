@@ -11,12 +11,6 @@ from svd.config import Settings
 
 logger = logging.getLogger("bentoml.svd")
 
-# Recompiling for every new size would stall requests for minutes (diffusers
-# #10317). Dynamo compiles the first size statically and, on the first change,
-# once more with dynamic shapes; past this many graphs it runs eagerly instead.
-COMPILE_CACHE_LIMIT = 8
-
-
 def place(pipe: StableVideoDiffusionPipeline, settings: Settings, device: torch.device, dtype: torch.dtype):
     """Put the pipeline on its device in the configured memory mode, with the speed options on."""
     if pipe.dtype != dtype:
@@ -47,8 +41,12 @@ def place(pipe: StableVideoDiffusionPipeline, settings: Settings, device: torch.
 
 
 def compile_networks(pipe: StableVideoDiffusionPipeline, backend: str, device: torch.device) -> None:
-    """torch.compile the UNet, and on CUDA the VAE decoder: the two that run longest."""
-    torch._dynamo.config.cache_size_limit = COMPILE_CACHE_LIMIT
+    """torch.compile the UNet, and on CUDA the VAE decoder: the two that run longest.
+
+    Recompiling for every new size would stall requests for minutes (diffusers #10317):
+    dynamo compiles the first size statically and, on the first change, once more with
+    dynamic shapes; past its cache_size_limit (8) it runs eagerly instead.
+    """
     pipe.unet = torch.compile(pipe.unet, backend=backend)
     if device.type == "cuda":
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, backend=backend)
