@@ -19,8 +19,8 @@ from diffusers.utils import export_to_video
 from PIL import Image
 
 from bench.report import Row, Section, median
-from svd.video import CODECS, VideoWriter
 from harness import decode_video, top_level_boxes
+from svd.video import CODECS, VideoWriter
 
 FPS = 7
 # The service's default decode_chunk_size: frames reach the encoder two at a time.

@@ -15,12 +15,12 @@ import torch
 
 from bench.report import Row, Section, median
 from bench.server import REQUEST_TIMEOUT
+from harness import PHOTO, Server
 from svd.config import TINY_MODEL_ID, Settings
 from svd.generate import VideoGenerator
 from svd.images import prepare_image
 from svd.loading import load_pipeline
 from svd.params import GenerationParams
-from harness import PHOTO, Server
 
 MAX_RATIO = 1.05
 

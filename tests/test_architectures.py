@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from svd.architectures import build_empty_pipeline, build_pipeline, parameter_count
 from harness import ROOT
+from svd.architectures import build_empty_pipeline, build_pipeline, parameter_count
 
 
 @pytest.mark.parametrize(("name", "frames"), [("random-svd-xt", 25), ("random-svd", 14)])

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness import ASSETS, PHOTO, SMALL, Server, decode_video, serve
 from svd import batch
 from svd.video import VideoWriter
-from harness import ASSETS, PHOTO, SMALL, Server, decode_video, serve
 
 SMALL_OPTIONS = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL.items()]
 

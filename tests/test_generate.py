@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from svd.generate import StageTimes
 from harness import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
+from svd.generate import StageTimes
 
 
 def test_small_request_gives_a_browser_safe_mp4(call_service):

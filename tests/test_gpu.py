@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from harness import PHOTO, assert_browser_safe_mp4, decode_video
 from svd.config import Settings
 from svd.generate import OutOfMemory, StageTimes, VideoGenerator, warm_up_params
 from svd.loading import load_pipeline
 from svd.params import GenerationParams
-from harness import PHOTO, assert_browser_safe_mp4, decode_video
 
 pytestmark = pytest.mark.gpu
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from harness import PHOTO, decode_video
 from svd.config import Settings
 from svd.loading import load_pipeline
-from harness import PHOTO, decode_video
 
 TINY = {"width": 128, "height": 64, "num_frames": 8, "num_inference_steps": 3, "seed": 3}
 

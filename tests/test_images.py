@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness import PHOTO
 from svd.errors import BadInput, TooLarge, UnsupportedImage
 from svd.images import fit, open_image, prepare_image, to_rgb
-from harness import PHOTO
 
 MAX_PIXELS = 40_000_000
 
