@@ -151,7 +151,15 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
     previous: list[bool] = [False]
     with SyncHTTPClient(server.url, timeout=600) as client:
         tasks = [client.generate_task.submit(image=PHOTO, seed=seed, **SMALL) for seed in (1, 2, 3)]
-        sync = threading.Thread(target=lambda: client.generate(image=PHOTO, seed=4, **SMALL))
+        synchronous: list[Path] = []
+
+        def generate() -> None:
+            # A client of its own: shared between threads, one call ending closed the file another
+            # was still uploading ("seek of closed file"), and the failure went unseen in the thread.
+            with SyncHTTPClient(server.url, timeout=600) as own:
+                synchronous.append(own.generate(image=PHOTO, seed=4, **SMALL))
+
+        sync = threading.Thread(target=generate)
         sync.start()
 
         def all_done() -> bool:
@@ -164,6 +172,7 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
 
         wait_until(all_done, 300, 0.05, "jobs finished")
         sync.join(300)
+        assert synchronous and len(decode_video(synchronous[0]).frames) == 8, "the synchronous request was served"
         for seed, task in zip((1, 2, 3), tasks):
             assert task.get_status().value == "completed"
             video = decode_video(task.get())
