@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 
 from bench.report import Section, machine, table, write_json
-from svd.gpu_check import PHOTO
-
-ROOT = Path(__file__).resolve().parent.parent
+from harness import PHOTO, ROOT
 
 SECTIONS = ("encoding", "coldstart", "memory", "serving", "load")
 SERVER_SECTIONS = SECTIONS[1:]

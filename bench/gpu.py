@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from bench.report import Row, Section
+from harness import PHOTO
 from svd.config import Settings
 from svd.generate import StageTimes, VideoGenerator, warm_up_params
-from svd.gpu_check import PHOTO
 from svd.images import prepare_image
 from svd.loading import load_pipeline
 from svd.params import GenerationParams

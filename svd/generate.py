@@ -310,7 +310,9 @@ class VideoGenerator:
                 if chunk == 1:
                     raise OutOfMemory(f"the GPU ran out of memory decoding even one frame at a time ({error})")
                 self.release_memory(emptying_cache=True)
-                logger.warning("Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, error)
+                logger.warning(
+                    "Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, error
+                )
                 self.on_decode_retry()
                 chunk //= 2
             report(Progress("video", done, len(latents)))

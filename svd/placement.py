@@ -36,17 +36,10 @@ def place(pipe: StableVideoDiffusionPipeline, settings: Settings, device: torch.
     if settings.forward_chunking:
         pipe.unet.enable_forward_chunking()
     if settings.compile:
-        compile_networks(pipe, settings.compile, device)
+        # Recompiling for every new size would stall requests for minutes (diffusers #10317):
+        # dynamo compiles the first size statically and, on the first change, once more with
+        # dynamic shapes; past its cache_size_limit (8) it runs eagerly instead.
+        pipe.unet = torch.compile(pipe.unet, backend=settings.compile)
+        if device.type == "cuda":
+            pipe.vae.decoder = torch.compile(pipe.vae.decoder, backend=settings.compile)
     return pipe
-
-
-def compile_networks(pipe: StableVideoDiffusionPipeline, backend: str, device: torch.device) -> None:
-    """torch.compile the UNet, and on CUDA the VAE decoder: the two that run longest.
-
-    Recompiling for every new size would stall requests for minutes (diffusers #10317):
-    dynamo compiles the first size statically and, on the first change, once more with
-    dynamic shapes; past its cache_size_limit (8) it runs eagerly instead.
-    """
-    pipe.unet = torch.compile(pipe.unet, backend=backend)
-    if device.type == "cuda":
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder, backend=backend)
