@@ -17,40 +17,56 @@ from starlette.responses import Response
 
 from svd.config import Settings
 from svd.errors import Refused
+from svd.fields import GenerateInput
 from svd.guards import BearerAuth, UploadGuard
 from svd.hub import hub_reference
-from svd.fields import (
-    DecodeChunkSize,
-    Fps,
-    Height,
-    ImageSizing,
-    MaxGuidanceScale,
-    MinGuidanceScale,
-    MotionBucketId,
-    NoiseAugStrength,
-    NumFrames,
-    NumInferenceSteps,
-    OutputFormat,
-    Seed,
-    Width,
-)
 from svd.params import GenerationParams
-from svd.ui import ui_app
+from svd.ui import PUBLIC_FILES, ui_app
 
 if TYPE_CHECKING:
     from svd.generate import Generation
 
 SETTINGS = Settings.from_env()
+UI_PATH = "/ui"
+
+DESCRIPTION = """\
+Turns a still image into a short video with [Stable Video Diffusion XT](https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt):
+25 frames at 1024x576 by default, as MP4 (H.264, plays everywhere), WebM or GIF.
+
+It needs an NVIDIA GPU with 16 GB of memory or more; a default video takes 30 s to a few minutes.
+**[Open the web page](/ui/)** to try it in the browser.
+
+- `POST /generate` answers the video itself. `POST /generate_task/submit` starts the same
+  generation as a job: follow it with `/generate_task/status` and `POST /progress`, and fetch
+  it with `/generate_task/get`.
+- Every video comes with `X-Seed` (the seed used: send it back to get the same frames),
+  `X-Settings` (every effective setting, as JSON) and `Server-Timing` (milliseconds per stage).
+- A refusal is JSON with an `error` that says what was wrong and what is allowed: 400 for a bad
+  field or an unknown one, 413 and 415 for the image, 429 and 503 with `Retry-After` when busy or
+  loading, 504 past the time limit.
+- `/livez` and `/readyz` are the probes: `/readyz` answers 200 once the model is loaded and warm.
+"""
+
+
+class DescribedService(bentoml.Service):
+    """Swagger's front page shows this service's description, not BentoML's boilerplate,
+    also when served from source (a built Bento uses the description as its README)."""
+
+    @property
+    def doc(self) -> str:
+        return self.description if self.bento is None and self.description else super().doc
 
 
 @bentoml.service(
+    description=DESCRIPTION,
+    service_class=DescribedService,
     resources={"gpu": 1, "gpu_type": "nvidia-l4"},
     traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
     # Enough threads that every admitted request reaches the engine, which
     # queues them for the GPU and answers 429 beyond SVD_MAX_QUEUE.
     threads=SETTINGS.max_concurrency,
 )
-@bentoml.asgi_app(ui_app, path="/ui")
+@bentoml.asgi_app(ui_app, path=UI_PATH)
 class StableDiffusionVideo:
     # Declared for the hub model only: a Bento then pins its revision and
     # `bentoml containerize` bakes the weights in. None for tiny or a local directory.
@@ -68,47 +84,16 @@ class StableDiffusionVideo:
         return self.engine.ready
 
     def __is_alive__(self) -> bool:
-        return self.engine.error is None
+        return self.engine.alive
 
-    @bentoml.api
-    def generate(
-        self,
-        context: bentoml.Context,
-        image: Annotated[Path, Field(description="The still image: PNG, JPEG, WebP, BMP, GIF or TIFF.")],
-        decode_chunk_size: DecodeChunkSize = 2,
-        seed: Seed = None,
-        width: Width = 1024,
-        height: Height = 576,
-        num_frames: NumFrames = None,
-        num_inference_steps: NumInferenceSteps = 25,
-        fps: Fps = 7,
-        motion_bucket_id: MotionBucketId = 127,
-        noise_aug_strength: NoiseAugStrength = 0.02,
-        min_guidance_scale: MinGuidanceScale = 1.0,
-        max_guidance_scale: MaxGuidanceScale = 3.0,
-        sizing: ImageSizing = "stretch",
-        format: OutputFormat = "mp4",
-    ) -> Annotated[Path, ContentType("video/*")]:
+    @bentoml.api(input_spec=GenerateInput)
+    def generate(self, context: bentoml.Context, image: Path, **controls: Any) -> Annotated[Path, ContentType("video/*")]:
         """Turn a still image into a short video (25 frames at 1024x576 by default).
 
         The seed actually used comes back in the X-Seed header, every effective
         setting in X-Settings, and the milliseconds per stage in Server-Timing.
         """
-        params = GenerationParams(
-            width=width,
-            height=height,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            decode_chunk_size=decode_chunk_size,
-            seed=seed,
-            fps=fps,
-            motion_bucket_id=motion_bucket_id,
-            noise_aug_strength=noise_aug_strength,
-            min_guidance_scale=min_guidance_scale,
-            max_guidance_scale=max_guidance_scale,
-            sizing=sizing,
-            format=format,
-        )
+        params = GenerationParams(**controls)
         task_id = getattr(context.request.state, "task_id", None)
         try:
             result = self.engine.run(image, params, Path(context.temp_dir), key=task_id)
@@ -126,7 +111,7 @@ class StableDiffusionVideo:
 
     # The same generation as an async job: POST /generate_task/submit answers a
     # task id at once; /generate_task/status and /generate_task/get follow it.
-    generate_task = bentoml.task(generate.func, route="/generate_task")
+    generate_task = bentoml.task(generate.func, route="/generate_task", input_spec=GenerateInput)
     generate_task.name = "generate_task"  # bentoml.task ignores its name argument (1.4.39)
 
     @bentoml.api
@@ -142,7 +127,9 @@ class StableDiffusionVideo:
 
 # The first added runs first: check the token before reading any upload.
 if SETTINGS.api_token:
-    StableDiffusionVideo.add_asgi_middleware(BearerAuth, token=SETTINGS.api_token)
+    StableDiffusionVideo.add_asgi_middleware(
+        BearerAuth, token=SETTINGS.api_token, public=frozenset(f"{UI_PATH}/{name}" for name in PUBLIC_FILES)
+    )
 StableDiffusionVideo.add_asgi_middleware(
     UploadGuard,
     max_bytes=SETTINGS.max_upload_bytes,
@@ -156,11 +143,9 @@ StableDiffusionVideo.add_asgi_middleware(
 
 def response_headers(result: Generation) -> dict[str, str]:
     """What a caller needs to reproduce or report a result, without guessing defaults."""
-    settings = {**result.params.__dict__, "decode_chunk_size": result.decode_chunk_size}
     return {
         "Content-Type": result.content_type,
         "X-Seed": str(result.params.seed),
-        "X-Settings": json.dumps(settings, separators=(",", ":")),
-        "X-Decode-Chunk-Size": str(result.decode_chunk_size),
+        "X-Settings": json.dumps(result.params.__dict__, separators=(",", ":")),
         "Server-Timing": result.times.server_timing(),
     }

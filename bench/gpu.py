@@ -22,9 +22,9 @@ import torch
 from bench.report import Row, Section
 from harness import PHOTO
 from svd.config import Settings
-from svd.generate import StageTimes, VideoGenerator, warm_up_params
+from svd.generate import StageTimes, generate, warm_up, warm_up_params
 from svd.images import prepare_image
-from svd.loading import load_pipeline
+from svd.loading import LoadedModel, load_pipeline
 from svd.params import GenerationParams
 
 GIB = 2**30
@@ -61,7 +61,6 @@ def run() -> Section:
     require_cuda()
     settings = Settings.from_env()
     model = load_pipeline(settings)
-    generator = VideoGenerator(model)
     section = Section(
         "gpu",
         data={
@@ -75,27 +74,27 @@ def run() -> Section:
     )
     # Unmeasured: the first call pays for the CUDA context, kernel loading and, compiled, compiling.
     start = time.perf_counter()
-    generator.warm_up(warm_up_params(bool(settings.compile), model.max_frames))
+    warm_up(model, warm_up_params(bool(settings.compile), model.max_frames))
     section.data["warm_up_seconds"] = round(time.perf_counter() - start, 2)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         for name, case in CASES.items():
-            _measure(section, name, generator, case, settings, Path(tmp))
-        _measure(section, "2 steps, CUDA cache kept", generator, SHORT, settings, Path(tmp))
+            _measure(section, name, model, case, settings, Path(tmp))
+        _measure(section, "2 steps, CUDA cache kept", model, SHORT, settings, Path(tmp))
         torch.cuda.empty_cache()
-        _measure(section, "2 steps, after torch.cuda.empty_cache()", generator, SHORT, settings, Path(tmp))
+        _measure(section, "2 steps, after torch.cuda.empty_cache()", model, SHORT, settings, Path(tmp))
     return section
 
 
 def _measure(
-    section: Section, name: str, generator: VideoGenerator, case: GenerationParams, settings: Settings, out_dir: Path
+    section: Section, name: str, model: LoadedModel, case: GenerationParams, settings: Settings, out_dir: Path
 ) -> None:
-    params = case.resolve(generator.model.max_frames)
+    params = case.resolve(model.max_frames)
     times = StageTimes()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with times.measure("prepare"):
         image = prepare_image(PHOTO, params.width, params.height, params.sizing, settings.max_pixels)
-    result = generator.generate(image, params, out_dir, times)
+    result = generate(model, image, params, out_dir, times)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / GIB
@@ -105,7 +104,7 @@ def _measure(
         "stages": stages,
         "peak_vram_gib": round(peak, 2),
         "reserved_gib": round(torch.cuda.memory_reserved() / GIB, 2),
-        "decode_chunk_size_used": result.decode_chunk_size,
+        "decode_chunk_size_used": result.params.decode_chunk_size,
     }
     per_stage = ", ".join(f"{stage} {value:.1f} s" for stage, value in stages.items())
     section.rows.append(Row(name, f"{total:.1f} s end to end, {peak:.1f} GiB peak VRAM; {per_stage}"))

@@ -17,7 +17,7 @@ from bench.report import Row, Section, median
 from bench.server import REQUEST_TIMEOUT
 from harness import PHOTO, Server
 from svd.config import TINY_MODEL_ID, Settings
-from svd.generate import VideoGenerator
+from svd.generate import generate
 from svd.images import prepare_image
 from svd.loading import load_pipeline
 from svd.params import GenerationParams
@@ -38,14 +38,14 @@ def run(server: Server, request: dict[str, int], runs: int, torch_threads: int) 
 
 def _compare(server: Server, request: dict[str, int], runs: int) -> Section:
     settings = Settings(model_id=TINY_MODEL_ID)
-    generator = VideoGenerator(load_pipeline(settings))
-    params = GenerationParams(**request).resolve(generator.model.max_frames)  # type: ignore[arg-type]
+    model = load_pipeline(settings)
+    params = GenerationParams(**request).resolve(model.max_frames)  # type: ignore[arg-type]
 
     def in_process() -> float:
         with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
             start = time.perf_counter()
             image = prepare_image(PHOTO, params.width, params.height, params.sizing, settings.max_pixels)
-            generator.generate(image, params, Path(tmp))
+            generate(model, image, params, Path(tmp))
             return time.perf_counter() - start
 
     with bentoml.SyncHTTPClient(server.url, timeout=REQUEST_TIMEOUT) as client:

@@ -26,8 +26,7 @@ from typing import Any, Literal, get_args
 import httpx
 from tqdm import tqdm
 
-from svd.images import Sizing
-from svd.video import VideoFormat
+from svd.params import CONTROLS, Control
 
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 RETRY_STATUSES = {429, 503}
@@ -35,22 +34,6 @@ RETRY_STATUSES = {429, 503}
 BACKOFF_SECONDS = 2.0
 BACKOFF_CAP = 60.0
 MANIFEST = "manifest.jsonl"
-
-# Every /generate control: (option value type, choices or None).
-CONTROLS: dict[str, tuple[type, tuple[str, ...] | None]] = {
-    "decode_chunk_size": (int, None),
-    "width": (int, None),
-    "height": (int, None),
-    "num_frames": (int, None),
-    "num_inference_steps": (int, None),
-    "fps": (int, None),
-    "motion_bucket_id": (int, None),
-    "noise_aug_strength": (float, None),
-    "min_guidance_scale": (float, None),
-    "max_guidance_scale": (float, None),
-    "sizing": (str, get_args(Sizing)),
-    "format": (str, get_args(VideoFormat)),
-}
 
 Status = Literal["ok", "skipped", "failed"]
 
@@ -254,6 +237,18 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def checked(control: Control) -> Callable[[str], Any]:
+    """Parse and check an option as the server would, so a wrong one stops the run before any upload."""
+
+    def parse(text: str) -> Any:
+        try:
+            return control.check(control.kind(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc) if "must be" in str(exc) else f"not a number: {text!r}") from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m svd.batch",
@@ -269,11 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token", default=os.environ.get("SVD_API_TOKEN"), help="sent as a Bearer token (default: $SVD_API_TOKEN)")
     add("--timeout", type=float, default=900, metavar="SECONDS", help="to wait for one video (default: 900)")
     add("--retries", type=at_least(0), default=5, metavar="N", help="on 429, 503, dropped connections (default: 5)")
-    add("--seed", type=int, help="one seed for every image (default: a random one each)")
-    controls = parser.add_argument_group("generation options (default: the server's)")
-    for name, (kind, choices) in CONTROLS.items():
-        metavar = None if choices else {int: "N", float: "X"}[kind]
-        controls.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=choices, metavar=metavar)
+    options = parser.add_argument_group(
+        "generation options", "The same for every image; each left out takes the server's default (a seed: a random one each)."
+    )
+    for control in CONTROLS:
+        choices = None if control.kind is not str else control.allowed
+        options.add_argument(
+            f"--{control.name.replace('_', '-')}",
+            type=checked(control),
+            choices=choices,
+            metavar=None if choices else {int: "N", float: "X"}[control.kind],
+            help=control.help,
+        )
     return parser
 
 
@@ -284,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.images_dir} is not a directory")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     # Only what the user set goes out, so the server's defaults apply to the rest.
-    fields = {name: str(getattr(args, name)) for name in ["seed", *CONTROLS] if getattr(args, name) is not None}
+    fields = {c.name: str(getattr(args, c.name)) for c in CONTROLS if getattr(args, c.name) is not None}
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     jobs = find_jobs(args.images_dir, args.out_dir, args.format or "mp4")
     timeout = httpx.Timeout(args.timeout, connect=min(args.timeout, 30.0))

@@ -12,9 +12,12 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from typing import Literal
 
 from svd import metrics
 from svd.config import Settings
@@ -27,11 +30,12 @@ from svd.generate import (
     OutOfMemory,
     Progress,
     StageTimes,
-    VideoGenerator,
+    generate,
+    warm_up,
     warm_up_params,
 )
 from svd.images import prepare_image
-from svd.loading import load_pipeline, resolve_device
+from svd.loading import LoadedModel, load_pipeline, resolve_device
 from svd.params import GenerationParams
 
 logger = logging.getLogger("bentoml.svd")
@@ -40,59 +44,82 @@ KEPT_PROGRESS = 1000
 # Below this, the GPU memory other processes hold is CUDA's own context, not a
 # neighbour that may free enough for a retry.
 SHARED_GPU_BYTES = 2**30
+# Seconds a caller should wait while the model loads.
+LOADING_RETRY_AFTER = 10
 
 
-class NotReady(RuntimeError):
-    """The model is still loading or warming up, or failed to load."""
+@dataclass(frozen=True)
+class State:
+    """Where the engine is: loading, then ready or failed for good; `message` says why when not ready."""
+
+    name: Literal["loading", "ready", "failed"]
+    message: str = ""
+
+
+LOADING = State("loading", "the model is still loading; retry when /readyz answers 200")
 
 
 class Engine:
-    """Loads the model in a background thread and hands out its generator once warm."""
+    """Loads the model in a background thread, then queues the requests for it: one on the GPU at a time."""
 
     def __init__(self, settings: Settings, locate: Callable[[], str] | None = None):
         # Refuse to start at once, not minutes later, when there is no device to run on.
         resolve_device(settings)
         self.settings = settings
-        self.error: str | None = None
-        self._generator: VideoGenerator | None = None
-        self._ready = threading.Event()
+        self.state = LOADING
+        self._settled = threading.Condition()
+        self.model: LoadedModel | None = None
+        self.faults: Faults | None = None
+        # One GPU, one generation: admitted requests and jobs wait here instead of fighting over memory.
+        self._gpu = threading.Lock()
+        self._in_flight = 0
+        self._admission = threading.Lock()
+        self.last_seconds = 0.0
         self._progress: OrderedDict[str, Progress] = OrderedDict()
         self._progress_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._start, args=(locate,), name="svd-load", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._start, args=(locate,), name="svd-load", daemon=True).start()
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and self.error is None
+        return self.state.name == "ready"
 
     @property
-    def generator(self) -> VideoGenerator:
-        if self._generator is None or not self.ready:
-            raise NotReady(self.error or "the model is still loading; retry when /readyz answers 200")
-        return self._generator
+    def alive(self) -> bool:
+        return self.state.name != "failed"
+
+    @property
+    def in_flight(self) -> int:
+        """Generations admitted: running, waiting for the GPU, or preparing their image."""
+        return self._in_flight
 
     def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout)
+        """Wait until loading is over; True once ready."""
+        with self._settled:
+            self._settled.wait_for(lambda: self.state is not LOADING, timeout)
+        return self.ready
+
+    def _settle(self, state: State) -> None:
+        with self._settled:
+            self.state = state
+            self._settled.notify_all()
 
     def _start(self, locate: Callable[[], str] | None) -> None:
         try:
             model = load_pipeline(self.settings, locate)
-            generator = VideoGenerator(model)
-            generator.on_decode_retry = metrics.OOM_RETRIES.inc
-            self._generator = generator
             start = time.perf_counter()
-            generator.warm_up(warm_up_params(bool(self.settings.compile), model.max_frames))
+            warm_up(model, warm_up_params(bool(self.settings.compile), model.max_frames))
             warm_up_seconds = time.perf_counter() - start
             # The model's half a million objects never die: keep them out of the
             # collections that run after every generation (0.35 s each otherwise).
             gc.freeze()
             # Armed after the warm-up, so injected faults hit requests only.
-            generator.faults = Faults(model.pipe, self.settings.test_faults)
+            self.faults = Faults(model.pipe, self.settings.test_faults)
         except Exception as exc:
-            self.error = f"the model failed to load: {exc}"
-            logger.error("SVD %s", self.error, exc_info=not isinstance(exc, RuntimeError))
+            self._settle(State("failed", f"the model failed to load: {exc}"))
+            logger.error("SVD %s", self.state.message, exc_info=not isinstance(exc, RuntimeError))
             return
-        self._ready.set()
+        self.model = model
+        self._settle(State("ready"))
         settings = self.settings
         revision = f"revision {settings.revision}" if settings.is_hub_model else model.source
         logger.info(
@@ -133,38 +160,58 @@ class Engine:
 
     def _run(self, image: Path, params: GenerationParams, out_dir: Path, key: str | None) -> Generation:
         deadline = time.monotonic() + self.settings.timeout
-        try:
-            generator = self.generator
-        except NotReady as exc:
-            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", str(exc), None if self.error else 10) from None
-        with generator.admitted(self.settings.max_queue, metrics.IN_FLIGHT.set) as admitted:
+        state, model = self.state, self.model
+        if model is None or state.name != "ready":
+            retry_after = LOADING_RETRY_AFTER if state is LOADING else None
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", state.message, retry_after)
+        with self._admitted() as admitted:
             if not admitted:
                 raise Refused(
                     HTTPStatus.TOO_MANY_REQUESTS,
                     "busy",
-                    f"{generator.in_flight} generations are already running or queued (SVD_MAX_QUEUE="
+                    f"{self.in_flight} generations are already running or queued (SVD_MAX_QUEUE="
                     f"{self.settings.max_queue}); retry later",
-                    self._retry_after(generator),
+                    self._retry_after(),
                 )
-            return self._generate(generator, image, params, out_dir, key, deadline)
+            return self._generate(model, image, params, out_dir, key, deadline)
+
+    @contextmanager
+    def _admitted(self) -> Iterator[bool]:
+        """Take one of SVD_MAX_QUEUE places, atomically; yields False when all are taken."""
+        with self._admission:
+            admitted = self._in_flight < self.settings.max_queue
+            self._in_flight += admitted
+            metrics.IN_FLIGHT.set(self._in_flight)
+        try:
+            yield admitted
+        finally:
+            with self._admission:
+                self._in_flight -= admitted
+                metrics.IN_FLIGHT.set(self._in_flight)
 
     def _generate(
-        self, generator: VideoGenerator, image: Path, params: GenerationParams, out_dir: Path, key: str | None, deadline: float
+        self, model: LoadedModel, image: Path, params: GenerationParams, out_dir: Path, key: str | None, deadline: float
     ) -> Generation:
-        params = params.resolve(generator.model.max_frames)
+        params = params.resolve(model.max_frames)
         times = StageTimes()
         with times.measure("prepare"):
             picture = prepare_image(image, params.width, params.height, params.sizing, self.settings.max_pixels)
         report = self.track(key) if key else None
+        if report:
+            report(Progress("queued"))
         try:
-            return generator.generate(picture, params, out_dir, times, report, deadline)
+            with self._gpu:
+                start = time.perf_counter()
+                result = generate(model, picture, params, out_dir, times, report, deadline, metrics.OOM_RETRIES.inc)
+                self.last_seconds = time.perf_counter() - start
+            return result
         except OutOfMemory as exc:
             logger.error("SVD out of memory: %s", str(exc))  # a string: a record must not keep tensors alive
-            raise self._out_of_memory(exc, generator) from None
+            raise self._out_of_memory(exc) from None
         except DeviceFailure as exc:
-            self.error = str(exc)
-            logger.error("SVD %s; /livez now answers 503 so that the worker is restarted", self.error)
-            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "device_failure", self.error) from None
+            self._settle(State("failed", str(exc)))
+            logger.error("SVD %s; /livez now answers 503 so that the worker is restarted", exc)
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "device_failure", str(exc)) from None
         except DeadlineExceeded as exc:
             raise Refused(
                 HTTPStatus.GATEWAY_TIMEOUT,
@@ -172,7 +219,7 @@ class Engine:
                 f"{exc} after {self.settings.timeout} s (SVD_TIMEOUT); ask for fewer frames, steps or pixels",
             ) from None
 
-    def _out_of_memory(self, exc: OutOfMemory, generator: VideoGenerator) -> Refused:
+    def _out_of_memory(self, exc: OutOfMemory) -> Refused:
         """503 when other processes hold GPU memory they may free; else the request alone is too big: 422."""
         gib = exc.held_elsewhere / 2**30
         if exc.held_elsewhere > SHARED_GPU_BYTES:
@@ -181,7 +228,7 @@ class Engine:
                 "out_of_memory",
                 f"{exc}; other processes hold {gib:.1f} GiB of this GPU and nothing of this request "
                 "is left allocated, so retrying may work",
-                self._retry_after(generator),
+                self._retry_after(),
             )
         return Refused(
             HTTPStatus.UNPROCESSABLE_ENTITY,
@@ -191,13 +238,12 @@ class Engine:
             "(no guidance halves the denoising memory); the operator can also set SVD_MEMORY=model_offload",
         )
 
-    @staticmethod
-    def _retry_after(generator: VideoGenerator) -> int:
+    def _retry_after(self) -> int:
         """Seconds until a place in the queue likely frees: one generation, the last one's time.
 
         Waiting for the whole queue to drain instead left the GPU idle under load (bench/load.py).
         """
-        return max(1, math.ceil(generator.last_seconds))
+        return max(1, math.ceil(self.last_seconds))
 
     def track(self, key: str) -> Callable[[Progress], None]:
         """A progress callback that keeps the latest state under `key` for `progress`."""

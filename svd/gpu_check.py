@@ -27,7 +27,7 @@ from PIL import Image
 
 from svd.architectures import parameter_count
 from svd.config import Settings
-from svd.generate import StageTimes, VideoGenerator
+from svd.generate import StageTimes, generate
 from svd.images import fit
 from svd.loading import load_pipeline
 from svd.params import GenerationParams
@@ -42,13 +42,12 @@ def run(settings: Settings, params: GenerationParams) -> dict:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     model = load_pipeline(settings)
-    generator = VideoGenerator(model)
     params = params.resolve(model.max_frames)
     image = fit(Image.open(PHOTO).convert("RGB"), params.width, params.height)
     times = StageTimes()
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
-        result = generator.generate(image, params, Path(out_dir), times)
+        result = generate(model, image, params, Path(out_dir), times)
         total = time.perf_counter() - start
         size = result.path.stat().st_size
     pipe = model.pipe
@@ -68,7 +67,7 @@ def run(settings: Settings, params: GenerationParams) -> dict:
         "generate_seconds": round(total, 2),
         "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "decode_chunk_size_used": result.decode_chunk_size,
+        "decode_chunk_size_used": result.params.decode_chunk_size,
         "video_bytes": size,
         "settings": asdict(params),
         "torch": torch.__version__,

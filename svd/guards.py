@@ -41,11 +41,13 @@ class BearerAuth:
     """Every route but the probes and /metrics needs `Authorization: Bearer <token>`.
 
     Page loads (GET) may carry it as `?token=` instead, since a browser cannot
-    set a header on a navigation.
+    set a header on a navigation. GETs of `public` paths (the page's script and
+    style, which the browser loads without either) need nothing.
     """
 
-    def __init__(self, app: App, token: str):
+    def __init__(self, app: App, token: str, public: frozenset[str] = frozenset()):
         self.app = app
+        self.public = public
         self.expected = f"Bearer {token}".encode()
         self.token = token.encode()
 
@@ -65,6 +67,8 @@ class BearerAuth:
             return True
         if scope["method"] != "GET":
             return False
+        if scope["path"] in self.public:
+            return True
         query = re.search(rb"(?:^|&)token=([^&]*)", scope.get("query_string", b""))
         return bool(query) and hmac.compare_digest(query.group(1), self.token)
 

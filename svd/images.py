@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from svd.errors import BadInput, TooLarge, UnsupportedImage
-
-Sizing = Literal["stretch", "crop", "pad"]
+from svd.params import Sizing
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 MIN_SIDE = 64

@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import imageio_ffmpeg
 import numpy as np
 
-VideoFormat = Literal["mp4", "webm", "gif"]
+from svd.params import VideoFormat
 
 
 @dataclass(frozen=True)

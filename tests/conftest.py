@@ -39,7 +39,7 @@ def service():
     from service import StableDiffusionVideo
 
     instance = StableDiffusionVideo()
-    assert instance.engine.wait_ready(120), instance.engine.error
+    assert instance.engine.wait_ready(120), instance.engine.state.message
     return instance
 
 

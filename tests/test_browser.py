@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import PHOTO, SMALL, Server, assert_browser_safe_mp4, decode_video, serve
+from svd.params import CONTROLS, Range
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -140,6 +141,38 @@ def test_the_page_generates_a_video_and_shows_its_seed_and_settings(page, server
     screenshot = tmp_path / "ui.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+
+
+def _js(number: float) -> str:
+    """A number as an input's attribute shows it."""
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def test_the_form_is_made_from_the_service_s_controls(page, server):
+    """Each control's field: its label, default, range and choices, where Advanced puts it."""
+    page.goto(f"{server.url}/ui")
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    expect(page.locator("#preview")).to_be_hidden()  # no broken image before a file is chosen
+    for control in CONTROLS:
+        field = page.locator(f"#{control.name}")
+        shown = field.evaluate(
+            """input => ({
+                label: document.querySelector(`label[for="${input.id}"]`).firstChild.textContent,
+                value: input.value, min: input.min, max: input.max, step: input.step, type: input.type,
+                options: input.options ? [...input.options].map((option) => option.value) : null,
+                advanced: document.getElementById("advanced").contains(input),
+            })"""
+        )
+        assert shown["label"] == control.look.label and shown["advanced"] == control.look.advanced, control.name
+        assert shown["value"] == ("" if control.default is None else _js(control.default) if control.kind is not str else control.default)
+        if isinstance(control.allowed, Range):
+            top = "" if control.allowed.high is None else _js(control.allowed.high)
+            assert (shown["min"], shown["max"]) == (_js(control.allowed.low), top), control.name
+            assert shown["type"] == ("range" if control.look.slider else "number")
+            if control.kind is int:
+                assert shown["step"] == str(control.allowed.step), control.name
+        else:
+            assert shown["options"] == list(control.allowed), control.name
 
 
 def test_an_invalid_field_is_explained_in_words(page, server):

@@ -35,6 +35,8 @@ def test_build_packs_the_service_and_the_svd_package(tmp_path: Path):
     modules = {path.name for path in (source / "svd").glob("*.py")}
     assert {"service.py", "bentofile.yaml"} <= {path.name for path in source.iterdir()}
     assert {"config.py", "loading.py", "images.py", "video.py", "generate.py", "architectures.py"} <= modules
+    assert {"index.html", "app.js", "style.css"} <= {path.name for path in (source / "svd" / "static").iterdir()}
+    assert (bento / "README.md").read_text().startswith("Turns a still image into a short video")
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert manifest["service"] == "service:StableDiffusionVideo"
     assert manifest["labels"] == {"owner": "bentoml-team", "project": "stable-video-diffusion"}

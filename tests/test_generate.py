@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from harness import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
-from svd.generate import StageTimes
 
 
 def test_small_request_gives_a_browser_safe_mp4(call_service):
@@ -45,9 +44,11 @@ def test_frames_match_what_the_diffusers_pipeline_returns(service):
     from svd.params import GenerationParams
 
     image = Image.open(PHOTO).convert("RGB").resize((256, 128))
-    params = GenerationParams(**SMALL, seed=5, decode_chunk_size=3).resolve(service.engine.generator.model.max_frames)
-    generator = service.engine.generator
-    pipe = generator.model.pipe
+    from svd.generate import decode_frames, denoise
+
+    model = service.engine.model
+    params = GenerationParams(**SMALL, seed=5, decode_chunk_size=3).resolve(model.max_frames)
+    pipe = model.pipe
     expected = pipe(
         image,
         width=256,
@@ -59,9 +60,9 @@ def test_frames_match_what_the_diffusers_pipeline_returns(service):
         output_type="np",
     ).frames[0]
     expected = (expected * 255).round().astype(np.uint8)
-    latents = generator._denoise(image, params, StageTimes(), lambda _: None, None)
+    latents = denoise(model, image, params)
     scaled = 1 / pipe.vae.config.scaling_factor * latents[0]
-    ours = np.concatenate([generator.decode_frames(scaled[i : i + 3]) for i in range(0, 8, 3)])
+    ours = np.concatenate([decode_frames(model, scaled[i : i + 3]) for i in range(0, 8, 3)])
     assert ours.dtype == np.uint8 and ours.shape == (8, 128, 256, 3)
     assert np.abs(ours.astype(int) - expected).max() == 0
 
@@ -80,4 +81,4 @@ def test_frames_beyond_the_model_are_refused(call_service, field, value, allowed
 
 
 def test_the_model_decides_the_default_number_of_frames(service):
-    assert service.engine.generator.model.max_frames == 25
+    assert service.engine.model.max_frames == 25

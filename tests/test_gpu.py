@@ -19,8 +19,9 @@ from PIL import Image
 
 from harness import PHOTO, assert_browser_safe_mp4, decode_video
 from svd.config import Settings
-from svd.generate import OutOfMemory, StageTimes, VideoGenerator, warm_up_params
-from svd.loading import load_pipeline
+from svd.faults import Faults
+from svd.generate import OutOfMemory, StageTimes, denoise, generate, warm_up, warm_up_params
+from svd.loading import LoadedModel, load_pipeline
 from svd.params import GenerationParams
 
 pytestmark = pytest.mark.gpu
@@ -29,17 +30,17 @@ SMALL = GenerationParams(width=256, height=128, num_frames=8, num_inference_step
 GIB = 2**30
 
 
-def _generator(model_id: str = "tiny", **settings) -> VideoGenerator:
-    return VideoGenerator(load_pipeline(Settings(model_id=model_id, device="cuda", **settings)))
+def _model(model_id: str = "tiny", **settings) -> LoadedModel:
+    return load_pipeline(Settings(model_id=model_id, device="cuda", **settings))
 
 
 def _photo(params: GenerationParams) -> Image.Image:
     return Image.open(PHOTO).convert("RGB").resize((params.width, params.height))
 
 
-def _generate(generator: VideoGenerator, params: GenerationParams, out_dir: Path, times: StageTimes | None = None):
-    params = params.resolve(generator.model.max_frames)
-    result = generator.generate(_photo(params), params, out_dir, times)
+def _generate(model: LoadedModel, params: GenerationParams, out_dir: Path, times: StageTimes | None = None):
+    params = params.resolve(model.max_frames)
+    result = generate(model, _photo(params), params, out_dir, times)
     video = decode_video(result.path)
     assert_browser_safe_mp4(video, params.width, params.height, params.num_frames)
     assert video.frames.std() > 1, "not one flat colour: no NaN or overflow"
@@ -48,9 +49,9 @@ def _generate(generator: VideoGenerator, params: GenerationParams, out_dir: Path
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_tiny_model_in_half_precision_on_cuda(dtype: str, tmp_path: Path):
-    generator = _generator(dtype=dtype)
-    _generate(generator, SMALL, tmp_path)
-    pipe = generator.model.pipe
+    model = _model(dtype=dtype)
+    _generate(model, SMALL, tmp_path)
+    pipe = model.pipe
     assert {p.dtype for p in pipe.unet.parameters()} == {getattr(torch, dtype)}
     assert pipe.vae.dtype == getattr(torch, dtype), "the VAE is cast back after diffusers' float32 encode"
     assert next(pipe.unet.parameters()).device.type == "cuda"
@@ -58,13 +59,13 @@ def test_tiny_model_in_half_precision_on_cuda(dtype: str, tmp_path: Path):
 
 @pytest.mark.parametrize("memory", ["full", "model_offload", "sequential_offload"])
 def test_each_memory_mode_runs_and_its_stage_clocks_stop_when_the_gpu_is_done(memory: str, tmp_path: Path):
-    generator = _generator(memory=memory)
-    _generate(generator, SMALL, tmp_path)
-    params = SMALL.resolve(generator.model.max_frames)
+    model = _model(memory=memory)
+    _generate(model, SMALL, tmp_path)
+    params = SMALL.resolve(model.max_frames)
     times = StageTimes()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    generator._denoise(_photo(params), params, times, lambda _: None, None)
+    denoise(model, _photo(params), params, times)
     returned = time.perf_counter()
     torch.cuda.synchronize()
     finished = time.perf_counter()
@@ -78,26 +79,27 @@ def test_compiled_model_is_warm_for_a_default_request(tmp_path: Path):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    generator = _generator(dtype="float16", compile="inductor")
-    generator.warm_up(warm_up_params(True, generator.model.max_frames))
+    model = _model(dtype="float16", compile="inductor")
+    warm_up(model, warm_up_params(True, model.max_frames))
     compiled = counters["stats"]["unique_graphs"]
     assert compiled >= 2, "the UNet and the VAE decoder ran compiled"
-    _generate(generator, GenerationParams(num_inference_steps=2, seed=0), tmp_path)
+    _generate(model, GenerationParams(num_inference_steps=2, seed=0), tmp_path)
     assert counters["stats"]["unique_graphs"] == compiled, "a default request compiled again"
 
 
 def test_out_of_memory_at_decode_gives_back_what_it_allocated(tmp_path: Path):
     """The fault strikes deep in the VAE decoder, after its activations are really allocated."""
-    generator = _generator(dtype="float16")
-    _generate(generator, SMALL, tmp_path)
+    model = _model(dtype="float16")
+    _generate(model, SMALL, tmp_path)
     weights = torch.cuda.memory_allocated()
-    generator.faults.inject("decode", 2)
-    result, video = _generate(generator, replace(SMALL, decode_chunk_size=4), tmp_path)
-    assert result.decode_chunk_size == 1 and len(video.frames) == 8
+    faults = Faults(model.pipe)
+    faults.inject("decode", 2)
+    result, video = _generate(model, replace(SMALL, decode_chunk_size=4), tmp_path)
+    assert result.params.decode_chunk_size == 1 and len(video.frames) == 8
     assert torch.cuda.memory_allocated() == weights
-    generator.faults.inject("decode", 1)
+    faults.inject("decode", 1)
     with pytest.raises(OutOfMemory, match="even one frame at a time") as failed:
-        _generate(generator, replace(SMALL, decode_chunk_size=1), tmp_path)
+        _generate(model, replace(SMALL, decode_chunk_size=1), tmp_path)
     assert failed.value.held_elsewhere < GIB, "nothing else on this GPU: a retry would fail the same way"
     assert torch.cuda.memory_allocated() == weights
     assert torch.cuda.memory_reserved() - weights < 64 * 2**20, "the cache was emptied after the failure"
@@ -105,13 +107,13 @@ def test_out_of_memory_at_decode_gives_back_what_it_allocated(tmp_path: Path):
 
 def test_random_svd_xt_at_the_default_size_and_its_peak_vram_per_decode_chunk(tmp_path: Path):
     """The full-size architecture in float16, 1024x576 and 25 frames (2 steps: the bench times 25)."""
-    generator = _generator("random-svd-xt")
-    assert generator.model.dtype == torch.float16
+    model = _model("random-svd-xt")
+    assert model.dtype == torch.float16
     peaks = {}
     for chunk in (2, 8, 25):
         torch.cuda.reset_peak_memory_stats()
-        result, _ = _generate(generator, GenerationParams(num_inference_steps=2, decode_chunk_size=chunk, seed=0), tmp_path)
-        assert result.decode_chunk_size == chunk
+        result, _ = _generate(model, GenerationParams(num_inference_steps=2, decode_chunk_size=chunk, seed=0), tmp_path)
+        assert result.params.decode_chunk_size == chunk
         peaks[chunk] = torch.cuda.max_memory_allocated() / GIB
     print(json.dumps({"device": torch.cuda.get_device_name(), "peak_vram_gib_by_decode_chunk_size": peaks}))
     assert peaks[2] <= peaks[8] < peaks[25], peaks
@@ -122,13 +124,13 @@ def test_one_seed_gives_the_same_starting_noise_on_cpu_and_gpu():
     params = SMALL.resolve(25)
     noise = {}
     for device in ("cpu", "cuda"):
-        generator = VideoGenerator(load_pipeline(Settings(model_id="tiny", device=device, dtype="float32")))
+        model = load_pipeline(Settings(model_id="tiny", device=device, dtype="float32"))
         seen: list[torch.Tensor] = []
-        hook = generator.model.pipe.unet.register_forward_pre_hook(
+        hook = model.pipe.unet.register_forward_pre_hook(
             lambda _module, args: seen.append(args[0][:, :, :4].float().cpu()) if not seen else None
         )
         try:
-            generator._denoise(_photo(params), params, StageTimes(), lambda _: None, None)
+            denoise(model, _photo(params), params)
         finally:
             hook.remove()
         noise[device] = seen[0]

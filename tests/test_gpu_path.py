@@ -20,16 +20,15 @@ TINY = {"width": 128, "height": 64, "num_frames": 8, "num_inference_steps": 3, "
 @pytest.fixture
 def unet_calls(service):
     calls: list[int] = []
-    hook = service.engine.generator.model.pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    hook = service.engine.model.pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
     yield calls
     hook.remove()
 
 
 @pytest.fixture
 def faults(service):
-    generator = service.engine.generator
-    yield generator.faults
-    generator.faults.clear()  # nothing left planned for the next test
+    yield service.engine.faults
+    service.engine.faults.clear()  # nothing left planned for the next test
 
 
 def test_decode_out_of_memory_halves_the_chunk_without_denoising_again(
@@ -38,7 +37,6 @@ def test_decode_out_of_memory_halves_the_chunk_without_denoising_again(
     faults.inject("decode", 2)
     with caplog.at_level(logging.WARNING, logger="bentoml.svd"):
         path, headers = call_service(image=PHOTO, **TINY, decode_chunk_size=4)
-    assert headers["x-decode-chunk-size"] == "1"
     assert json.loads(headers["x-settings"])["decode_chunk_size"] == 1
     assert len(decode_video(path).frames) == 8, "every frame is in the video"
     assert len(unet_calls) == TINY["num_inference_steps"], "the denoising ran once"
@@ -83,42 +81,41 @@ def test_out_of_memory_while_other_processes_hold_the_gpu_is_a_503_with_retry_af
 def test_encode_out_of_memory_leaves_the_float16_vae_in_float16(tmp_path):
     """diffusers upcasts a float16 VAE with force_upcast to float32 for the image encode and casts
     it back afterwards; an out-of-memory in between used to leave it float32 for good."""
-    from svd.generate import OutOfMemory, VideoGenerator
+    from svd.faults import Faults
+    from svd.generate import OutOfMemory, generate
     from svd.params import GenerationParams
 
     model = load_pipeline(Settings(model_id="tiny", device="cpu", dtype="float16"))
     assert model.pipe.vae.config.force_upcast and model.pipe.vae.dtype == torch.float16
-    generator = VideoGenerator(model)
-    generator.faults.inject("encode", 1)
+    Faults(model.pipe).inject("encode", 1)
     params = GenerationParams(width=64, height=64, num_frames=2, num_inference_steps=1, seed=0).resolve(25)
     with pytest.raises(OutOfMemory, match="while encoding the image"):
-        generator.generate(Image.new("RGB", (64, 64)), params, tmp_path)
+        generate(model, Image.new("RGB", (64, 64)), params, tmp_path)
     assert model.pipe.vae.dtype == torch.float16
 
 
-def test_memory_is_released_only_once_the_failed_call_s_tensors_are_dropped(call_service, faults, service):
+def test_memory_is_released_only_once_the_failed_call_s_tensors_are_dropped(
+    call_service, faults, service, monkeypatch: pytest.MonkeyPatch
+):
     """A failure's traceback holds the activations of the call that failed: releasing inside the
     except block freed nothing. At each release only the weights and the latents may be alive."""
-    pipe = service.engine.generator.model.pipe
-    weights = _weights(pipe)
-    generator = service.engine.generator
-    release = generator.release_memory
+    from svd import generate
+
+    weights = _weights(service.engine.model.pipe)
+    release = generate.release_memory
     alive_at_release: list[list[tuple[int, ...]]] = []
 
-    def spy(**kwargs) -> None:
+    def spy(model, **kwargs) -> None:
         alive_at_release.append(_leftovers(weights))
-        release(**kwargs)
+        release(model, **kwargs)
 
-    generator.release_memory = spy
-    try:
-        faults.inject("decode", 2)  # decode 4 frames, then 2 fail; 1 at a time works
-        path, _ = call_service(image=PHOTO, **TINY, decode_chunk_size=4)
-        assert len(decode_video(path).frames) == 8
-        faults.inject("denoise", 1)
-        refused, _ = call_service(image=PHOTO, **TINY)
-        assert refused.status_code == 422
-    finally:
-        del generator.release_memory
+    monkeypatch.setattr(generate, "release_memory", spy)
+    faults.inject("decode", 2)  # decode 4 frames, then 2 fail; 1 at a time works
+    path, _ = call_service(image=PHOTO, **TINY, decode_chunk_size=4)
+    assert len(decode_video(path).frames) == 8
+    faults.inject("denoise", 1)
+    refused, _ = call_service(image=PHOTO, **TINY)
+    assert refused.status_code == 422
     latent_shapes = {(8, 4, 8, 16), (1, 8, 4, 8, 16)}
     assert len(alive_at_release) == 4, alive_at_release
     for alive in alive_at_release:
@@ -145,7 +142,7 @@ def _leftovers(weights: set[int]) -> list[tuple[int, ...]]:
 
 def test_nothing_stays_referenced_after_a_failed_request(call_service, faults, service):
     """No latents or frames outlive a generation, successful or not: only the model's weights stay."""
-    weights = _weights(service.engine.generator.model.pipe)
+    weights = _weights(service.engine.model.pipe)
     faults.inject("decode", 1)
     refused, _ = call_service(image=PHOTO, **TINY, decode_chunk_size=1)
     assert refused.status_code == 422
@@ -201,23 +198,23 @@ def test_compiled_unet_is_warmed_at_the_default_shapes_and_stops_recompiling(tmp
     from torch._dynamo.utils import counters
 
     from svd.engine import Engine
-    from svd.generate import StageTimes
+    from svd.generate import denoise, generate
     from svd.params import GenerationParams
 
     counters.clear()
     engine = Engine(Settings(model_id="tiny", device="cpu", compile="aot_eager"))
-    assert engine.wait_ready(600), engine.error
-    generator = engine.generator
+    assert engine.wait_ready(600), engine.state.message
+    model = engine.model
     graphs = [counters["stats"]["unique_graphs"]]
     assert graphs[0] >= 1, "the warm-up ran the UNet compiled"
-    default = GenerationParams(num_inference_steps=1, seed=1).resolve(generator.model.max_frames)
+    default = GenerationParams(num_inference_steps=1, seed=1).resolve(model.max_frames)
     image = Image.open(PHOTO).convert("RGB").resize((default.width, default.height))
-    latents = generator._denoise(image, default, StageTimes(), lambda _: None, None)
+    latents = denoise(model, image, default)
     assert latents.shape == (1, 25, 4, 72, 128)
     assert counters["stats"]["unique_graphs"] == graphs[0], "a default request compiles nothing new"
     for width, height, frames in [(128, 64, 4), (192, 128, 2)]:
         params = GenerationParams(width=width, height=height, num_frames=frames, num_inference_steps=1, seed=1)
-        result = generator.generate(image.resize((width, height)), params.resolve(25), tmp_path)
+        result = generate(model, image.resize((width, height)), params.resolve(25), tmp_path)
         assert len(decode_video(result.path).frames) == frames
         graphs.append(counters["stats"]["unique_graphs"])
     # Dynamo generalises to dynamic shapes after the first change, then stops compiling.

@@ -178,6 +178,11 @@ def test_token_is_required_except_for_probes_and_metrics(guarded):
     assert httpx.get(f"{guarded.url}/docs.json").status_code == 401
     assert httpx.get(f"{guarded.url}/ui/").status_code == 401
     assert httpx.get(f"{guarded.url}/ui/", params={"token": "s3cret-token"}).status_code == 200
+    assert httpx.get(f"{guarded.url}/ui/controls.json").status_code == 401
+    assert httpx.get(f"{guarded.url}/ui/controls.json", headers=AUTH).status_code == 200
+    # The browser loads the page's script and style without the token: they are code, not data.
+    assert httpx.get(f"{guarded.url}/ui/app.js").status_code == 200
+    assert httpx.post(f"{guarded.url}/ui/app.js").status_code == 401
     for probe in ("/livez", "/readyz", "/metrics"):
         assert httpx.get(f"{guarded.url}{probe}").status_code == 200
     response = post(guarded.url, files=photo(), data=TINY, headers=AUTH)
@@ -221,4 +226,4 @@ def test_a_generation_past_its_deadline_stops_between_steps():
     elapsed = time.monotonic() - start
     assert refused.value.status == 504 and "stopped while denoising" in str(refused.value)
     assert elapsed < 8, f"took {elapsed:.1f} s: the denoising ran on past the deadline"
-    assert engine.generator.in_flight == 0, "the queue place is given back"
+    assert engine.in_flight == 0, "the queue place is given back"

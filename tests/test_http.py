@@ -181,3 +181,28 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
     assert overlaps == []
     response = httpx.get(f"{server.url}/generate_task/get", params={"task_id": tasks[2].id}, timeout=60)
     assert response.headers["x-seed"] == "3" and json.loads(response.headers["x-settings"])["num_frames"] == 8
+
+
+def test_the_page_is_static_files_under_a_policy_that_runs_only_them(server):
+    page = httpx.get(f"{server.url}/ui", follow_redirects=True, timeout=10)
+    assert page.status_code == 200 and str(page.url).endswith("/ui/")
+    assert '<script src="app.js" defer></script>' in page.text and "<style" not in page.text
+    assert "<script>" not in page.text, "no inline script: CSP allows 'self' only"
+    for name, kind in [("app.js", "javascript"), ("style.css", "text/css"), ("controls.json", "application/json")]:
+        response = httpx.get(f"{server.url}/ui/{name}", timeout=10)
+        assert response.status_code == 200 and kind in response.headers["content-type"], name
+        policy = response.headers["content-security-policy"]
+        assert "script-src 'self';" in policy and "style-src 'self';" in policy and "default-src 'none'" in policy
+        assert response.headers["x-content-type-options"] == "nosniff"
+    controls = httpx.get(f"{server.url}/ui/controls.json", timeout=10).json()
+    assert [control["name"] for control in controls][:3] == ["decode_chunk_size", "seed", "width"]
+    escape = httpx.get(f"{server.url}/ui/%2E%2E/%2E%2E/service.py", timeout=10)
+    assert escape.status_code == 404 and "bentoml" not in escape.text
+
+
+def test_swagger_s_front_page_describes_this_service(server):
+    info = httpx.get(f"{server.url}/docs.json", timeout=10).json()["info"]
+    description = info["description"]
+    for words in ("Stable Video Diffusion XT", "GPU", "(/ui/)", "X-Seed", "X-Settings", "Server-Timing", "/readyz"):
+        assert words in description, words
+    assert "created with BentoML" not in description and "shields.io" not in description

@@ -1,0 +1,310 @@
+// The web page at /ui: pick an image, set a few knobs, watch the progress, get the video.
+//
+// It builds its form from controls.json (the service's own fields) and calls the service's API
+// on the same origin: POST /generate_task/submit, then /progress and /generate_task/status until
+// the task ends, then /generate_task/get for the video and its X-Seed and X-Settings.
+// A token given as `?token=` or under Advanced is sent as `Authorization: Bearer`.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const form = $("form"), fileInput = $("image"), drop = $("drop");
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+let previewUrl = null, videoUrl = null, lastSeed = null;
+
+// --- Token: from ?token= (kept in the address, since reloading the page needs it there when the
+// service wants a token) or typed under Advanced; kept for this tab only.
+const fromUrl = new URLSearchParams(location.search).get("token");
+if (fromUrl) sessionStorage.setItem("svd-token", fromUrl);
+$("token").value = sessionStorage.getItem("svd-token") || "";
+$("token").addEventListener("input", (e) => sessionStorage.setItem("svd-token", e.target.value.trim()));
+
+// Every call goes to this service, relative to /ui/, with the token when there is one.
+function api(path, options = {}) {
+  const token = sessionStorage.getItem("svd-token");
+  const headers = new Headers(options.headers || {});
+  if (token) headers.set("Authorization", "Bearer " + token);
+  return fetch(new URL("../" + path, location.href), { ...options, headers });
+}
+
+// --- The image: chosen or dropped, shown at once.
+function showPreview() {
+  const file = fileInput.files[0];
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = file ? URL.createObjectURL(file) : null;
+  $("preview").hidden = !file;
+  if (file) $("preview").src = previewUrl;
+  fileInput.removeAttribute("aria-invalid");
+}
+$("preview").addEventListener("error", () => { $("preview").hidden = true; });
+fileInput.addEventListener("change", showPreview);
+["dragenter", "dragover"].forEach((type) => drop.addEventListener(type, (e) => {
+  e.preventDefault(); drop.classList.add("over");
+}));
+["dragleave", "drop"].forEach((type) => drop.addEventListener(type, () => drop.classList.remove("over")));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  if (e.dataTransfer.files.length) { fileInput.files = e.dataTransfer.files; showPreview(); }
+});
+
+// --- The settings: one field per control the service declares, with its default, range and label.
+function field(control) {
+  const box = document.createElement("div");
+  box.className = "field";
+  const label = document.createElement("label");
+  label.htmlFor = control.name;
+  label.textContent = control.label;
+  let input;
+  if (control.options) {
+    input = document.createElement("select");
+    for (const [value, words] of Object.entries(control.options)) input.add(new Option(words, value));
+  } else {
+    input = document.createElement("input");
+    input.type = control.slider ? "range" : "number";
+    if (control.min !== null) input.min = control.min;
+    if (control.max !== null) input.max = control.max;
+    input.step = control.step;
+    if (control.placeholder) input.placeholder = control.placeholder;
+  }
+  input.id = input.name = control.name;
+  input.title = control.description;
+  if (control.default !== null) input.value = control.default;
+  box.append(label, input);
+  if (control.slider) {
+    const shown = document.createElement("output");
+    shown.id = control.name + "-value";
+    shown.htmlFor = control.name;
+    shown.value = input.value;
+    label.append(": ", shown);
+    input.addEventListener("input", () => { shown.value = input.value; });
+  }
+  return box;
+}
+
+// The seed is sent only when Random is unticked; a result's seed can be reused.
+function seedChoice() {
+  const seed = $("seed"), random = document.createElement("input"), label = document.createElement("label");
+  random.type = "checkbox";
+  random.id = "seed-random";
+  random.checked = true;
+  seed.disabled = true;
+  label.append(random, " Random");
+  seed.after(label);
+  random.addEventListener("change", () => {
+    seed.disabled = random.checked;
+    if (!random.checked && !seed.value && lastSeed) seed.value = lastSeed;
+  });
+  $("reuse-seed").addEventListener("click", () => {
+    random.checked = false; seed.disabled = false; seed.value = lastSeed;
+  });
+}
+
+async function buildForm() {
+  const response = await api("ui/controls.json");
+  if (!response.ok) throw await problem(response);
+  for (const control of await response.json()) {
+    $(control.advanced ? "advanced-fields" : "basic-fields").append(field(control));
+  }
+  seedChoice();
+  $("generate").disabled = false;
+}
+
+// --- Errors, in words. The service answers {"error"}, {"error", "detail": [...]} or [{"error"}].
+class Problem extends Error {
+  constructor(heading, lines = [], fields = []) { super(heading); this.lines = lines; this.fields = fields; }
+}
+const HEADINGS = {
+  400: "The service could not use these settings:", 401: "The service needs a valid API token (under Advanced).",
+  403: "This API token is not allowed to do that.", 404: "The service does not know this task any more.",
+  413: "The image is too large:", 415: "The file is not an image the service can read:",
+  429: "The service is busy:", 503: "The service is not ready:", 504: "The video took too long:",
+};
+
+function labelOf(name) {
+  const label = document.querySelector(`label[for="${CSS.escape(name)}"]`);
+  return label ? label.firstChild.textContent.replace(/\s*\(.*\)|[:\s]+$/g, "") : name;
+}
+
+async function problem(response) {
+  const text = await response.text().catch(() => "");
+  let body = null;
+  try { body = JSON.parse(text); } catch (_) { /* not JSON */ }
+  const lines = [], fields = [];
+  for (const item of Array.isArray(body) ? body : [body]) {
+    if (item && Array.isArray(item.detail)) {
+      for (const d of item.detail) {
+        const name = (d.loc || []).filter((part) => part !== "body").join(".");
+        const message = String(d.msg || "is invalid").replace(/^Value error, /, "");
+        if (name) fields.push(name);
+        lines.push(name ? `${labelOf(name)} (${name}): ${message}` : message);
+      }
+    } else if (item && item.error) {
+      lines.push(String(item.error));
+    }
+  }
+  const plain = text.trim().split("\n")[0];
+  if (!lines.length && plain && plain.length < 300 && !/^</.test(plain) && !/Traceback/.test(text)) lines.push(plain);
+  if (response.status === 401) fields.push("token");
+  const retry = response.headers.get("Retry-After");
+  if (retry) lines.push(`Try again in ${retry} s.`);
+  const heading = HEADINGS[response.status] ||
+    (response.status >= 500 ? `The service failed (${response.status}):` : `The service answered ${response.status}:`);
+  return new Problem(heading, lines, fields);
+}
+
+function showError(err) {
+  const box = $("error");
+  box.replaceChildren();
+  const heading = document.createElement("p");
+  const strong = document.createElement("strong");
+  strong.textContent = err instanceof Problem ? err.message : "Something went wrong: " + err.message;
+  heading.append(strong);
+  box.append(heading);
+  if (err instanceof Problem && err.lines.length) {
+    const list = document.createElement("ul");
+    for (const line of err.lines) {
+      const li = document.createElement("li");
+      // `name` in a message reads as code.
+      line.split(/`([^`]+)`/).forEach((part, i) => {
+        if (i % 2) { const code = document.createElement("code"); code.textContent = part; li.append(code); }
+        else li.append(part);
+      });
+      list.append(li);
+    }
+    box.append(list);
+  }
+  for (const name of (err.fields || [])) {
+    const input = $(name);
+    if (input) {
+      input.setAttribute("aria-invalid", "true");
+      if ($("advanced").contains(input)) $("advanced").open = true;
+    }
+  }
+  box.hidden = false;
+  box.scrollIntoView({ block: "nearest" });
+}
+
+// --- Progress: one line in words, one bar for the whole run.
+const STAGES = {
+  queued: ["Waiting in the queue", null], encode: ["Encoding the image", [0, 0.03]],
+  denoise: ["Denoising step", [0.03, 0.8]], decode: ["Decoding frames", [0.8, 0.97]],
+  video: ["Writing the video", [0.97, 1]], done: ["Done", [1, 1]], unknown: ["Starting", null],
+};
+
+function showProgress(stage, step, steps, started) {
+  const [words, span] = STAGES[stage] || [stage, null];
+  const counted = (stage === "denoise" || stage === "decode") && steps > 0;
+  const elapsed = Math.round((performance.now() - started) / 1000);
+  $("progress-text").textContent = (counted ? `${words} ${step} of ${steps}` : words + (stage === "done" ? "" : "…")) +
+    ` (${elapsed} s)`;
+  $("progress-text").dataset.stage = stage;
+  const bar = $("progress");
+  if (!span) bar.removeAttribute("value");
+  else bar.value = span[0] + (span[1] - span[0]) * (counted ? step / steps : 0);
+}
+
+async function waitForTask(taskId, started) {
+  const query = "?task_id=" + encodeURIComponent(taskId);
+  let misses = 0;
+  for (;;) {
+    await sleep(400);
+    let progress, status;
+    try {
+      [progress, status] = await Promise.all([
+        api("progress", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ task_id: taskId }) }),
+        api("generate_task/status" + query),
+      ]);
+    } catch (err) {
+      if (++misses >= 10) throw new Problem("Lost contact with the service:", [err.message]);
+      continue;
+    }
+    misses = 0;
+    if (!status.ok) throw await problem(status);
+    const p = progress.ok ? await progress.json() : { stage: "unknown" };
+    const { status: state } = await status.json();
+    if (state === "completed") return;
+    if (state === "failed") return;  // /generate_task/get says why
+    if (state === "canceled") throw new Problem("The task was cancelled.");
+    showProgress(p.stage, p.step, p.steps, started);
+  }
+}
+
+// --- The result: the video, its seed and settings, a download link.
+function showResult(blob, headers) {
+  const type = (headers.get("Content-Type") || blob.type || "").split(";")[0];
+  const settings = JSON.parse(headers.get("X-Settings") || "{}");
+  lastSeed = headers.get("X-Seed") || settings.seed;
+  if (videoUrl) URL.revokeObjectURL(videoUrl);
+  videoUrl = URL.createObjectURL(blob);
+  let media;
+  if (type === "image/gif") {
+    media = document.createElement("img");
+    media.alt = "The generated animation";
+  } else {
+    media = document.createElement("video");
+    Object.assign(media, { controls: true, autoplay: true, loop: true, muted: true, playsInline: true });
+    media.setAttribute("aria-label", "The generated video");
+  }
+  media.src = videoUrl;
+  $("media").replaceChildren(media);
+  const ext = settings.format || (type.split("/")[1] || "mp4");
+  const size = settings.width ? `-${settings.width}x${settings.height}` : "";
+  $("download").href = videoUrl;
+  $("download").download = `svd-seed${lastSeed}${size}.${ext}`;
+  $("download").textContent = `Download ${$("download").download}`;
+
+  const rows = [["Seed", lastSeed]];
+  for (const [key, value] of Object.entries(settings)) if (key !== "seed") rows.push([key, value]);
+  const timing = (headers.get("Server-Timing") || "").split(",").map((part) => part.trim().match(/^(\w+);dur=([\d.]+)/)).filter(Boolean);
+  if (timing.length) {
+    const total = timing.reduce((sum, m) => sum + Number(m[2]), 0) / 1000;
+    rows.push(["time", `${total.toFixed(1)} s (` + timing.map((m) => `${m[1]} ${(m[2] / 1000).toFixed(1)} s`).join(", ") + ")"]);
+  }
+  const body = $("settings").tBodies[0];
+  body.replaceChildren();
+  for (const [key, value] of rows) {
+    const tr = body.insertRow();
+    const th = document.createElement("th");
+    th.scope = "row"; th.textContent = key;
+    const td = document.createElement("td");
+    td.textContent = String(value);
+    if (key === "Seed") td.id = "result-seed";
+    tr.append(th, td);
+  }
+  $("result").hidden = false;
+}
+
+buildForm().catch(showError);
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("error").hidden = true;
+  form.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
+  if (!fileInput.files.length) {
+    showError(new Problem("Choose an image first.", [], ["image"]));
+    return;
+  }
+  const data = new FormData(form);  // every named, enabled field; empty ones use the service's defaults
+  for (const [key, value] of [...data.entries()]) if (typeof value === "string" && !value.trim()) data.delete(key);
+  const button = $("generate");
+  button.disabled = true;
+  const started = performance.now();
+  $("status").hidden = false;
+  $("placeholder").hidden = true;
+  showProgress("unknown", 0, 0, started);
+  $("status").scrollIntoView({ block: "nearest" });
+  try {
+    const submitted = await api("generate_task/submit", { method: "POST", body: data });
+    if (!submitted.ok) throw await problem(submitted);
+    const { task_id: taskId } = await submitted.json();
+    await waitForTask(taskId, started);
+    const result = await api("generate_task/get?task_id=" + encodeURIComponent(taskId));
+    if (!result.ok) throw await problem(result);
+    showResult(await result.blob(), result.headers);
+    showProgress("done", 0, 0, started);
+    $("progress").value = 1;
+  } catch (err) {
+    $("status").hidden = true;
+    showError(err instanceof TypeError ? new Problem("Could not reach the service:", [err.message]) : err);
+  } finally {
+    button.disabled = false;
+  }
+});
