@@ -118,7 +118,8 @@ class StableDiffusionVideo:
     async def progress(
         self, task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")]
     ) -> dict[str, Any]:
-        """Where a generate_task job is: its stage (queued, encode, denoise, decode, video, done) and step."""
+        """Where a generate_task job is: its stage (queued, encode, denoise, decode, interpolate, video, done),
+        its step and its segment."""
         progress = self.engine.progress(task_id)
         if progress is None:
             return {"task_id": task_id, "stage": "unknown", "step": 0, "steps": 0}

@@ -17,8 +17,8 @@ from pathlib import Path
 from bench.report import Section, machine, table, write_json
 from harness import PHOTO, ROOT
 
-SECTIONS = ("encoding", "coldstart", "memory", "serving", "load")
-SERVER_SECTIONS = SECTIONS[1:]
+SECTIONS = ("encoding", "interpolation", "coldstart", "memory", "serving", "load")
+SERVER_SECTIONS = SECTIONS[2:]
 # What --quick changes: enough to prove every section still runs, in well under a minute.
 QUICK = {
     "encode_size": "256x144",
@@ -52,6 +52,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--encode-repeats", type=int, default=5, help="timed runs of each encoding; the median counts")
     group.add_argument("--presets", default="ultrafast,superfast,veryfast,faster,medium", help="x264 presets to sweep")
     group.add_argument("--crfs", default="16,18,20", help="libx264 CRFs to sweep with each preset")
+    group = parser.add_argument_group("interpolation (on the encoding section's pan, size and frames)")
+    group.add_argument("--factors", default="2,4", help="interpolation factors to measure")
     group = parser.add_argument_group("server")
     group.add_argument(
         "--torch-threads",
@@ -88,7 +90,7 @@ def _numbers(text: str) -> list[int]:
 
 def run_cpu(args: argparse.Namespace) -> list[Section]:
     # Here, not above: these need BentoML and a server, which `--gpu` runs without.
-    from bench import coldstart, encoding, load, memory, serving
+    from bench import coldstart, encoding, interpolation, load, memory, serving
     from bench.server import QUICK_REQUEST, REQUEST, started
 
     sections: list[Section] = []
@@ -97,11 +99,14 @@ def run_cpu(args: argparse.Namespace) -> list[Section]:
         sections.append(section)
         print(f"[bench] {section.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
+    width, height = (int(side) for side in args.encode_size.lower().split("x"))
     if "encoding" in args.sections:
         start = time.perf_counter()
-        width, height = (int(side) for side in args.encode_size.lower().split("x"))
         presets, crfs = _names(args.presets), _numbers(args.crfs)
         done(encoding.run(args.photo, width, height, args.encode_frames, args.encode_repeats, presets, crfs), start)
+    if "interpolation" in args.sections:
+        start = time.perf_counter()
+        done(interpolation.run(args.photo, width, height, args.encode_frames, _numbers(args.factors)), start)
     if not set(args.sections) & set(SERVER_SECTIONS):
         return sections
     request = QUICK_REQUEST if args.quick else REQUEST

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generation options", "The same for every image; each left out takes the server's default (a seed: a random one each)."
     )
     for control in CONTROLS:
-        choices = None if control.kind is not str else control.allowed
+        choices = control.choices or None
         options.add_argument(
             f"--{control.name.replace('_', '-')}",
             type=checked(control),

@@ -153,7 +153,7 @@ class Engine:
             raise
         metrics.GENERATIONS.labels(outcome="ok").inc()
         metrics.GENERATION_SECONDS.observe(time.perf_counter() - start)
-        metrics.FRAMES.inc(result.params.num_frames or 0)
+        metrics.FRAMES.inc((result.params.num_frames or 0) * result.params.segments)
         for stage, seconds in result.times.seconds.items():
             metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
         return result
@@ -197,13 +197,11 @@ class Engine:
         with times.measure("prepare"):
             picture = prepare_image(image, params.width, params.height, params.sizing, self.settings.max_pixels)
         report = self.track(key) if key else None
-        if report:
-            report(Progress("queued"))
         try:
-            with self._gpu:
-                start = time.perf_counter()
-                result = generate(model, picture, params, out_dir, times, report, deadline, metrics.OOM_RETRIES.inc)
-                self.last_seconds = time.perf_counter() - start
+            result = generate(
+                model, picture, params, out_dir, times, report, deadline, metrics.OOM_RETRIES.inc, gpu=self._gpu
+            )
+            self.last_seconds = sum(times.seconds.values())
             return result
         except OutOfMemory as exc:
             logger.error("SVD out of memory: %s", str(exc))  # a string: a record must not keep tensors alive

@@ -20,9 +20,15 @@ def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+def _number(value: Any) -> Any:
+    """A form field's text as the number a numeric choice needs: pydantic matches literals strictly."""
+    text = _text(value)
+    return int(text) if isinstance(text, str) and text.strip().isdigit() else text
+
+
 def annotated(control: Control) -> Any:
     """The control as a pydantic field type: its OpenAPI schema shows the range, its validator checks it."""
-    kind: Any = Literal[control.allowed] if control.kind is str else control.kind
+    kind: Any = Literal[control.choices] if control.choices else control.kind
     schema: dict[str, Any] = {}
     if isinstance(control.allowed, Range):
         schema = {"minimum": control.allowed.low}
@@ -30,7 +36,7 @@ def annotated(control: Control) -> Any:
             schema["maximum"] = control.allowed.high
         if control.allowed.step > 1:
             schema["multipleOf"] = control.allowed.step
-    before = [BeforeValidator(_text)] if control.kind is str else []
+    before = [BeforeValidator(_text if control.kind is str else _number)] if control.choices else []
     return Annotated[
         kind | None if control.nullable else kind,
         *before,

@@ -1,9 +1,10 @@
 """One generation: image in, video file out, with each stage timed.
 
-The pipeline stops at latents; decoding happens here, chunk by chunk, each chunk
-going straight into the encoder. That keeps peak memory at one chunk of frames,
-and lets a decode that runs out of GPU memory retry with smaller chunks without
-redoing the denoising.
+The pipeline stops at latents; decoding happens here, chunk by chunk. That keeps
+peak GPU memory at one chunk of frames, and lets a decode that runs out of GPU
+memory retry with smaller chunks without redoing the denoising. Longer videos chain
+segments, each from the last frame of the one before. The frames then leave the GPU
+(and its lock): interpolation, the loop and encoding run while the next request uses it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,13 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from svd.interpolate import interpolate, pingpong
 from svd.loading import LoadedModel
 from svd.params import GenerationParams
 from svd.video import CODECS, VideoWriter
 
 logger = logging.getLogger("bentoml.svd")
 
-STAGES = ("prepare", "encode", "denoise", "decode", "video")
+STAGES = ("prepare", "encode", "denoise", "decode", "interpolate", "video")
 # The smallest generation the model accepts: enough to run every kernel once.
 WARM_UP = GenerationParams(width=64, height=64, num_frames=2, num_inference_steps=1, seed=0)
 # A compiled model compiles again for every new shape: warm it at the defaults, so
@@ -57,11 +59,13 @@ class DeviceFailure(RuntimeError):
 
 @dataclass
 class Progress:
-    """Where a generation is: its stage, and the step within it."""
+    """Where a generation is: its stage, the step within it, and the segment."""
 
     stage: str = "queued"
     step: int = 0
     steps: int = 0
+    segment: int = 1
+    segments: int = 1
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -109,21 +113,71 @@ def generate(
     report: ProgressCallback | None = None,
     deadline: float | None = None,
     on_decode_retry: Callable[[], None] = lambda: None,
+    gpu: AbstractContextManager[object] = nullcontext(),
 ) -> Generation:
     """Generate a video from a prepared image with resolved params (see GenerationParams.resolve).
 
-    One at a time per model: the caller holds the GPU (svd/engine.py queues the requests).
+    `gpu` is held while the model runs (svd/engine.py passes its lock, so that requests take
+    turns), and let go before the frames are interpolated and encoded.
     """
     times = times or StageTimes()
     report = report or (lambda _: None)
+    report(Progress("queued", segments=params.segments))
+    with gpu:
+        frames, chunk = render(model, image, params, times, report, deadline, on_decode_retry)
+    params = replace(params, decode_chunk_size=chunk)
     path = out_dir / f"video.{params.format}"
+    write_video(path, frames, params, times, report)
+    report(Progress("done", segment=params.segments, segments=params.segments))
+    return Generation(path, params, times)
+
+
+def render(
+    model: LoadedModel,
+    image: Image.Image,
+    params: GenerationParams,
+    times: StageTimes,
+    report: ProgressCallback,
+    deadline: float | None,
+    on_decode_retry: Callable[[], None],
+) -> tuple[np.ndarray, int]:
+    """Every segment's frames as uint8 (frames, H, W, 3), a frame shared by two segments once,
+    and the decode chunk size finally used."""
+    chunk = params.decode_chunk_size
+    parts: list[np.ndarray] = []
     with _releasing(model):
-        # Handed straight over, the latents live only inside _decode_into: they are
-        # gone by the time memory is released.
-        chunk = _decode_into(
-            model, path, denoise(model, image, params, times, report, deadline), params, times, report, deadline, on_decode_retry
-        )
-    return Generation(path, replace(params, decode_chunk_size=chunk), times)
+        for segment in range(params.segments):
+            in_segment = _in_segment(report, segment + 1, params.segments)
+            seeded = replace(params, seed=params.seed + segment)
+            # Handed straight over, the latents live only inside _decode: they are gone
+            # by the time memory is released.
+            frames, chunk = _decode(
+                model, denoise(model, image, seeded, times, in_segment, deadline), chunk, times, in_segment, deadline, on_decode_retry
+            )
+            parts.append(frames if segment == 0 else frames[1:])
+            image = Image.fromarray(frames[-1])
+    return np.concatenate(parts), chunk
+
+
+def _in_segment(report: ProgressCallback, segment: int, segments: int) -> ProgressCallback:
+    return lambda progress: report(replace(progress, segment=segment, segments=segments))
+
+
+def write_video(path: Path, frames: np.ndarray, params: GenerationParams, times: StageTimes, report: ProgressCallback) -> None:
+    """Interpolate, loop and encode the frames into the file at `path`."""
+    if params.interpolate > 1:
+        report(Progress("interpolate", segment=params.segments, segments=params.segments))
+        with times.measure("interpolate"):
+            frames = interpolate(frames, params.fps, params.interpolate)
+    if params.loop == "pingpong":
+        frames = pingpong(frames)
+    report(Progress("video", segment=params.segments, segments=params.segments))
+    with times.measure("video"):
+        writer = VideoWriter(path, params.width, params.height, params.fps * params.interpolate, params.format)
+        try:
+            writer.write(frames)
+        finally:
+            writer.close()
 
 
 def warm_up(model: LoadedModel, params: GenerationParams) -> None:
@@ -254,48 +308,39 @@ def denoise(
     raise OutOfMemory(f"the GPU ran out of memory while {stage} ({error})")
 
 
-def _decode_into(
+def _decode(
     model: LoadedModel,
-    path: Path,
     latents: torch.Tensor,
-    params: GenerationParams,
+    chunk: int,
     times: StageTimes,
     report: ProgressCallback,
     deadline: float | None,
     on_decode_retry: Callable[[], None],
-) -> int:
-    """Decode the latents chunk by chunk into the video file; returns the chunk size finally used."""
+) -> tuple[np.ndarray, int]:
+    """Decode the latents chunk by chunk into uint8 frames; returns them and the chunk size finally used."""
     latents = latents[0] / model.pipe.vae.config.scaling_factor
-    chunk = params.decode_chunk_size
+    frames: list[np.ndarray] = []
     done = 0
-    writer = VideoWriter(path, params.width, params.height, params.fps, params.format)
-    try:
-        while done < len(latents):
-            report(Progress("decode", done, len(latents)))
-            _check_deadline(deadline, "decoding")
-            try:
-                with times.measure("decode"):
-                    frames = decode_frames(model, latents[done : done + chunk])
-            except torch.OutOfMemoryError as exc:
-                error = str(exc)
-            else:
-                with times.measure("video"):
-                    writer.write(frames)
-                done += len(frames)
-                continue
-            # Out of the except block, whose traceback held the failed chunk's activations.
-            if chunk == 1:
-                raise OutOfMemory(f"the GPU ran out of memory decoding even one frame at a time ({error})")
-            release_memory(model, emptying_cache=True)
-            logger.warning("Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, error)
-            on_decode_retry()
-            chunk //= 2
-        report(Progress("video", done, len(latents)))
-    finally:
-        with times.measure("video"):
-            writer.close()
-    report(Progress("done", done, len(latents)))
-    return chunk
+    while done < len(latents):
+        report(Progress("decode", done, len(latents)))
+        _check_deadline(deadline, "decoding")
+        try:
+            with times.measure("decode"):
+                frames.append(decode_frames(model, latents[done : done + chunk]))
+        except torch.OutOfMemoryError as exc:
+            error = str(exc)
+        else:
+            done += len(frames[-1])
+            continue
+        # Out of the except block, whose traceback held the failed chunk's activations.
+        if chunk == 1:
+            raise OutOfMemory(f"the GPU ran out of memory decoding even one frame at a time ({error})")
+        release_memory(model, emptying_cache=True)
+        logger.warning("Out of GPU memory decoding %d frames at once; retrying with %d (%s)", chunk, chunk // 2, error)
+        on_decode_retry()
+        chunk //= 2
+    report(Progress("decode", done, len(latents)))
+    return np.concatenate(frames), chunk
 
 
 @torch.no_grad()

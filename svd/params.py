@@ -18,8 +18,13 @@ from svd.errors import BadInput
 
 Sizing = Literal["stretch", "crop", "pad"]
 VideoFormat = Literal["mp4", "webm", "gif"]
+Interpolation = Literal[1, 2, 4]
+Loop = Literal["none", "pingpong"]
 
 MAX_SEED = 2**32 - 1
+MAX_SEGMENTS = 4
+# GIF frame delays are in hundredths of a second, and browsers slow down delays under 0.02 s.
+MAX_GIF_FPS = 50
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class Look:
     # The page's increment for a float field.
     step: float | None = None
     # The page's words for each choice.
-    options: dict[str, str] = field(default_factory=dict)
+    options: dict[Any, str] = field(default_factory=dict)
 
 
 def control(
@@ -124,6 +129,26 @@ class GenerationParams:
         label="Format",
         options={"mp4": "MP4", "webm": "WebM", "gif": "GIF"},
     )
+    interpolate: Interpolation = control(
+        1,
+        "Frames made between each pair by motion interpolation: n frames at fps become (n-1)*k+1 at k*fps, "
+        "the same duration, smoother.",
+        label="Smoother (interpolate)",
+        options={1: "off", 2: "2x frame rate", 4: "4x frame rate"},
+    )
+    segments: int = control(
+        1,
+        "Segments chained into one video, each generated from the last frame of the one before, with seeds "
+        "seed, seed+1 and so on; n frames each, the shared frames once.",
+        Range(1, MAX_SEGMENTS),
+        label="Segments (longer)",
+    )
+    loop: Loop = control(
+        "none",
+        "pingpong plays the video forward, then backward without repeating the end frames: a seamless loop.",
+        label="Loop",
+        options={"none": "no", "pingpong": "forward and back"},
+    )
 
     def resolve(self, max_frames: int) -> GenerationParams:
         """Check what depends on the model or on two fields; fill in the frames and the seed."""
@@ -134,6 +159,11 @@ class GenerationParams:
             raise BadInput(
                 f"min_guidance_scale ({self.min_guidance_scale:g}) must not be above "
                 f"max_guidance_scale ({self.max_guidance_scale:g})."
+            )
+        if self.format == "gif" and self.fps * self.interpolate > MAX_GIF_FPS:
+            raise BadInput(
+                f"fps x interpolate must be at most {MAX_GIF_FPS} for a gif (GIF counts in hundredths of a "
+                f"second), got {self.fps} x {self.interpolate}; lower one, or ask for mp4 or webm."
             )
         seed = secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed
         return GenerationParams(**{**self.__dict__, "num_frames": num_frames, "seed": seed})
@@ -152,6 +182,10 @@ class Control:
     empty: str
     look: Look
 
+    @property
+    def choices(self) -> tuple[Any, ...]:
+        return () if isinstance(self.allowed, Range) else self.allowed
+
     def check(self, value: Any) -> Any:
         """The value if allowed; ValueError saying what is allowed otherwise."""
         if value is None or not isinstance(self.allowed, Range):
@@ -169,7 +203,7 @@ class Control:
     def default_text(self) -> str:
         if self.default is None:
             return self.empty
-        return f"`{self.default}`" if self.kind is str else str(self.default)
+        return f"`{self.default}`" if self.choices else str(self.default)
 
     @property
     def help(self) -> str:
@@ -182,7 +216,7 @@ class Control:
         limits = (
             {"min": allowed.low, "max": allowed.high, "step": allowed.step if self.kind is int else self.look.step or "any"}
             if isinstance(allowed, Range)
-            else {"options": {choice: self.look.options.get(choice, choice) for choice in allowed}}
+            else {"options": [[choice, self.look.options.get(choice, str(choice))] for choice in allowed]}
         )
         return {
             "name": self.name,
@@ -210,7 +244,7 @@ def _controls() -> tuple[Control, ...]:
         controls.append(
             Control(
                 spec.name,
-                str if choices else kind,
+                type(choices[0]) if choices else kind,
                 spec.default,
                 spec.metadata["description"],
                 choices or spec.metadata["allowed"],

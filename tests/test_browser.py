@@ -164,7 +164,8 @@ def test_the_form_is_made_from_the_service_s_controls(page, server):
             })"""
         )
         assert shown["label"] == control.look.label and shown["advanced"] == control.look.advanced, control.name
-        assert shown["value"] == ("" if control.default is None else _js(control.default) if control.kind is not str else control.default)
+        default = "" if control.default is None else str(control.default) if control.choices else _js(control.default)
+        assert shown["value"] == default, control.name
         if isinstance(control.allowed, Range):
             top = "" if control.allowed.high is None else _js(control.allowed.high)
             assert (shown["min"], shown["max"]) == (_js(control.allowed.low), top), control.name
@@ -172,7 +173,26 @@ def test_the_form_is_made_from_the_service_s_controls(page, server):
             if control.kind is int:
                 assert shown["step"] == str(control.allowed.step), control.name
         else:
-            assert shown["options"] == list(control.allowed), control.name
+            assert shown["options"] == [str(choice) for choice in control.choices], control.name
+
+
+def test_a_longer_smoother_video_reports_its_segments(page, server):
+    page.add_init_script(RECORD_PROGRESS)
+    page.goto(f"{server.url}/ui")
+    page.set_input_files("#image", PHOTO)
+    fill_small(page, segments="2", num_inference_steps="8")  # steps enough for polls to see each segment
+    page.select_option("#interpolate", "2")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done"), timeout=GENERATION_MS)
+    expect(page.locator("#error")).to_be_hidden()
+    texts = page.evaluate("window.progressTexts")
+    assert any(text.startswith("Segment 1 of 2: ") for text in texts), texts
+    assert any(text.startswith("Segment 2 of 2: ") for text in texts), texts
+    video = page.locator("#media video")
+    page.wait_for_function("() => document.querySelector('#media video')?.readyState >= 1", timeout=GENERATION_MS)
+    assert video.evaluate("v => v.duration") == pytest.approx(29 / 14, abs=0.1), "15 frames at 7 fps, doubled"
+    settings = page.locator("#settings").inner_text()
+    assert "segments\t2" in settings and "interpolate\t2" in settings, settings
 
 
 def test_an_invalid_field_is_explained_in_words(page, server):

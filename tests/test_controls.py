@@ -73,7 +73,8 @@ def test_model_controls_change_the_frames_and_are_echoed(call_service, control):
 def test_server_timing_names_every_stage(call_service):
     _, headers = call_service(image=PHOTO, **TINY)
     stages = dict(item.split(";dur=") for item in headers["server-timing"].split(", "))
-    assert list(stages) == ["prepare", "encode", "denoise", "decode", "video"]
+    assert list(stages) == ["prepare", "encode", "denoise", "decode", "interpolate", "video"]
+    assert float(stages.pop("interpolate")) == 0, "no interpolation asked for"
     assert all(float(ms) > 0 for ms in stages.values())
 
 

@@ -233,7 +233,7 @@ def test_gpu_check_without_a_gpu_runs_the_tiny_model_and_says_so(tmp_path, capsy
     assert printed.startswith("No CUDA GPU here: running the tiny test model on the CPU instead")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"] == "tiny" and report["peak_vram_gib"] is None
-    assert set(report["stage_seconds"]) == {"prepare", "encode", "denoise", "decode", "video"}
+    assert set(report["stage_seconds"]) == {"prepare", "encode", "denoise", "decode", "interpolate", "video"}
     assert report["stage_seconds"]["denoise"] > 0 and report["video_bytes"] > 0
     assert report["settings"]["num_frames"] == 8
     assert "denoise s" in printed and json.loads(printed.strip().splitlines()[-1]) == report

@@ -92,6 +92,10 @@ def test_x_seed_replays_the_same_frames(server, tmp_path):
         ("max_guidance_scale", "1e309", "from 0 to 20"),
         ("sizing", "zoom", "'stretch', 'crop' or 'pad'"),
         ("format", "avi", "'mp4', 'webm' or 'gif'"),
+        ("interpolate", "3", "1, 2 or 4"),
+        ("segments", "5", "from 1 to 4"),
+        ("segments", "0", "from 1 to 4"),
+        ("loop", "bounce", "'none' or 'pingpong'"),
     ],
 )
 def test_out_of_range_fields_get_400_naming_field_and_range(server, field, value, allowed):
@@ -198,6 +202,13 @@ def test_the_page_is_static_files_under_a_policy_that_runs_only_them(server):
     assert [control["name"] for control in controls][:3] == ["decode_chunk_size", "seed", "width"]
     escape = httpx.get(f"{server.url}/ui/%2E%2E/%2E%2E/service.py", timeout=10)
     assert escape.status_code == 404 and "bentoml" not in escape.text
+
+
+def test_a_gif_faster_than_browsers_play_is_refused_before_generating(server):
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    data = {**SMALL, "format": "gif", "fps": "30", "interpolate": "2"}
+    response = httpx.post(f"{server.url}/generate", files=files, data=data, timeout=60)
+    assert response.status_code == 400 and "fps x interpolate must be at most 50 for a gif" in response.json()["error"]
 
 
 def test_swagger_s_front_page_describes_this_service(server):

@@ -55,7 +55,7 @@ function field(control) {
   let input;
   if (control.options) {
     input = document.createElement("select");
-    for (const [value, words] of Object.entries(control.options)) input.add(new Option(words, value));
+    for (const [value, words] of control.options) input.add(new Option(words, value));
   } else {
     input = document.createElement("input");
     input.type = control.slider ? "range" : "number";
@@ -183,22 +183,27 @@ function showError(err) {
 }
 
 // --- Progress: one line in words, one bar for the whole run.
+// Each stage's words and its span of the bar; a segment's stages share its part of the bar.
 const STAGES = {
-  queued: ["Waiting in the queue", null], encode: ["Encoding the image", [0, 0.03]],
-  denoise: ["Denoising step", [0.03, 0.8]], decode: ["Decoding frames", [0.8, 0.97]],
-  video: ["Writing the video", [0.97, 1]], done: ["Done", [1, 1]], unknown: ["Starting", null],
+  queued: ["Waiting in the queue", null], encode: ["Encoding the image", [0, 0.04]],
+  denoise: ["Denoising step", [0.04, 0.82]], decode: ["Decoding frames", [0.82, 1]],
+  interpolate: ["Interpolating frames", null], video: ["Writing the video", null],
+  done: ["Done", [1, 1]], unknown: ["Starting", null],
 };
+const IN_SEGMENT = new Set(["encode", "denoise", "decode"]);
 
-function showProgress(stage, step, steps, started) {
+function showProgress(stage, step, steps, started, segment = 1, segments = 1) {
   const [words, span] = STAGES[stage] || [stage, null];
   const counted = (stage === "denoise" || stage === "decode") && steps > 0;
   const elapsed = Math.round((performance.now() - started) / 1000);
-  $("progress-text").textContent = (counted ? `${words} ${step} of ${steps}` : words + (stage === "done" ? "" : "…")) +
+  const part = segments > 1 && IN_SEGMENT.has(stage) ? `Segment ${segment} of ${segments}: ` : "";
+  $("progress-text").textContent = part + (counted ? `${words} ${step} of ${steps}` : words + (stage === "done" ? "" : "…")) +
     ` (${elapsed} s)`;
   $("progress-text").dataset.stage = stage;
   const bar = $("progress");
-  if (!span) bar.removeAttribute("value");
-  else bar.value = span[0] + (span[1] - span[0]) * (counted ? step / steps : 0);
+  if (!span) { if (stage !== "interpolate" && stage !== "video") bar.removeAttribute("value"); return; }
+  const within = span[0] + (span[1] - span[0]) * (counted ? step / steps : 0);
+  bar.value = stage === "done" ? 1 : (segment - 1 + within) / segments;
 }
 
 async function waitForTask(taskId, started) {
@@ -223,7 +228,7 @@ async function waitForTask(taskId, started) {
     if (state === "completed") return;
     if (state === "failed") return;  // /generate_task/get says why
     if (state === "canceled") throw new Problem("The task was cancelled.");
-    showProgress(p.stage, p.step, p.steps, started);
+    showProgress(p.stage, p.step, p.steps, started, p.segment, p.segments);
   }
 }
 
