@@ -7,6 +7,7 @@ Configuration is read from the environment once, in svd/config.py.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -60,7 +61,9 @@ class DescribedService(bentoml.Service):
 @bentoml.service(
     description=DESCRIPTION,
     service_class=DescribedService,
-    resources={"gpu": 1, "gpu_type": "nvidia-l4"},
+    # One worker per GPU (SVD_WORKERS), each with its own model and queue.
+    resources={"gpu": SETTINGS.workers, "gpu_type": "nvidia-l4"},
+    workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
     # Enough threads that every admitted request reaches the engine, which
     # queues them for the GPU and answers 429 beyond SVD_MAX_QUEUE.
@@ -75,10 +78,15 @@ class StableDiffusionVideo:
     def __init__(self) -> None:
         # Here, not above: `bentoml serve` imports this file in a process that never runs
         # the model, and torch, diffusers and transformers take seconds and hundreds of MiB.
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
         from svd.engine import Engine
 
+        settings = replace(SETTINGS, worker=bentoml.server_context.worker_index or 1)
+        # Beside BentoML's task results, which every worker shares too.
+        progress = Path(BentoMLContainer.result_store_file.get()).with_name("svd_progress.db")
         # Loads and warms up in the background: /livez answers at once, /readyz once warm.
-        self.engine = Engine(SETTINGS, (lambda: self.hub_model) if self.hub_model else None)
+        self.engine = Engine(settings, (lambda: self.hub_model) if self.hub_model else None, progress)
 
     def __is_ready__(self) -> bool:
         return self.engine.ready
@@ -101,7 +109,7 @@ class StableDiffusionVideo:
             # BentoML answers with the context's status code, whatever the response says.
             context.response.status_code = refused.status
             return refused.response()  # type: ignore[return-value]
-        headers = response_headers(result)
+        headers = {**response_headers(result), "X-Worker": str(self.engine.settings.worker)}
         if task_id is not None:
             # BentoML stores a job's answer by replaying the response without a
             # request method, which a file response needs: hand it the bytes.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,6 +54,30 @@ def _positive_int(name: str, default: int) -> int:
     return value
 
 
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES, else nvidia-smi."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([device for device in visible.split(",") if device.strip() and device.strip() != "-1"])
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return 0
+    listed = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=60)
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
+
+
+def _workers(name: str) -> int:
+    if os.environ.get(name, "").strip().lower() != "gpus":
+        return _positive_int(name, 1)
+    count = visible_gpus()
+    if count == 0:
+        raise ConfigError(
+            f"{name}=gpus starts one worker per GPU, but no GPU is visible (CUDA_VISIBLE_DEVICES and "
+            "`nvidia-smi -L` list none); set a number instead."
+        )
+    return count
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration; see the README's environment table."""
@@ -69,7 +95,11 @@ class Settings:
     timeout: int = 600
     max_queue: int = 4
     max_concurrency: int = 32
+    workers: int = 1
     test_faults: str = ""
+    # Not from the environment: which of the workers this process is (from 1), set by the
+    # service in each worker; it picks the worker's GPU.
+    worker: int = 1
 
     @property
     def is_tiny(self) -> bool:
@@ -111,5 +141,6 @@ class Settings:
             timeout=_positive_int("SVD_TIMEOUT", 600),
             max_queue=_positive_int("SVD_MAX_QUEUE", 4),
             max_concurrency=_positive_int("SVD_MAX_CONCURRENCY", 32),
+            workers=_workers("SVD_WORKERS"),
             test_faults=os.environ.get("SVD_TEST_FAULTS", ""),
         )

@@ -9,9 +9,9 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,10 +37,10 @@ from svd.generate import (
 from svd.images import prepare_image
 from svd.loading import LoadedModel, load_pipeline, resolve_device
 from svd.params import GenerationParams
+from svd.progress import ProgressStore
 
 logger = logging.getLogger("bentoml.svd")
 
-KEPT_PROGRESS = 1000
 # Below this, the GPU memory other processes hold is CUDA's own context, not a
 # neighbour that may free enough for a retry.
 SHARED_GPU_BYTES = 2**30
@@ -62,7 +62,9 @@ LOADING = State("loading", "the model is still loading; retry when /readyz answe
 class Engine:
     """Loads the model in a background thread, then queues the requests for it: one on the GPU at a time."""
 
-    def __init__(self, settings: Settings, locate: Callable[[], str] | None = None):
+    def __init__(self, settings: Settings, locate: Callable[[], str] | None = None, progress: Path | None = None):
+        """`progress` is the file job progress is kept in, shared by the server's workers;
+        None keeps it in a temporary directory of this process's."""
         # Refuse to start at once, not minutes later, when there is no device to run on.
         resolve_device(settings)
         self.settings = settings
@@ -75,8 +77,7 @@ class Engine:
         self._in_flight = 0
         self._admission = threading.Lock()
         self.last_seconds = 0.0
-        self._progress: OrderedDict[str, Progress] = OrderedDict()
-        self._progress_lock = threading.Lock()
+        self._progress = ProgressStore(progress or Path(tempfile.mkdtemp(prefix="svd-progress-")) / "progress.db")
         threading.Thread(target=self._start, args=(locate,), name="svd-load", daemon=True).start()
 
     @property
@@ -123,7 +124,10 @@ class Engine:
         settings = self.settings
         revision = f"revision {settings.revision}" if settings.is_hub_model else model.source
         logger.info(
-            "SVD ready: model %s (%s), device %s, dtype %s, memory %s%s%s; loaded in %.1f s, warmed up in %.1f s",
+            "SVD ready: worker %d of %d, model %s (%s), device %s, dtype %s, memory %s%s%s; "
+            "loaded in %.1f s, warmed up in %.1f s",
+            settings.worker,
+            settings.workers,
             settings.model_id,
             revision,
             model.device,
@@ -245,16 +249,7 @@ class Engine:
 
     def track(self, key: str) -> Callable[[Progress], None]:
         """A progress callback that keeps the latest state under `key` for `progress`."""
-
-        def report(progress: Progress) -> None:
-            # Queued jobs report from their own threads while another one runs.
-            with self._progress_lock:
-                self._progress[key] = progress
-                self._progress.move_to_end(key)
-                while len(self._progress) > KEPT_PROGRESS:
-                    self._progress.popitem(last=False)
-
-        return report
+        return lambda progress: self._progress.put(key, progress)
 
     def progress(self, key: str) -> Progress | None:
         return self._progress.get(key)

@@ -54,7 +54,8 @@ def resolve_device(settings: Settings) -> torch.device:
         )
     if settings.device == "cpu" or not has_cuda:
         return torch.device("cpu")
-    return torch.device("cuda")
+    # BentoML shows every worker all the GPUs: each takes its own.
+    return torch.device("cuda", (settings.worker - 1) % torch.cuda.device_count())
 
 
 def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
@@ -72,6 +73,9 @@ def load_pipeline(settings: Settings, locate: Callable[[], str] | None = None) -
     """
     start = time.perf_counter()
     device = resolve_device(settings)
+    if device.type == "cuda":
+        # Also where CUDA puts its context and anything made without a device.
+        torch.cuda.set_device(device)
     dtype = resolve_dtype(settings, device)
     if settings.is_built_in:
         from svd.architectures import build_pipeline

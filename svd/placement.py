@@ -23,12 +23,12 @@ def place(pipe: StableVideoDiffusionPipeline, settings: Settings, device: torch.
             settings.memory,
         )
     if settings.memory == "model_offload" and offloading:
-        pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(gpu_id=device.index)
     elif settings.memory == "sequential_offload" and offloading:
-        pipe.enable_sequential_cpu_offload()
+        pipe.enable_sequential_cpu_offload(gpu_id=device.index)
     else:
         # Built-in models are made where they run; moving again would only warn.
-        if pipe.device.type != device.type:
+        if pipe.device != device:
             pipe = pipe.to(device)
         if device.type == "cuda":
             # Convolutions in NHWC run on tensor cores without layout shuffles.

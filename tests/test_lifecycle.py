@@ -52,7 +52,10 @@ def test_readyz_turns_200_only_after_warm_up_while_livez_answers_throughout(tmp_
         wait_until(probe, 180, 0.02, "readyz 200")
         assert (200, 503) in seen, f"never saw live-but-not-ready: {sorted(set(seen), key=str)}"
         log = server.log_text()
-        assert "SVD ready: model tiny (built in code, random weights), device cpu, dtype float32, memory full" in log
+        assert (
+            "SVD ready: worker 1 of 1, model tiny (built in code, random weights), device cpu, dtype float32, memory full"
+            in log
+        )
         assert "loaded in" in log and "warmed up in" in log
 
 
