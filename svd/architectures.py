@@ -8,7 +8,6 @@ and benchmarked without the 4.5 GB download.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
