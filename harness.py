@@ -154,6 +154,7 @@ def serve(
         "SVD_MODEL_ID": "tiny",
         "BENTOML_HOME": str(tmp_path / "bentoml"),
         "TMPDIR": str(tmp_path / "tmp"),
+        "SVD_OUTPUT_DIR": str(tmp_path / "outputs"),
         **(env or {}),
     }
     with log.open("wb") as sink:

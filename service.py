@@ -7,7 +7,9 @@ Configuration is read from the environment once, in svd/config.py.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,6 +20,8 @@ from starlette.responses import Response
 
 from svd.config import Settings
 from svd.errors import Refused
+from svd.library import library_app
+from svd.outputs import DiskFull, Outputs, new_id, parse_keep, record_of
 from svd.fields import GenerateInput
 from svd.guards import BearerAuth, UploadGuard
 from svd.hub import hub_reference
@@ -27,8 +31,11 @@ from svd.ui import PUBLIC_FILES, ui_app
 if TYPE_CHECKING:
     from svd.generate import Generation
 
+logger = logging.getLogger("bentoml.svd")
 SETTINGS = Settings.from_env()
 UI_PATH = "/ui"
+# Where every video is kept (SVD_OUTPUT_DIR); None when set empty.
+OUTPUTS = Outputs(Path(SETTINGS.output_dir), parse_keep(SETTINGS.output_keep)) if SETTINGS.output_dir else None
 
 DESCRIPTION = """\
 Turns a still image into a short video with [Stable Video Diffusion XT](https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt):
@@ -103,13 +110,15 @@ class StableDiffusionVideo:
         """
         params = GenerationParams(**controls)
         task_id = getattr(context.request.state, "task_id", None)
+        output_id = task_id or new_id()
         try:
             result = self.engine.run(image, params, Path(context.temp_dir), key=task_id)
+            keep(output_id, result, image, self.engine.settings)
         except Refused as refused:
             # BentoML answers with the context's status code, whatever the response says.
             context.response.status_code = refused.status
             return refused.response()  # type: ignore[return-value]
-        headers = {**response_headers(result), "X-Worker": str(self.engine.settings.worker)}
+        headers = {**response_headers(result), "X-Worker": str(self.engine.settings.worker), "X-Output-Id": output_id}
         if task_id is not None:
             # BentoML stores a job's answer by replaying the response without a
             # request method, which a file response needs: hand it the bytes.
@@ -134,6 +143,9 @@ class StableDiffusionVideo:
         return {"task_id": task_id, **progress.__dict__}
 
 
+if OUTPUTS:
+    StableDiffusionVideo.mount_asgi_app(library_app(OUTPUTS), path="/outputs")
+
 # The first added runs first: check the token before reading any upload.
 if SETTINGS.api_token:
     StableDiffusionVideo.add_asgi_middleware(
@@ -148,6 +160,17 @@ StableDiffusionVideo.add_asgi_middleware(
         for api in StableDiffusionVideo.apis.values()
     },
 )
+
+
+def keep(output_id: str, result: Generation, image: Path, settings: Settings) -> None:
+    """Keep the video and its record in SVD_OUTPUT_DIR; a full disk is a 507, with nothing kept."""
+    if OUTPUTS is None:
+        return
+    try:
+        OUTPUTS.save(output_id, result.path, record_of(result, image, settings))
+    except DiskFull as full:
+        logger.error("SVD could not keep output %s: %s", output_id, full.strerror)
+        raise Refused(HTTPStatus.INSUFFICIENT_STORAGE, "disk_full", f"{full.strerror}; nothing was kept") from None
 
 
 def response_headers(result: Generation) -> dict[str, str]:

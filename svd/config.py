@@ -78,6 +78,17 @@ def _workers(name: str) -> int:
     return count
 
 
+def _keep(name: str, default: str) -> str:
+    from svd.outputs import parse_keep
+
+    value = os.environ.get(name, "").strip() or default
+    try:
+        parse_keep(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}; a count keeps that many videos, a size the newest that fit.") from None
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration; see the README's environment table."""
@@ -96,6 +107,8 @@ class Settings:
     max_queue: int = 4
     max_concurrency: int = 32
     workers: int = 1
+    output_dir: str = "outputs"
+    output_keep: str = "10GB"
     test_faults: str = ""
     # Not from the environment: which of the workers this process is (from 1), set by the
     # service in each worker; it picks the worker's GPU.
@@ -142,5 +155,8 @@ class Settings:
             max_queue=_positive_int("SVD_MAX_QUEUE", 4),
             max_concurrency=_positive_int("SVD_MAX_CONCURRENCY", 32),
             workers=_workers("SVD_WORKERS"),
+            # Unset: ./outputs; set empty: videos are not kept.
+            output_dir=os.environ.get("SVD_OUTPUT_DIR", "outputs").strip(),
+            output_keep=_keep("SVD_OUTPUT_KEEP", "10GB"),
             test_faults=os.environ.get("SVD_TEST_FAULTS", ""),
         )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import pytest
 os.environ.setdefault("SVD_MODEL_ID", "tiny")
 # The CPU suite runs on the CPU also where CUDA is present; the gpu tier asks for CUDA itself.
 os.environ["SVD_DEVICE"] = "cpu"
+# The in-process service keeps its videos here, not in the checkout's ./outputs.
+os.environ.setdefault("SVD_OUTPUT_DIR", tempfile.mkdtemp(prefix="svd-test-outputs-"))
 
 from harness import Server, serve  # noqa: E402
 

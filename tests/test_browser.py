@@ -195,6 +195,21 @@ def test_a_longer_smoother_video_reports_its_segments(page, server):
     assert "segments\t2" in settings and "interpolate\t2" in settings, settings
 
 
+def test_recent_videos_are_listed_and_open_again(page, server):
+    import httpx
+
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    made = httpx.post(f"{server.url}/generate", files=files, data={**SMALL, "seed": 31337}, timeout=300)
+    assert made.status_code == 200
+    page.goto(f"{server.url}/ui")
+    entry = page.locator("#recent-list button", has_text="seed 31337")
+    expect(entry).to_be_visible()
+    entry.first.click()
+    page.wait_for_function("() => document.querySelector('#media video')?.readyState >= 1", timeout=GENERATION_MS)
+    expect(page.locator("#result-seed")).to_have_text("31337")
+    assert page.locator("#media video").evaluate("v => [v.videoWidth, v.videoHeight]") == [256, 128]
+
+
 def test_an_invalid_field_is_explained_in_words(page, server):
     page.goto(f"{server.url}/ui")
     page.set_input_files("#image", PHOTO)

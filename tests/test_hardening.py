@@ -179,6 +179,8 @@ def test_token_is_required_except_for_probes_and_metrics(guarded):
     assert httpx.get(f"{guarded.url}/ui/").status_code == 401
     assert httpx.get(f"{guarded.url}/ui/", params={"token": "s3cret-token"}).status_code == 200
     assert httpx.get(f"{guarded.url}/ui/controls.json").status_code == 401
+    assert httpx.get(f"{guarded.url}/outputs/").status_code == 401
+    assert httpx.get(f"{guarded.url}/outputs/", headers=AUTH).status_code == 200
     assert httpx.get(f"{guarded.url}/ui/controls.json", headers=AUTH).status_code == 200
     # The browser loads the page's script and style without the token: they are code, not data.
     assert httpx.get(f"{guarded.url}/ui/app.js").status_code == 200

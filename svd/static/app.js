@@ -116,6 +116,7 @@ const HEADINGS = {
   403: "This API token is not allowed to do that.", 404: "The service does not know this task any more.",
   413: "The image is too large:", 415: "The file is not an image the service can read:",
   429: "The service is busy:", 503: "The service is not ready:", 504: "The video took too long:",
+  507: "The service could not keep the video:",
 };
 
 function labelOf(name) {
@@ -277,7 +278,40 @@ function showResult(blob, headers) {
   $("result").hidden = false;
 }
 
-buildForm().catch(showError);
+// --- Recent videos, kept by the service (SVD_OUTPUT_DIR); none listed when it keeps none.
+async function showRecent() {
+  const response = await api("outputs/?limit=8").catch(() => null);
+  if (!response || !response.ok) return;
+  const { outputs } = await response.json();
+  const list = $("recent-list");
+  list.replaceChildren();
+  for (const record of outputs) {
+    const settings = record.settings || {};
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = `${record.created.replace("T", " ").slice(0, 16)}: seed ${record.seed}, ` +
+      `${settings.width}x${settings.height}, ${settings.format}`;
+    button.addEventListener("click", () => openOutput(record.id));
+    const item = document.createElement("li");
+    item.append(button);
+    list.append(item);
+  }
+  $("recent").hidden = !outputs.length;
+}
+
+async function openOutput(id) {
+  $("error").hidden = true;
+  try {
+    const response = await api("outputs/" + encodeURIComponent(id));
+    if (!response.ok) throw await problem(response);
+    showResult(await response.blob(), response.headers);
+    $("placeholder").hidden = true;
+  } catch (err) {
+    showError(err instanceof TypeError ? new Problem("Could not reach the service:", [err.message]) : err);
+  }
+}
+
+buildForm().then(showRecent).catch(showError);
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -306,6 +340,7 @@ form.addEventListener("submit", async (event) => {
     showResult(await result.blob(), result.headers);
     showProgress("done", 0, 0, started);
     $("progress").value = 1;
+    showRecent();
   } catch (err) {
     $("status").hidden = true;
     showError(err instanceof TypeError ? new Problem("Could not reach the service:", [err.message]) : err);

@@ -1,0 +1,50 @@
+"""GET /outputs/ and /outputs/{id}: the kept videos (svd/outputs.py) over HTTP."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from svd.outputs import ID, Outputs
+
+MAX_PAGE = 100
+
+
+def _page_number(request: Request, name: str, default: int, low: int, high: int | None = None) -> int:
+    try:
+        value = int(request.query_params.get(name, default))
+    except ValueError:
+        value = default
+    return max(low, value if high is None else min(high, value))
+
+
+def library_app(outputs: Outputs) -> Starlette:
+    async def listing(request: Request) -> Response:
+        limit = _page_number(request, "limit", 20, 1, MAX_PAGE)
+        offset = _page_number(request, "offset", 0, 0)
+        records = outputs.recent(limit + 1, offset)
+        more = len(records) > limit
+        return JSONResponse(
+            {"outputs": records[:limit], "offset": offset, "limit": limit, "next_offset": offset + limit if more else None}
+        )
+
+    async def one(request: Request) -> Response:
+        output_id = request.path_params["output_id"]
+        if not ID.fullmatch(output_id):
+            return JSONResponse({"error": f"not an output id: ids are 32 hex digits, got {output_id[:80]!r}"}, 400)
+        found = outputs.find(output_id)
+        if found is None:
+            return JSONResponse({"error": f"no output {output_id}: never made here, or pruned (SVD_OUTPUT_KEEP)"}, 404)
+        video, record = found
+        headers = {
+            "X-Output-Id": output_id,
+            "X-Seed": str(record["seed"]),
+            "X-Settings": json.dumps(record["settings"], separators=(",", ":")),
+        }
+        return FileResponse(video, media_type=record["content_type"], headers=headers, filename=video.name, content_disposition_type="inline")
+
+    return Starlette(routes=[Route("/", listing), Route("/{output_id:path}", one)])

@@ -1,0 +1,163 @@
+"""Every video kept in a folder (SVD_OUTPUT_DIR), with a JSON sidecar saying how it was made.
+
+A generation costs minutes of GPU; its file should outlive the request's temporary
+directory and BentoML's task store, which is emptied at every start. Files are written
+under a temporary name and renamed, so the folder never holds half a video, and the
+oldest are pruned beyond SVD_OUTPUT_KEEP.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from svd.config import Settings
+    from svd.generate import Generation
+
+# 128 random bits, as hex: the ids this service hands out, BentoML's task ids included.
+ID = re.compile(r"[0-9a-f]{32}")
+SIDECAR = ".json"
+
+
+class DiskFull(OSError):
+    """The output folder's disk is full; nothing of the video was left there."""
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class Keep:
+    """How much the folder keeps: the newest `count` videos, or the newest that fit in `bytes`."""
+
+    count: int | None = None
+    bytes: int | None = None
+
+
+def parse_keep(text: str) -> Keep:
+    """`500` keeps 500 videos; `10GB` (KB, MB, GB, TB) keeps the newest that fit in 10 GB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]B)?\s*", text, re.IGNORECASE)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r} is neither a count (500) nor a size (10GB)")
+    number, unit = int(match.group(1)), (match.group(2) or "").upper()
+    if not unit:
+        return Keep(count=number)
+    return Keep(bytes=number * 1000 ** ("KMGT".index(unit[0]) + 1))
+
+
+class Outputs:
+    """The output folder: save, find, list and prune."""
+
+    def __init__(self, folder: Path, keep: Keep):
+        self.folder = folder
+        self.keep = keep
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, output_id: str, video: Path, record: dict[str, Any]) -> dict[str, Any]:
+        """Keep the video under its id, and its record beside it; returns the record as kept."""
+        record = {"id": output_id, "file": f"{output_id}{video.suffix}", **record}
+        try:
+            _write_atomically(self.folder / record["file"], video)
+            _write_atomically(self.folder / f"{output_id}{SIDECAR}", json.dumps(record).encode())
+        except OSError as exc:
+            (self.folder / record["file"]).unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(exc.errno, f"the disk of SVD_OUTPUT_DIR ({self.folder}) is full: {exc.strerror}") from None
+            raise
+        self.prune()
+        return record
+
+    def find(self, output_id: str) -> tuple[Path, dict[str, Any]] | None:
+        """The video and record of a well-formed id, or None; other ids never reach the file system."""
+        if not ID.fullmatch(output_id):
+            return None
+        try:
+            record = json.loads((self.folder / f"{output_id}{SIDECAR}").read_text())
+        except (OSError, ValueError):
+            return None
+        video = self.folder / f"{output_id}{Path(record.get('file', '')).suffix}"
+        return (video, record) if video.is_file() else None
+
+    def recent(self, limit: int, offset: int = 0) -> list[dict[str, Any]]:
+        """Records, newest first."""
+        records = []
+        for sidecar in self._sidecars()[offset : offset + limit]:
+            try:
+                records.append(json.loads(sidecar.read_text()))
+            except (OSError, ValueError):
+                continue  # pruned or being replaced meanwhile
+        return records
+
+    def prune(self) -> None:
+        """Remove the oldest beyond what SVD_OUTPUT_KEEP allows. A file still being written has a
+        temporary name and is never counted; one being served stays readable, as POSIX keeps an
+        open file's data until it is closed."""
+        total = 0
+        for index, sidecar in enumerate(self._sidecars()):
+            videos = [path for path in self.folder.glob(f"{sidecar.stem}.*") if path.suffix != SIDECAR]
+            total += sum(path.stat().st_size for path in videos if path.exists())
+            over_count = self.keep.count is not None and index >= self.keep.count
+            over_bytes = self.keep.bytes is not None and total > self.keep.bytes and index > 0
+            if over_count or over_bytes:
+                sidecar.unlink(missing_ok=True)
+                for path in videos:
+                    path.unlink(missing_ok=True)
+
+    def _sidecars(self) -> list[Path]:
+        sidecars = [path for path in self.folder.glob(f"*{SIDECAR}") if ID.fullmatch(path.stem)]
+        return sorted(sidecars, key=_modified, reverse=True)
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _write_atomically(path: Path, content: Path | bytes) -> None:
+    """Write a file's copy or bytes through a temporary file in the same folder, then rename:
+    never half a file."""
+    fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            if isinstance(content, bytes):
+                sink.write(content)
+            else:
+                with content.open("rb") as source:
+                    shutil.copyfileobj(source, sink)
+        os.replace(part, path)
+    except BaseException:
+        Path(part).unlink(missing_ok=True)
+        raise
+
+
+def record_of(result: Generation, image: Path, settings: Settings) -> dict[str, Any]:
+    """What a kept video's sidecar says: enough to reproduce it, or to tell where it came from."""
+    digest = hashlib.sha256()
+    with image.open("rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "content_type": result.content_type,
+        "seed": result.params.seed,
+        "settings": result.params.__dict__,
+        "stage_seconds": {stage: round(seconds, 3) for stage, seconds in result.times.seconds.items()},
+        "model": settings.model_id,
+        "revision": settings.revision if settings.is_hub_model else None,
+        "image_sha256": digest.hexdigest(),
+        "worker": settings.worker,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
