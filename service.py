@@ -18,13 +18,13 @@ from bentoml.validators import ContentType
 from pydantic import Field
 from starlette.responses import Response
 
-from svd.config import Settings
+from svd.config import ConfigError, Settings
 from svd.errors import Refused
-from svd.library import library_app
-from svd.outputs import DiskFull, Outputs, new_id, parse_keep, record_of
 from svd.fields import GenerateInput
 from svd.guards import BearerAuth, UploadGuard
 from svd.hub import hub_reference
+from svd.library import library_app
+from svd.outputs import DiskFull, Outputs, new_id, parse_keep, record_of
 from svd.params import GenerationParams
 from svd.ui import PUBLIC_FILES, ui_app
 
@@ -32,7 +32,12 @@ if TYPE_CHECKING:
     from svd.generate import Generation
 
 logger = logging.getLogger("bentoml.svd")
-SETTINGS = Settings.from_env()
+try:
+    SETTINGS = Settings.from_env()
+except ConfigError as exc:
+    # One paragraph and a non-zero exit, not a traceback through BentoML's loader.
+    raise SystemExit(f"SVD cannot start: {exc}") from None
+
 UI_PATH = "/ui"
 # Where every video is kept (SVD_OUTPUT_DIR); None when set empty.
 OUTPUTS = Outputs(Path(SETTINGS.output_dir), parse_keep(SETTINGS.output_keep)) if SETTINGS.output_dir else None
@@ -149,11 +154,15 @@ if OUTPUTS:
 # The first added runs first: check the token before reading any upload.
 if SETTINGS.api_token:
     StableDiffusionVideo.add_asgi_middleware(
-        BearerAuth, token=SETTINGS.api_token, public=frozenset(f"{UI_PATH}/{name}" for name in PUBLIC_FILES)
+        BearerAuth,
+        token=SETTINGS.api_token,
+        pages=frozenset({UI_PATH, f"{UI_PATH}/", f"{UI_PATH}/index.html"}),
+        public=frozenset(f"{UI_PATH}/{name}" for name in PUBLIC_FILES),
     )
 StableDiffusionVideo.add_asgi_middleware(
     UploadGuard,
     max_bytes=SETTINGS.max_upload_bytes,
+    timeout=SETTINGS.upload_timeout,
     # Each POST route's fields, as the signatures above declare them; a task is submitted at ROUTE/submit.
     fields={
         f"{api.route}/submit" if api.is_task else api.route: list(api.input_spec.model_fields)

@@ -102,6 +102,7 @@ class Settings:
     compile: str = ""
     max_pixels: int = 40_000_000
     max_upload_bytes: int = 20_000_000
+    upload_timeout: int = 60
     api_token: str = ""
     timeout: int = 600
     max_queue: int = 4
@@ -150,6 +151,7 @@ class Settings:
             compile=_compile_backend(os.environ.get("SVD_COMPILE", "")),
             max_pixels=_positive_int("SVD_MAX_PIXELS", 40_000_000),
             max_upload_bytes=_positive_int("SVD_MAX_UPLOAD_BYTES", 20_000_000),
+            upload_timeout=_positive_int("SVD_UPLOAD_TIMEOUT", 60),
             api_token=os.environ.get("SVD_API_TOKEN", "").strip(),
             timeout=_positive_int("SVD_TIMEOUT", 600),
             max_queue=_positive_int("SVD_MAX_QUEUE", 4),

@@ -2,7 +2,8 @@
 
 - Bearer-token access (SVD_API_TOKEN), leaving the probes and /metrics open.
 - An upload limit (SVD_MAX_UPLOAD_BYTES): 413 from the Content-Length header, or
-  as soon as a streamed body passes it, before anything is decoded.
+  as soon as a streamed body passes it, before anything is decoded; and a time limit
+  (SVD_UPLOAD_TIMEOUT): 408 for a body that stalls or dribbles.
 - `image` must be an uploaded file: BentoML would otherwise download a URL sent
   in its place, from the server, to anywhere.
 - Only the fields a route accepts: BentoML ignores the others, so a misspelt
@@ -11,8 +12,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import time
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -30,6 +33,9 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 FILE_FIELDS = ("image",)
+# BentoML keeps an upload as tmpXXXXXXXX<its file name>, and file systems take 255 bytes in one
+# name: a longer one failed with a 500.
+MAX_FILENAME_BYTES = 200
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, reason: str, message: str, **headers: str):
@@ -40,13 +46,15 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, reaso
 class BearerAuth:
     """Every route but the probes and /metrics needs `Authorization: Bearer <token>`.
 
-    Page loads (GET) may carry it as `?token=` instead, since a browser cannot
-    set a header on a navigation. GETs of `public` paths (the page's script and
+    Loads of the `pages` (GET) may carry it as `?token=` instead, since a browser
+    cannot set a header on a navigation; nothing else takes it there, so it is in
+    no address but the page's. GETs of `public` paths (the page's script and
     style, which the browser loads without either) need nothing.
     """
 
-    def __init__(self, app: App, token: str, public: frozenset[str] = frozenset()):
+    def __init__(self, app: App, token: str, pages: frozenset[str] = frozenset(), public: frozenset[str] = frozenset()):
         self.app = app
+        self.pages = pages
         self.public = public
         self.expected = f"Bearer {token}".encode()
         self.token = token.encode()
@@ -69,6 +77,8 @@ class BearerAuth:
             return False
         if scope["path"] in self.public:
             return True
+        if scope["path"] not in self.pages:
+            return False
         query = re.search(rb"(?:^|&)token=([^&]*)", scope.get("query_string", b""))
         return bool(query) and hmac.compare_digest(query.group(1), self.token)
 
@@ -77,10 +87,11 @@ class UploadGuard:
     """Refuses bodies above the limit (413), `image` fields that are not files (400), and
     fields the route does not accept (400); `fields` maps each POST route to its fields."""
 
-    def __init__(self, app: App, max_bytes: int, fields: dict[str, list[str]]):
+    def __init__(self, app: App, max_bytes: int, fields: dict[str, list[str]], timeout: float = 60):
         self.app = app
         self.max_bytes = max_bytes
         self.fields = fields
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -93,8 +104,17 @@ class UploadGuard:
             return
         body = bytearray()
         more = True
+        deadline = time.monotonic() + self.timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                await _refuse(
+                    scope, receive, send, 408, "upload_timeout",
+                    f"the upload did not arrive whole within {self.timeout:g} s (SVD_UPLOAD_TIMEOUT); "
+                    f"{len(body)} bytes came",
+                )
+                return
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -103,7 +123,10 @@ class UploadGuard:
                 await self._too_large(scope, receive, send)
                 return
         sent = _sent_fields(bytes(body), headers.get(b"content-type", b""))
-        if field := next((name for name, is_file in sent if name in FILE_FIELDS and not is_file), None):
+        if problem := _problem(sent):
+            await _refuse(scope, receive, send, 400, "bad_upload", problem)
+            return
+        if field := next((name for name, filename in sent if name in FILE_FIELDS and filename is None), None):
             await _refuse(
                 scope, receive, send, 400, "url_not_file",
                 f"`{field}` must be an uploaded file (a multipart file part with a filename); this "
@@ -136,16 +159,31 @@ class UploadGuard:
         )
 
 
-def _sent_fields(body: bytes, content_type: bytes) -> list[tuple[str, bool]]:
-    """The name of each field a form or JSON body sends, and whether it is an uploaded file."""
+def _problem(sent: list[tuple[str, bytes | None]]) -> str | None:
+    """What is wrong with the fields themselves, before their values are looked at."""
+    names = [name for name, _ in sent]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        return f"{', '.join(f'`{name}`' for name in twice)} sent more than once; send each field once."
+    for name, filename in sent:
+        basename = None if filename is None else filename.rsplit(b"/", 1)[-1]  # as os.path.basename
+        if basename is not None and len(basename) > MAX_FILENAME_BYTES:
+            return (
+                f"the file name of `{name}` is {len(basename)} bytes long; the limit is {MAX_FILENAME_BYTES}: "
+                "rename the file."
+            )
+    return None
+
+
+def _sent_fields(body: bytes, content_type: bytes) -> list[tuple[str, bytes | None]]:
+    """The name of each field a form or JSON body sends, and the file name of an uploaded file."""
     if content_type.startswith(b"application/x-www-form-urlencoded"):
-        return [(name, False) for name in parse_qs(body.decode("latin-1"), keep_blank_values=True)]
+        return [(name, None) for name in parse_qs(body.decode("latin-1"), keep_blank_values=True)]
     if content_type.startswith(b"application/json"):
         try:
             sent = json.loads(body)
         except ValueError:
             return []  # BentoML answers what is wrong with it
-        return [(str(name), False) for name in sent] if isinstance(sent, dict) else []
+        return [(str(name), None) for name in sent] if isinstance(sent, dict) else []
     boundary = re.search(rb"boundary=\"?([^\";]+)", content_type)
     if not boundary:
         return []
@@ -153,5 +191,6 @@ def _sent_fields(body: bytes, content_type: bytes) -> list[tuple[str, bool]]:
     for part in body.split(b"--" + boundary.group(1)):
         head = part[: part.find(b"\r\n\r\n")]
         if name := re.search(rb'name="([^"]*)"', head):
-            fields.append((name.group(1).decode("utf-8", "replace"), bool(re.search(rb'filename="([^"]+)"', head))))
+            filename = re.search(rb'filename="([^"]+)"', head)
+            fields.append((name.group(1).decode("utf-8", "replace"), filename.group(1) if filename else None))
     return fields

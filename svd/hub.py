@@ -8,6 +8,7 @@ when the model resolves.
 from __future__ import annotations
 
 import re
+import threading
 
 import attrs
 from bentoml.models import HuggingFaceModel
@@ -24,13 +25,20 @@ class HubModel(HuggingFaceModel):
     """The hub model as BentoML downloads it before the service starts, failing as clearly as the loader."""
 
     def resolve(self, base_path: str | None = None) -> str:
-        from svd.loading import explained_failures, resolve_device
+        from svd.loading import ModelLoadError, explained_failures, resolve_device
 
         settings = Settings.from_env()
-        # Before a download of many GB: refuse at once when there is nothing to run it on.
-        resolve_device(settings)
-        with explained_failures(settings):
-            return super().resolve(base_path)
+        try:
+            # Before a download of many GB: refuse at once when there is nothing to run it on.
+            resolve_device(settings)
+            with explained_failures(settings):
+                return super().resolve(base_path)
+        except ModelLoadError as exc:
+            if threading.current_thread() is not threading.main_thread():
+                raise  # the worker's loading thread: the engine reports it
+            # `bentoml serve` resolves declared models before it starts (server_on_deployment):
+            # one paragraph and a non-zero exit, not a traceback.
+            raise SystemExit(f"SVD cannot start: {exc}") from None
 
 
 def hub_reference(settings: Settings) -> HubModel | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +25,33 @@ def png(width: int, height: int, mode: str = "L") -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, (width, height)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG whose header claims width x height, with hardly any data behind it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def tiff_header(width: int, height: int) -> bytes:
+    """A small TIFF whose header says it is width x height."""
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64)).save(buffer, format="TIFF")
+    data = bytearray(buffer.getvalue())
+    first_ifd = int.from_bytes(data[4:8], "little")
+    for entry in range(int.from_bytes(data[first_ifd : first_ifd + 2], "little")):
+        at = first_ifd + 2 + 12 * entry
+        tag = int.from_bytes(data[at : at + 2], "little")
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            kind = int.from_bytes(data[at + 2 : at + 4], "little")
+            size = 2 if kind == 3 else 4
+            value = width if tag == 256 else height
+            data[at + 8 : at + 8 + size] = min(value, 2 ** (8 * size) - 1).to_bytes(size, "little")
+    return bytes(data)
 
 
 def post(url: str, files=None, data=None, timeout: float | httpx.Timeout = 120, **kwargs) -> httpx.Response:
@@ -48,6 +77,11 @@ BAD_INPUTS = {
     "absurdly large": (photo(), {"num_inference_steps": "9" * 40}, 400, "num_inference_steps"),
     "infinite": (photo(), {"noise_aug_strength": "-inf"}, 400, "noise_aug_strength"),
     "float for int": (photo(), {"width": "256.5"}, 400, "width"),
+    "a png claiming 100000x100000": (photo("bomb.png", png_header(100_000, 100_000)), {}, 413, "too large"),
+    "a tiff claiming 60000x60000": (photo("bomb.tif", tiff_header(60_000, 60_000)), {}, 413, "too large"),
+    "a 300-byte file name": (photo("a" * 296 + ".jpg"), {}, 400, "the limit is 200"),
+    "two images": ([("image", ("a.jpg", PHOTO.read_bytes(), "image/jpeg"))] * 2, {}, 400, "sent more than once"),
+    "5000 extra fields": (photo(), {f"field{index}": "1" for index in range(5000)}, 400, "unknown fields"),
 }
 
 
@@ -94,10 +128,29 @@ def test_a_url_in_place_of_the_image_is_refused_without_any_connection(server):
     assert post(server.url, files=photo(), data=TINY).status_code == 200
 
 
+def test_a_path_or_url_in_a_json_body_is_refused_and_never_read(server, tmp_path: Path):
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(PHOTO.read_bytes())  # an image the server could read, were it to try
+    for image in (f"file://{secret}", str(secret), "http://127.0.0.1:9/photo.jpg"):
+        response = httpx.post(f"{server.url}/generate", json={**TINY, "image": image}, timeout=30)
+        assert response.status_code == 400 and "must be an uploaded file" in response.text, image
+
+
+def test_an_animation_of_two_thousand_frames_is_quick(server):
+    frames = [Image.new("P", (64, 64), index % 256) for index in range(2000)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    start = time.monotonic()
+    response = post(server.url, files=photo("many.gif", buffer.getvalue(), "image/gif"), data=TINY)
+    assert response.status_code == 200 and time.monotonic() - start < 60
+
+
 def test_upload_names_never_become_paths(server):
     escape = server.tmp.parent / "escaped.jpg"
     response = post(server.url, files=photo("../../escaped.jpg"), data=TINY)
     assert response.status_code == 200
+    longest = post(server.url, files=photo("/".join(["dir"] * 100) + "/" + "a" * 196 + ".jpg"), data=TINY)
+    assert longest.status_code == 200, "a long path with a name at the limit is fine"
     assert not escape.exists() and not list(server.tmp.parent.rglob("escaped.jpg"))
     wait_until(lambda: not server.leftover_files(), 30, what="temp files removed")
 
@@ -107,6 +160,24 @@ def test_uploads_above_the_limit_get_413_before_decoding(server):
     oversized = {"image": ("big.jpg", b"\xff\xd8" + b"\0" * 21_000_000, "image/jpeg")}
     response = post(server.url, files=oversized, data=TINY)
     assert response.status_code == 413 and "SVD_MAX_UPLOAD_BYTES" in response.text
+
+
+def test_a_stalled_upload_is_cut_and_holds_up_nobody(tmp_path: Path):
+    with serve(tmp_path, env={"SVD_UPLOAD_TIMEOUT": "3"}) as slow:
+        port = int(slow.url.rsplit(":", 1)[1])
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; "
+            b"filename=\"a.jpg\"\r\n\r\n" + b"\xff" * 100
+        )
+        start = time.monotonic()
+        assert post(slow.url, files=photo(), data=TINY).status_code == 200, "served while the other upload stalls"
+        stalled.settimeout(30)
+        answer = stalled.recv(4096).decode("latin-1")
+        stalled.close()
+        assert answer.startswith("HTTP/1.1 408") and "SVD_UPLOAD_TIMEOUT" in answer, answer
+        assert time.monotonic() - start < 20
 
 
 def test_a_client_that_disconnects_crashes_nothing(server):
@@ -189,6 +260,38 @@ def test_token_is_required_except_for_probes_and_metrics(guarded):
         assert httpx.get(f"{guarded.url}{probe}").status_code == 200
     response = post(guarded.url, files=photo(), data=TINY, headers=AUTH)
     assert response.status_code == 200 and len(decode_video_bytes(response.content).frames) == 4
+
+
+def _routes(url: str) -> set[str]:
+    """Every route the app has: the API's (docs.json) and the mounted apps' (the service's schema),
+    with BentoML's own pages; path parameters filled in."""
+    from service import StableDiffusionVideo
+    from svd.guards import OPEN_PATHS
+
+    documented = httpx.get(f"{url}/docs.json", headers=AUTH).json()["paths"]
+    paths = set(documented) | set(StableDiffusionVideo.schema()["paths"]) | {"/", "/docs.json", "/schema.json"}
+    return {re.sub(r"\{[^}]+\}", "0" * 32, path) for path in paths} - OPEN_PATHS
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE"])
+def test_every_route_but_the_probes_needs_the_token(guarded, method: str):
+    routes = _routes(guarded.url)
+    assert {"/generate", "/generate_task/submit", "/progress", "/ui", "/ui/controls.json", "/outputs/"} <= routes, routes
+    with httpx.Client(base_url=guarded.url, timeout=30) as client:
+        for route in sorted(routes):
+            for variant in {route, "/" + route, route.rstrip("/") + "/", route + "?token=wrong"}:
+                response = client.request(method, variant)
+                assert response.status_code == 401, f"{method} {variant}: {response.status_code}"
+
+
+def test_a_token_in_the_address_opens_the_page_only_and_is_never_logged(guarded):
+    token = {"token": "s3cret-token"}
+    assert httpx.get(f"{guarded.url}/ui/", params=token).status_code == 200
+    assert httpx.get(f"{guarded.url}/ui", params=token, follow_redirects=True).status_code == 200
+    for route in ("/docs.json", "/outputs/", "/generate_task/status", "/ui/controls.json"):
+        assert httpx.get(f"{guarded.url}{route}", params=token).status_code == 401, route
+    assert httpx.post(f"{guarded.url}/generate", params=token, files=photo(), data=TINY).status_code == 401
+    assert "s3cret-token" not in guarded.log_text()
 
 
 def test_a_burst_gets_200_or_429_with_retry_after_and_the_server_stays_healthy(guarded):

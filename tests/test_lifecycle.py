@@ -38,6 +38,24 @@ def test_a_real_model_without_a_gpu_refuses_to_start_with_one_clear_paragraph(tm
     assert result.returncode != 0
     assert "No CUDA GPU found, so stabilityai/stable-video-diffusion-img2vid-xt will not be loaded" in output
     assert "SVD_MODEL_ID=tiny" in output and "SVD_DEVICE=cpu" in output
+    assert "Traceback" not in output
+
+
+def test_a_bad_setting_or_a_model_that_cannot_be_found_refuses_in_one_paragraph(tmp_path: Path):
+    cases = {
+        "SVD_DTYPE=float8": ({"SVD_MODEL_ID": "tiny", "SVD_DTYPE": "float8"}, "SVD_DTYPE='float8' is not allowed"),
+        "no such model": ({"SVD_MODEL_ID": "nobody-here/no-such-model", "SVD_DEVICE": "cpu"}, "nobody-here/no-such-model"),
+    }
+    for name, (settings, message) in cases.items():
+        env = {**os.environ, "BENTOML_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", **settings}
+        result = subprocess.run(
+            [sys.executable, "-m", "bentoml", "serve", "service:StableDiffusionVideo", "--port", "0"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, name
+        assert "SVD cannot start: " in output and message in output, output[-2000:]
+        assert "Traceback" not in output, output[-3000:]
 
 
 def test_readyz_turns_200_only_after_warm_up_while_livez_answers_throughout(tmp_path: Path):
