@@ -53,10 +53,14 @@ It needs an NVIDIA GPU with 16 GB of memory or more; a default video takes 30 s 
   generation as a job: follow it with `/generate_task/status` and `POST /progress`, and fetch
   it with `/generate_task/get`.
 - Every video comes with `X-Seed` (the seed used: send it back to get the same frames),
-  `X-Settings` (every effective setting, as JSON) and `Server-Timing` (milliseconds per stage).
+  `X-Settings` (every effective setting, as JSON), `Server-Timing` (milliseconds per stage),
+  `X-Worker` and `X-Output-Id`: the video stays available at `GET /outputs/<id>`, and
+  `GET /outputs/` lists the recent ones.
+- `interpolate`, `segments` and `loop` make smoother, longer and looping videos.
 - A refusal is JSON with an `error` that says what was wrong and what is allowed: 400 for a bad
-  field or an unknown one, 413 and 415 for the image, 429 and 503 with `Retry-After` when busy or
-  loading, 504 past the time limit.
+  field or an unknown one, 401 without the API token when one is set, 408 for a stalled upload,
+  413 and 415 for the image, 429 and 503 with `Retry-After` when busy or loading, 504 past the
+  time limit, 507 when the output disk is full.
 - `/livez` and `/readyz` are the probes: `/readyz` answers 200 once the model is loaded and warm.
 """
 
