@@ -24,7 +24,7 @@ from svd.fields import GenerateInput
 from svd.guards import BearerAuth, UploadGuard
 from svd.hub import hub_reference
 from svd.library import library_app
-from svd.outputs import DiskFull, Outputs, new_id, parse_keep, record_of
+from svd.outputs import DiskFull, Outputs, new_id, record_of
 from svd.params import GenerationParams
 from svd.ui import PUBLIC_FILES, ui_app
 
@@ -40,7 +40,7 @@ except ConfigError as exc:
 
 UI_PATH = "/ui"
 # Where every video is kept (SVD_OUTPUT_DIR); None when set empty.
-OUTPUTS = Outputs(Path(SETTINGS.output_dir), parse_keep(SETTINGS.output_keep)) if SETTINGS.output_dir else None
+OUTPUTS = Outputs(Path(SETTINGS.output_dir), SETTINGS.output_keep) if SETTINGS.output_dir else None
 
 DESCRIPTION = """\
 Turns a still image into a short video with [Stable Video Diffusion XT](https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt):

@@ -1,4 +1,4 @@
-"""Video encoding: our streaming encoder (svd.video.VideoWriter) against diffusers' export_to_video.
+"""Video encoding: our encoder (svd.video.VideoWriter, frames down ffmpeg's stdin) against diffusers' export_to_video.
 
 Both get the same frames: a slow sub-pixel pan across a real photo, so the
 encoders see video-like motion rather than noise (which no encoder compresses).
@@ -23,8 +23,6 @@ from harness import decode_video, top_level_boxes
 from svd.video import CODECS, VideoWriter
 
 FPS = 7
-# The service's default decode_chunk_size: frames reach the encoder two at a time.
-CHUNK = 2
 PAN_PIXELS_PER_FRAME = 3.5
 MIN_PSNR = 38.0
 MAX_SPEED_RATIO = 0.5
@@ -82,8 +80,7 @@ def write_ours(frames: np.ndarray, path: Path, video_format: str = "mp4") -> flo
     start = time.perf_counter()
     writer = VideoWriter(path, frames.shape[2], frames.shape[1], FPS, video_format)  # type: ignore[arg-type]
     try:
-        for first in range(0, len(frames), CHUNK):
-            writer.write(frames[first : first + CHUNK])
+        writer.write(frames)  # as the service does, once the frames have left the GPU
     finally:
         writer.close()
     return time.perf_counter() - start

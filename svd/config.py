@@ -8,6 +8,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
+from svd.outputs import Keep, parse_keep
+
 DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
 TINY_MODEL_ID = "tiny"
 # Built in code with random weights (svd/architectures.py): no download.
@@ -78,15 +80,11 @@ def _workers(name: str) -> int:
     return count
 
 
-def _keep(name: str, default: str) -> str:
-    from svd.outputs import parse_keep
-
-    value = os.environ.get(name, "").strip() or default
+def _keep(name: str, default: str) -> Keep:
     try:
-        parse_keep(value)
+        return parse_keep(os.environ.get(name, "").strip() or default)
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}; a count keeps that many videos, a size the newest that fit.") from None
-    return value
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ class Settings:
     max_concurrency: int = 32
     workers: int = 1
     output_dir: str = "outputs"
-    output_keep: str = "10GB"
+    output_keep: Keep = Keep(bytes=10 * 1000**3)
     test_faults: str = ""
     # Not from the environment: which of the workers this process is (from 1), set by the
     # service in each worker; it picks the worker's GPU.

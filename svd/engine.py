@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -64,7 +63,7 @@ class Engine:
 
     def __init__(self, settings: Settings, locate: Callable[[], str] | None = None, progress: Path | None = None):
         """`progress` is the file job progress is kept in, shared by the server's workers;
-        None keeps it in a temporary directory of this process's."""
+        None keeps it in this process's memory."""
         # Refuse to start at once, not minutes later, when there is no device to run on.
         resolve_device(settings)
         self.settings = settings
@@ -77,7 +76,7 @@ class Engine:
         self._in_flight = 0
         self._admission = threading.Lock()
         self.last_seconds = 0.0
-        self._progress = ProgressStore(progress or Path(tempfile.mkdtemp(prefix="svd-progress-")) / "progress.db")
+        self._progress = ProgressStore(progress)
         threading.Thread(target=self._start, args=(locate,), name="svd-load", daemon=True).start()
 
     @property

@@ -122,13 +122,15 @@ def generate(
     """
     times = times or StageTimes()
     report = report or (lambda _: None)
-    report(Progress("queued", segments=params.segments))
+    _in_segment(report, 1, params.segments)(Progress("queued"))
     with gpu:
         frames, chunk = render(model, image, params, times, report, deadline, on_decode_retry)
     params = replace(params, decode_chunk_size=chunk)
     path = out_dir / f"video.{params.format}"
-    write_video(path, frames, params, times, report)
-    report(Progress("done", segment=params.segments, segments=params.segments))
+    # What follows is on the whole video, reported as in its last segment.
+    finishing = _in_segment(report, params.segments, params.segments)
+    write_video(path, frames, params, times, finishing)
+    finishing(Progress("done"))
     return Generation(path, params, times)
 
 
@@ -166,12 +168,12 @@ def _in_segment(report: ProgressCallback, segment: int, segments: int) -> Progre
 def write_video(path: Path, frames: np.ndarray, params: GenerationParams, times: StageTimes, report: ProgressCallback) -> None:
     """Interpolate, loop and encode the frames into the file at `path`."""
     if params.interpolate > 1:
-        report(Progress("interpolate", segment=params.segments, segments=params.segments))
+        report(Progress("interpolate"))
         with times.measure("interpolate"):
             frames = interpolate(frames, params.fps, params.interpolate)
     if params.loop == "pingpong":
         frames = pingpong(frames)
-    report(Progress("video", segment=params.segments, segments=params.segments))
+    report(Progress("video"))
     with times.measure("video"):
         writer = VideoWriter(path, params.width, params.height, params.fps * params.interpolate, params.format)
         try:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 import re
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -161,8 +162,7 @@ class UploadGuard:
 
 def _problem(sent: list[tuple[str, bytes | None]]) -> str | None:
     """What is wrong with the fields themselves, before their values are looked at."""
-    names = [name for name, _ in sent]
-    if twice := sorted({name for name in names if names.count(name) > 1}):
+    if twice := sorted(name for name, count in Counter(name for name, _ in sent).items() if count > 1):
         return f"{', '.join(f'`{name}`' for name in twice)} sent more than once; send each field once."
     for name, filename in sent:
         basename = None if filename is None else filename.rsplit(b"/", 1)[-1]  # as os.path.basename

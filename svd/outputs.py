@@ -104,15 +104,20 @@ class Outputs:
         """Remove the oldest beyond what SVD_OUTPUT_KEEP allows. A file still being written has a
         temporary name and is never counted; one being served stays readable, as POSIX keeps an
         open file's data until it is closed."""
+        # One listing of the folder, not one per output: it may hold thousands.
+        videos: dict[str, list[Path]] = {}
+        for path in self.folder.iterdir():
+            if ID.fullmatch(path.stem) and path.suffix != SIDECAR:
+                videos.setdefault(path.stem, []).append(path)
         total = 0
         for index, sidecar in enumerate(self._sidecars()):
-            videos = [path for path in self.folder.glob(f"{sidecar.stem}.*") if path.suffix != SIDECAR]
-            total += sum(path.stat().st_size for path in videos if path.exists())
+            kept = videos.get(sidecar.stem, [])
+            total += sum(path.stat().st_size for path in kept if path.exists())
             over_count = self.keep.count is not None and index >= self.keep.count
             over_bytes = self.keep.bytes is not None and total > self.keep.bytes and index > 0
             if over_count or over_bytes:
                 sidecar.unlink(missing_ok=True)
-                for path in videos:
+                for path in kept:
                     path.unlink(missing_ok=True)
 
     def _sidecars(self) -> list[Path]:

@@ -1,7 +1,7 @@
 """Video encoding with the ffmpeg that imageio-ffmpeg bundles.
 
-Frames arrive as uint8 RGB arrays, chunk by chunk while the VAE decodes, and go
-straight down ffmpeg's stdin: no PIL images, no intermediate files.
+Frames arrive as uint8 RGB arrays and go straight down ffmpeg's stdin: no PIL
+images, no intermediate files.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def test_omitted_seed_is_drawn_and_reported(call_service):
 
 
 def test_frames_match_what_the_diffusers_pipeline_returns(service):
-    """Decoding chunk by chunk into the encoder gives exactly diffusers' own uint8 frames."""
+    """Decoding chunk by chunk gives exactly diffusers' own uint8 frames."""
     from svd.params import GenerationParams
 
     image = Image.open(PHOTO).convert("RGB").resize((256, 128))
