@@ -108,22 +108,37 @@ class Server:
         """Regular files the server left in its temporary directory."""
         return [path for path in self.tmp.rglob("*") if path.is_file() and "prometheus" not in str(path)]
 
+    def workers(self) -> list[int]:
+        """The pids of the server's workers: its children, each in a session of its own."""
+        return children(self.process.pid)
+
     def worker_rss(self) -> int:
         """Resident bytes of the server's processes (the worker holds the model)."""
         total = 0
-        for status in Path("/proc").glob("[0-9]*/status"):
+        for pid in [self.process.pid, *self.workers()]:
             try:
-                text = status.read_text()
-                stat = (status.parent / "stat").read_text()
+                text = Path(f"/proc/{pid}/status").read_text()
             except OSError:
                 continue  # the process ended meanwhile
-            session = int(stat.rsplit(")", 1)[1].split()[3])
-            if session == self.process.pid and (match := re.search(r"VmRSS:\s+(\d+) kB", text)):
+            if match := re.search(r"VmRSS:\s+(\d+) kB", text):
                 total += int(match.group(1)) * 1024
         return total
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def children(parent: int) -> list[int]:
+    """Live processes whose parent is `parent`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
 
 
 def _ready(url: str, process: subprocess.Popen, log: Path) -> bool:

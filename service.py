@@ -6,12 +6,11 @@ Configuration is read from the environment once, in svd/config.py.
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import bentoml
 from bentoml.validators import ContentType
@@ -23,15 +22,14 @@ from svd.errors import Refused
 from svd.fields import GenerateInput
 from svd.guards import BearerAuth, UploadGuard
 from svd.hub import hub_reference
+from svd.jobs import open_store
+from svd.jobs.routes import JobRoutes, no_such_task
 from svd.library import library_app
-from svd.outputs import DiskFull, Outputs, new_id, record_of
+from svd.outputs import ID, Outputs, headers_of, new_id, record_of
 from svd.params import GenerationParams
+from svd.progress import Progress
 from svd.ui import PUBLIC_FILES, ui_app
 
-if TYPE_CHECKING:
-    from svd.generate import Generation
-
-logger = logging.getLogger("bentoml.svd")
 try:
     SETTINGS = Settings.from_env()
 except ConfigError as exc:
@@ -41,6 +39,8 @@ except ConfigError as exc:
 UI_PATH = "/ui"
 # Where every video is kept (SVD_OUTPUT_DIR); None when set empty.
 OUTPUTS = Outputs(Path(SETTINGS.output_dir), SETTINGS.output_keep) if SETTINGS.output_dir else None
+# A job's video waits there for its client, or beside the job store when videos are not kept.
+JOB_OUTPUTS = OUTPUTS or Outputs(Path(SETTINGS.jobs_db).parent, SETTINGS.output_keep)
 
 DESCRIPTION = """\
 Turns a still image into a short video with [Stable Video Diffusion XT](https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt):
@@ -49,9 +49,10 @@ Turns a still image into a short video with [Stable Video Diffusion XT](https://
 It needs an NVIDIA GPU with 16 GB of memory or more; a default video takes 30 s to a few minutes.
 **[Open the web page](/ui/)** to try it in the browser.
 
-- `POST /generate` answers the video itself. `POST /generate_task/submit` starts the same
-  generation as a job: follow it with `/generate_task/status` and `POST /progress`, and fetch
-  it with `/generate_task/get`.
+- `POST /generate` answers the video itself. `POST /generate_task/submit` queues the same
+  generation as a job: follow it with `/generate_task/status` and `POST /progress`, fetch
+  it with `/generate_task/get`, stop it with `PUT /generate_task/cancel`. Jobs survive
+  restarts and crashes: a job whose worker dies is run again by another.
 - Every video comes with `X-Seed` (the seed used: send it back to get the same frames),
   `X-Settings` (every effective setting, as JSON), `Server-Timing` (milliseconds per stage),
   `X-Worker` and `X-Output-Id`: the video stays available at `GET /outputs/<id>`, and
@@ -94,15 +95,28 @@ class StableDiffusionVideo:
     def __init__(self) -> None:
         # Here, not above: `bentoml serve` imports this file in a process that never runs
         # the model, and torch, diffusers and transformers take seconds and hundreds of MiB.
-        from bentoml._internal.configuration.containers import BentoMLContainer
+        from svd.lifeline import end_with_parent
+        from svd.logs import quiet_library_noise
+
+        if bentoml.server_context.worker_index is not None:
+            end_with_parent()
+        quiet_library_noise()  # before the imports below, which already warn
 
         from svd.engine import Engine
+        from svd.jobs.runner import JobRunner
 
         settings = replace(SETTINGS, worker=bentoml.server_context.worker_index or 1)
-        # Beside BentoML's task results, which every worker shares too.
-        progress = Path(BentoMLContainer.result_store_file.get()).with_name("svd_progress.db")
         # Loads and warms up in the background: /livez answers at once, /readyz once warm.
-        self.engine = Engine(settings, (lambda: self.hub_model) if self.hub_model else None, progress)
+        self.engine = Engine(settings, (lambda: self.hub_model) if self.hub_model else None)
+        self.jobs = open_store(settings)
+        # Takes jobs from the store whenever this worker's GPU is free.
+        self.runner = JobRunner(self.engine, self.jobs, JOB_OUTPUTS, settings.job_lease)
+        self.runner.start()
+
+    @bentoml.on_shutdown
+    def finish_running_job(self) -> None:
+        """On SIGTERM the job running here finishes, as a request in flight does, and no other starts."""
+        self.runner.stop(self.engine.settings.timeout)
 
     def __is_ready__(self) -> bool:
         return self.engine.ready
@@ -117,39 +131,37 @@ class StableDiffusionVideo:
         The seed actually used comes back in the X-Seed header, every effective
         setting in X-Settings, and the milliseconds per stage in Server-Timing.
         """
-        params = GenerationParams(**controls)
-        task_id = getattr(context.request.state, "task_id", None)
-        output_id = task_id or new_id()
+        output_id = new_id()
         try:
-            result = self.engine.run(image, params, Path(context.temp_dir), key=task_id)
-            keep(output_id, result, image, self.engine.settings)
+            result = self.engine.run(image, GenerationParams(**controls), Path(context.temp_dir))
+            record = record_of(result, image, self.engine.settings)
+            if OUTPUTS:
+                OUTPUTS.put(output_id, result.path, record)
         except Refused as refused:
-            # BentoML answers with the context's status code, whatever the response says.
-            context.response.status_code = refused.status
-            return refused.response()  # type: ignore[return-value]
-        headers = {**response_headers(result), "X-Worker": str(self.engine.settings.worker), "X-Output-Id": output_id}
-        if task_id is not None:
-            # BentoML stores a job's answer by replaying the response without a
-            # request method, which a file response needs: hand it the bytes.
-            return Response(result.path.read_bytes(), headers=headers)  # type: ignore[return-value]
+            return refuse(context, refused)  # type: ignore[return-value]
+        headers = headers_of(output_id, record)
+        if OUTPUTS is None:
+            del headers["X-Output-Id"]  # nothing was kept to point at
         context.response.headers.update(headers)
         return result.path
 
-    # The same generation as an async job: POST /generate_task/submit answers a
-    # task id at once; /generate_task/status and /generate_task/get follow it.
+    # The same generation as a job. Swagger and BentoML's clients learn the task routes
+    # (ROUTE/submit, /status, /get, /cancel, /retry) from this declaration; the job store
+    # answers them (svd/jobs/routes.py) and the runners run the jobs.
     generate_task = bentoml.task(generate.func, route="/generate_task", input_spec=GenerateInput)
     generate_task.name = "generate_task"  # bentoml.task ignores its name argument (1.4.39)
 
     @bentoml.api
-    async def progress(
-        self, task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")]
+    def progress(
+        self, context: bentoml.Context, task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")]
     ) -> dict[str, Any]:
-        """Where a generate_task job is: its stage (queued, encode, denoise, decode, interpolate, video, done),
-        its step and its segment."""
-        progress = self.engine.progress(task_id)
-        if progress is None:
-            return {"task_id": task_id, "stage": "unknown", "step": 0, "steps": 0}
-        return {"task_id": task_id, **progress.__dict__}
+        """Where a generate_task job is: its status, its stage (queued, encode, denoise, decode, interpolate,
+        video, done), its step and its segment."""
+        job = self.jobs.get(task_id) if ID.fullmatch(task_id) else None
+        if job is None:
+            status, why = no_such_task(task_id)
+            return refuse(context, Refused(HTTPStatus(status), "unknown_task", why))  # type: ignore[return-value]
+        return {"task_id": task_id, "status": job.status, **asdict(job.progress or Progress())}
 
 
 if OUTPUTS:
@@ -173,24 +185,19 @@ StableDiffusionVideo.add_asgi_middleware(
         for api in StableDiffusionVideo.apis.values()
     },
 )
+StableDiffusionVideo.add_asgi_middleware(
+    JobRoutes,
+    route=StableDiffusionVideo.apis["generate_task"].route,
+    open_store=partial(open_store, SETTINGS),
+    fields=GenerateInput,
+    # SVD_MAX_QUEUE per worker, as for synchronous requests.
+    limit=SETTINGS.max_queue * SETTINGS.workers,
+    outputs=JOB_OUTPUTS,
+    max_pixels=SETTINGS.max_pixels,
+)
 
 
-def keep(output_id: str, result: Generation, image: Path, settings: Settings) -> None:
-    """Keep the video and its record in SVD_OUTPUT_DIR; a full disk is a 507, with nothing kept."""
-    if OUTPUTS is None:
-        return
-    try:
-        OUTPUTS.save(output_id, result.path, record_of(result, image, settings))
-    except DiskFull as full:
-        logger.error("SVD could not keep output %s: %s", output_id, full.strerror)
-        raise Refused(HTTPStatus.INSUFFICIENT_STORAGE, "disk_full", f"{full.strerror}; nothing was kept") from None
-
-
-def response_headers(result: Generation) -> dict[str, str]:
-    """What a caller needs to reproduce or report a result, without guessing defaults."""
-    return {
-        "Content-Type": result.content_type,
-        "X-Seed": str(result.params.seed),
-        "X-Settings": json.dumps(result.params.__dict__, separators=(",", ":")),
-        "Server-Timing": result.times.server_timing(),
-    }
+def refuse(context: bentoml.Context, refused: Refused) -> Response:
+    # BentoML answers with the context's status code, whatever the response says.
+    context.response.status_code = refused.status
+    return refused.response()

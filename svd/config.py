@@ -108,6 +108,9 @@ class Settings:
     workers: int = 1
     output_dir: str = "outputs"
     output_keep: Keep = Keep(bytes=10 * 1000**3)
+    jobs_db: str = "outputs/jobs.db"
+    job_attempts: int = 2
+    job_lease: int = 30
     test_faults: str = ""
     # Not from the environment: which of the workers this process is (from 1), set by the
     # service in each worker; it picks the worker's GPU.
@@ -139,6 +142,8 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        # Unset: ./outputs; set empty: videos are not kept.
+        output_dir = os.environ.get("SVD_OUTPUT_DIR", "outputs").strip()
         return cls(
             model_id=os.environ.get("SVD_MODEL_ID", "").strip() or DEFAULT_MODEL_ID,
             revision=os.environ.get("SVD_MODEL_REVISION", "").strip() or "main",
@@ -155,8 +160,11 @@ class Settings:
             max_queue=_positive_int("SVD_MAX_QUEUE", 4),
             max_concurrency=_positive_int("SVD_MAX_CONCURRENCY", 32),
             workers=_workers("SVD_WORKERS"),
-            # Unset: ./outputs; set empty: videos are not kept.
-            output_dir=os.environ.get("SVD_OUTPUT_DIR", "outputs").strip(),
+            output_dir=output_dir,
             output_keep=_keep("SVD_OUTPUT_KEEP", "10GB"),
+            # Beside the kept videos, where BentoML's start-up clean-up never reaches.
+            jobs_db=os.environ.get("SVD_JOBS_DB", "").strip() or os.path.join(output_dir or "svd-jobs", "jobs.db"),
+            job_attempts=_positive_int("SVD_JOB_ATTEMPTS", 2),
+            job_lease=_positive_int("SVD_JOB_LEASE", 30),
             test_faults=os.environ.get("SVD_TEST_FAULTS", ""),
         )

@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -27,8 +27,8 @@ from svd.generate import (
     DeviceFailure,
     Generation,
     OutOfMemory,
-    Progress,
     StageTimes,
+    Stopped,
     generate,
     warm_up,
     warm_up_params,
@@ -36,7 +36,8 @@ from svd.generate import (
 from svd.images import prepare_image
 from svd.loading import LoadedModel, load_pipeline, resolve_device
 from svd.params import GenerationParams
-from svd.progress import ProgressStore
+from svd.progress import ProgressCallback
+from svd.turns import Turns
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -61,9 +62,7 @@ LOADING = State("loading", "the model is still loading; retry when /readyz answe
 class Engine:
     """Loads the model in a background thread, then queues the requests for it: one on the GPU at a time."""
 
-    def __init__(self, settings: Settings, locate: Callable[[], str] | None = None, progress: Path | None = None):
-        """`progress` is the file job progress is kept in, shared by the server's workers;
-        None keeps it in this process's memory."""
+    def __init__(self, settings: Settings, locate: Callable[[], str] | None = None):
         # Refuse to start at once, not minutes later, when there is no device to run on.
         resolve_device(settings)
         self.settings = settings
@@ -71,12 +70,11 @@ class Engine:
         self._settled = threading.Condition()
         self.model: LoadedModel | None = None
         self.faults: Faults | None = None
-        # One GPU, one generation: admitted requests and jobs wait here instead of fighting over memory.
-        self._gpu = threading.Lock()
+        # One GPU, one generation: admitted requests and jobs wait their turn instead of fighting over memory.
+        self.turns = Turns()
         self._in_flight = 0
         self._admission = threading.Lock()
         self.last_seconds = 0.0
-        self._progress = ProgressStore(progress)
         threading.Thread(target=self._start, args=(locate,), name="svd-load", daemon=True).start()
 
     @property
@@ -138,11 +136,24 @@ class Engine:
             warm_up_seconds,
         )
 
-    def run(self, image: Path, params: GenerationParams, out_dir: Path, key: str | None = None) -> Generation:
-        """Admit, check, prepare and generate one request; `key` names its progress for `progress`."""
+    def run(
+        self,
+        image: Path,
+        params: GenerationParams,
+        out_dir: Path,
+        report: ProgressCallback | None = None,
+        stop: threading.Event | None = None,
+        turn: AbstractContextManager[object] | None = None,
+    ) -> Generation:
+        """Admit, check, prepare and generate one request.
+
+        A job comes with the GPU turn its runner took for it (`turn`): it is admitted
+        whatever the queue, since the job store bounds the jobs. `report` and `stop` are
+        handed to the generation (svd/generate.py).
+        """
         start = time.perf_counter()
         try:
-            result = self._run(image, params, out_dir, key)
+            result = self._run(image, params, out_dir, report, stop, turn)
         except Refused as refused:
             metrics.GENERATIONS.labels(outcome=refused.reason).inc()
             if refused.reason in ("busy", "not_ready"):
@@ -151,6 +162,9 @@ class Engine:
         except InputError as exc:
             metrics.GENERATIONS.labels(outcome="bad_input").inc()
             raise Refused(exc.status, "bad_input", str(exc)) from None
+        except Stopped:
+            metrics.GENERATIONS.labels(outcome="canceled").inc()
+            raise
         except Exception:
             metrics.GENERATIONS.labels(outcome="error").inc()
             raise
@@ -161,13 +175,21 @@ class Engine:
             metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
         return result
 
-    def _run(self, image: Path, params: GenerationParams, out_dir: Path, key: str | None) -> Generation:
+    def _run(
+        self,
+        image: Path,
+        params: GenerationParams,
+        out_dir: Path,
+        report: ProgressCallback | None,
+        stop: threading.Event | None,
+        turn: AbstractContextManager[object] | None,
+    ) -> Generation:
         deadline = time.monotonic() + self.settings.timeout
         state, model = self.state, self.model
         if model is None or state.name != "ready":
             retry_after = LOADING_RETRY_AFTER if state is LOADING else None
             raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", state.message, retry_after)
-        with self._admitted() as admitted:
+        with self._admitted(always=turn is not None) as admitted:
             if not admitted:
                 raise Refused(
                     HTTPStatus.TOO_MANY_REQUESTS,
@@ -176,13 +198,13 @@ class Engine:
                     f"{self.settings.max_queue}); retry later",
                     self._retry_after(),
                 )
-            return self._generate(model, image, params, out_dir, key, deadline)
+            return self._generate(model, image, params, out_dir, deadline, report, stop, turn or self.turns)
 
     @contextmanager
-    def _admitted(self) -> Iterator[bool]:
+    def _admitted(self, always: bool = False) -> Iterator[bool]:
         """Take one of SVD_MAX_QUEUE places, atomically; yields False when all are taken."""
         with self._admission:
-            admitted = self._in_flight < self.settings.max_queue
+            admitted = always or self._in_flight < self.settings.max_queue
             self._in_flight += admitted
             metrics.IN_FLIGHT.set(self._in_flight)
         try:
@@ -193,16 +215,23 @@ class Engine:
                 metrics.IN_FLIGHT.set(self._in_flight)
 
     def _generate(
-        self, model: LoadedModel, image: Path, params: GenerationParams, out_dir: Path, key: str | None, deadline: float
+        self,
+        model: LoadedModel,
+        image: Path,
+        params: GenerationParams,
+        out_dir: Path,
+        deadline: float,
+        report: ProgressCallback | None,
+        stop: threading.Event | None,
+        turn: AbstractContextManager[object],
     ) -> Generation:
         params = params.resolve(model.max_frames)
         times = StageTimes()
         with times.measure("prepare"):
             picture = prepare_image(image, params.width, params.height, params.sizing, self.settings.max_pixels)
-        report = self.track(key) if key else None
         try:
             result = generate(
-                model, picture, params, out_dir, times, report, deadline, metrics.OOM_RETRIES.inc, gpu=self._gpu
+                model, picture, params, out_dir, times, report, deadline, metrics.OOM_RETRIES.inc, gpu=turn, stop=stop
             )
             self.last_seconds = sum(times.seconds.values())
             return result
@@ -245,10 +274,3 @@ class Engine:
         Waiting for the whole queue to drain instead left the GPU idle under load (bench/load.py).
         """
         return max(1, math.ceil(self.last_seconds))
-
-    def track(self, key: str) -> Callable[[Progress], None]:
-        """A progress callback that keeps the latest state under `key` for `progress`."""
-        return lambda progress: self._progress.put(key, progress)
-
-    def progress(self, key: str) -> Progress | None:
-        return self._progress.get(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -24,6 +25,7 @@ from PIL import Image
 from svd.interpolate import interpolate, pingpong
 from svd.loading import LoadedModel
 from svd.params import GenerationParams
+from svd.progress import Progress, ProgressCallback
 from svd.video import CODECS, VideoWriter
 
 logger = logging.getLogger("bentoml.svd")
@@ -48,27 +50,17 @@ class OutOfMemory(RuntimeError):
         self.held_elsewhere = held_elsewhere
 
 
-class DeadlineExceeded(RuntimeError):
+class Stopped(RuntimeError):
+    """The generation was told to stop (its job was cancelled) and stopped between steps."""
+
+
+class DeadlineExceeded(Stopped):
     """The request ran past its time limit and was stopped between steps."""
 
 
 class DeviceFailure(RuntimeError):
     """The GPU failed in a way that leaves this process's CUDA context unusable
     (a device-side assert, an illegal memory access): only a restart recovers."""
-
-
-@dataclass
-class Progress:
-    """Where a generation is: its stage, the step within it, and the segment."""
-
-    stage: str = "queued"
-    step: int = 0
-    steps: int = 0
-    segment: int = 1
-    segments: int = 1
-
-
-ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass
@@ -84,10 +76,6 @@ class StageTimes:
             yield
         finally:
             self.seconds[stage] += time.perf_counter() - start
-
-    def server_timing(self) -> str:
-        """The value of a Server-Timing header, in milliseconds as the standard wants."""
-        return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in self.seconds.items())
 
 
 @dataclass
@@ -114,17 +102,20 @@ def generate(
     deadline: float | None = None,
     on_decode_retry: Callable[[], None] = lambda: None,
     gpu: AbstractContextManager[object] = nullcontext(),
+    stop: threading.Event | None = None,
 ) -> Generation:
     """Generate a video from a prepared image with resolved params (see GenerationParams.resolve).
 
-    `gpu` is held while the model runs (svd/engine.py passes its lock, so that requests take
-    turns), and let go before the frames are interpolated and encoded.
+    `gpu` is held while the model runs (svd/engine.py passes its turn, so that requests take
+    turns), and let go before the frames are interpolated and encoded. Setting `stop` stops
+    the generation at the next denoising step or decode chunk with Stopped.
     """
     times = times or StageTimes()
     report = report or (lambda _: None)
     _in_segment(report, 1, params.segments)(Progress("queued"))
+    checkpoint = Checkpoint(deadline, stop)
     with gpu:
-        frames, chunk = render(model, image, params, times, report, deadline, on_decode_retry)
+        frames, chunk = render(model, image, params, times, report, checkpoint, on_decode_retry)
     params = replace(params, decode_chunk_size=chunk)
     path = out_dir / f"video.{params.format}"
     # What follows is on the whole video, reported as in its last segment.
@@ -140,7 +131,7 @@ def render(
     params: GenerationParams,
     times: StageTimes,
     report: ProgressCallback,
-    deadline: float | None,
+    checkpoint: Checkpoint,
     on_decode_retry: Callable[[], None],
 ) -> tuple[np.ndarray, int]:
     """Every segment's frames as uint8 (frames, H, W, 3), a frame shared by two segments once,
@@ -154,7 +145,7 @@ def render(
             # Handed straight over, the latents live only inside _decode: they are gone
             # by the time memory is released.
             frames, chunk = _decode(
-                model, denoise(model, image, seeded, times, in_segment, deadline), chunk, times, in_segment, deadline, on_decode_retry
+                model, denoise(model, image, seeded, times, in_segment, checkpoint), chunk, times, in_segment, checkpoint, on_decode_retry
             )
             parts.append(frames if segment == 0 else frames[1:])
             image = Image.fromarray(frames[-1])
@@ -206,7 +197,7 @@ def _releasing(model: LoadedModel) -> Iterator[None]:
         yield
     except torch.OutOfMemoryError as exc:
         failure = OutOfMemory(f"the GPU ran out of memory ({exc})")
-    except (OutOfMemory, DeadlineExceeded) as exc:
+    except (OutOfMemory, Stopped) as exc:
         failure = exc.with_traceback(None)
     except RuntimeError as exc:
         if not is_device_failure(exc):
@@ -254,7 +245,7 @@ def denoise(
     params: GenerationParams,
     times: StageTimes | None = None,
     report: ProgressCallback = lambda _: None,
-    deadline: float | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> torch.Tensor:
     """The pipeline up to the denoised latents, (1, frames, 4, h, w); encoding and denoising timed apart."""
     pipe = model.pipe
@@ -270,7 +261,7 @@ def denoise(
 
     def after_step(_pipe: object, step: int, _t: object, tensors: dict) -> dict:
         report(Progress("denoise", step + 1, params.num_inference_steps))
-        _check_deadline(deadline, "denoising")
+        (checkpoint or NO_CHECKPOINT)("denoising")
         return tensors
 
     report(Progress("encode"))
@@ -316,7 +307,7 @@ def _decode(
     chunk: int,
     times: StageTimes,
     report: ProgressCallback,
-    deadline: float | None,
+    checkpoint: Checkpoint,
     on_decode_retry: Callable[[], None],
 ) -> tuple[np.ndarray, int]:
     """Decode the latents chunk by chunk into uint8 frames; returns them and the chunk size finally used."""
@@ -325,7 +316,7 @@ def _decode(
     done = 0
     while done < len(latents):
         report(Progress("decode", done, len(latents)))
-        _check_deadline(deadline, "decoding")
+        checkpoint("decoding")
         try:
             with times.measure("decode"):
                 frames.append(decode_frames(model, latents[done : done + chunk]))
@@ -384,6 +375,18 @@ def memory_held_elsewhere(device: torch.device) -> int:
     return total - free - torch.cuda.memory_reserved(device)
 
 
-def _check_deadline(deadline: float | None, stage: str) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded(f"the request ran past its time limit and was stopped while {stage}")
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a generation may stop between steps: past its deadline, or when told to."""
+
+    deadline: float | None = None
+    stop: threading.Event | None = None
+
+    def __call__(self, stage: str) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped(f"the generation was stopped while {stage}")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded(f"the request ran past its time limit and was stopped while {stage}")
+
+
+NO_CHECKPOINT = Checkpoint()

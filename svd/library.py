@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from svd.outputs import ID, Outputs
+from svd.outputs import ID, Outputs, headers_of
 
 MAX_PAGE = 100
 
@@ -39,12 +40,14 @@ def library_app(outputs: Outputs) -> Starlette:
         found = outputs.find(output_id)
         if found is None:
             return JSONResponse({"error": f"no output {output_id}: never made here, or pruned (SVD_OUTPUT_KEEP)"}, 404)
-        video, record = found
-        headers = {
-            "X-Output-Id": output_id,
-            "X-Seed": str(record["seed"]),
-            "X-Settings": json.dumps(record["settings"], separators=(",", ":")),
-        }
-        return FileResponse(video, media_type=record["content_type"], headers=headers, filename=video.name, content_disposition_type="inline")
+        return serve_output(output_id, *found)
 
     return Starlette(routes=[Route("/", listing), Route("/{output_id:path}", one)])
+
+
+def serve_output(output_id: str, video: Path, record: dict[str, Any]) -> FileResponse:
+    """A kept video with the headers it was made with."""
+    headers = headers_of(output_id, record)
+    return FileResponse(
+        video, media_type=headers.pop("Content-Type"), headers=headers, filename=video.name, content_disposition_type="inline"
+    )

@@ -10,7 +10,7 @@ import bentoml
 GENERATIONS = bentoml.metrics.Counter(
     name="svd_generations",
     documentation="Generations by outcome: ok, bad_input, busy, not_ready, out_of_memory, too_big_for_gpu, "
-    "device_failure, timeout, error.",
+    "device_failure, timeout, canceled, error.",
     labelnames=["outcome"],
 )
 GENERATION_SECONDS = bentoml.metrics.Histogram(

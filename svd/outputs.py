@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -18,13 +19,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from svd.errors import Refused
 
 if TYPE_CHECKING:
     from svd.config import Settings
     from svd.generate import Generation
 
+logger = logging.getLogger("bentoml.svd")
 # 128 random bits, as hex: the ids this service hands out, BentoML's task ids included.
 ID = re.compile(r"[0-9a-f]{32}")
 SIDECAR = ".json"
@@ -78,6 +83,14 @@ class Outputs:
             raise
         self.prune()
         return record
+
+    def put(self, output_id: str, video: Path, record: dict[str, Any]) -> None:
+        """`save`, with a full disk refused as 507 and logged."""
+        try:
+            self.save(output_id, video, record)
+        except DiskFull as full:
+            logger.error("SVD could not keep output %s: %s", output_id, full.strerror)
+            raise Refused(HTTPStatus.INSUFFICIENT_STORAGE, "disk_full", f"{full.strerror}; nothing was kept") from None
 
     def find(self, output_id: str) -> tuple[Path, dict[str, Any]] | None:
         """The video and record of a well-formed id, or None; other ids never reach the file system."""
@@ -149,6 +162,19 @@ def _write_atomically(path: Path, content: Path | bytes) -> None:
         raise
 
 
+def headers_of(output_id: str, record: dict[str, Any]) -> dict[str, str]:
+    """What a caller needs to reproduce or report a video, without guessing defaults."""
+    return {
+        "Content-Type": record["content_type"],
+        "X-Seed": str(record["seed"]),
+        "X-Settings": json.dumps(record["settings"], separators=(",", ":")),
+        # Milliseconds, as the standard wants.
+        "Server-Timing": ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in record["stage_seconds"].items()),
+        "X-Worker": str(record["worker"]),
+        "X-Output-Id": output_id,
+    }
+
+
 def record_of(result: Generation, image: Path, settings: Settings) -> dict[str, Any]:
     """What a kept video's sidecar says: enough to reproduce it, or to tell where it came from."""
     digest = hashlib.sha256()
@@ -159,7 +185,7 @@ def record_of(result: Generation, image: Path, settings: Settings) -> dict[str, 
         "content_type": result.content_type,
         "seed": result.params.seed,
         "settings": result.params.__dict__,
-        "stage_seconds": {stage: round(seconds, 3) for stage, seconds in result.times.seconds.items()},
+        "stage_seconds": {stage: round(seconds, 4) for stage, seconds in result.times.seconds.items()},
         "model": settings.model_id,
         "revision": settings.revision if settings.is_hub_model else None,
         "image_sha256": digest.hexdigest(),

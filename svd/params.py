@@ -155,6 +155,12 @@ class GenerationParams:
         num_frames = max_frames if self.num_frames is None else self.num_frames
         if not 1 <= num_frames <= max_frames:
             raise BadInput(f"num_frames must be from 1 to {max_frames} for this model, got {num_frames}.")
+        self.check()
+        seed = secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed
+        return GenerationParams(**{**self.__dict__, "num_frames": num_frames, "seed": seed})
+
+    def check(self) -> None:
+        """What depends on two fields: checked before a job is accepted, and again before it runs."""
         if self.min_guidance_scale > self.max_guidance_scale:
             raise BadInput(
                 f"min_guidance_scale ({self.min_guidance_scale:g}) must not be above "
@@ -165,8 +171,6 @@ class GenerationParams:
                 f"fps x interpolate must be at most {MAX_GIF_FPS} for a gif (GIF counts in hundredths of a "
                 f"second), got {self.fps} x {self.interpolate}; lower one, or ask for mp4 or webm."
             )
-        seed = secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed
-        return GenerationParams(**{**self.__dict__, "num_frames": num_frames, "seed": seed})
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 //
 // It builds its form from controls.json (the service's own fields) and calls the service's API
 // on the same origin: POST /generate_task/submit, then /progress and /generate_task/status until
-// the task ends, then /generate_task/get for the video and its X-Seed and X-Settings.
+// the task ends, then /generate_task/get for the video and its X-Seed and X-Settings. Cancel
+// sends PUT /generate_task/cancel, which stops the job on the GPU at its next step.
 // A token given as `?token=` or under Advanced is sent as `Authorization: Bearer`.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const form = $("form"), fileInput = $("image"), drop = $("drop");
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-let previewUrl = null, videoUrl = null, lastSeed = null;
+let previewUrl = null, videoUrl = null, lastSeed = null, runningTask = null;
 
 // --- Token: from ?token= (kept in the address, since reloading the page needs it there when the
 // service wants a token) or typed under Advanced; kept for this tab only.
@@ -228,7 +229,7 @@ async function waitForTask(taskId, started) {
     const { status: state } = await status.json();
     if (state === "completed") return;
     if (state === "failed") return;  // /generate_task/get says why
-    if (state === "canceled") throw new Problem("The task was cancelled.");
+    if (state === "canceled") throw new Problem("Cancelled: the service stopped the job and made no video.");
     showProgress(p.stage, p.step, p.steps, started, p.segment, p.segments);
   }
 }
@@ -325,6 +326,7 @@ form.addEventListener("submit", async (event) => {
   for (const [key, value] of [...data.entries()]) if (typeof value === "string" && !value.trim()) data.delete(key);
   const button = $("generate");
   button.disabled = true;
+  $("cancel").disabled = true;  // until there is a task to cancel
   const started = performance.now();
   $("status").hidden = false;
   $("placeholder").hidden = true;
@@ -334,6 +336,8 @@ form.addEventListener("submit", async (event) => {
     const submitted = await api("generate_task/submit", { method: "POST", body: data });
     if (!submitted.ok) throw await problem(submitted);
     const { task_id: taskId } = await submitted.json();
+    runningTask = taskId;
+    $("cancel").disabled = false;
     await waitForTask(taskId, started);
     const result = await api("generate_task/get?task_id=" + encodeURIComponent(taskId));
     if (!result.ok) throw await problem(result);
@@ -345,6 +349,17 @@ form.addEventListener("submit", async (event) => {
     $("status").hidden = true;
     showError(err instanceof TypeError ? new Problem("Could not reach the service:", [err.message]) : err);
   } finally {
+    runningTask = null;
     button.disabled = false;
   }
+});
+
+// Stops the running job; the progress loop then sees it cancelled. A job that finished
+// meanwhile answers 409 and is shown as usual.
+$("cancel").addEventListener("click", async () => {
+  if (!runningTask) return;
+  $("cancel").disabled = true;
+  $("progress-text").textContent = "Cancelling…";
+  const response = await api("generate_task/cancel?task_id=" + encodeURIComponent(runningTask), { method: "PUT" });
+  if (!response.ok && response.status !== 409) showError(await problem(response));
 });

@@ -1,0 +1,144 @@
+"""Jobs that are never lost: the interface every job store implements.
+
+A job is submitted with its image and controls, waits `pending` until a worker whose
+GPU is free claims it, runs `in_progress` under a lease its worker renews, and ends
+`completed`, `failed` or `canceled`. A lease that lapses (its worker died) lets another
+worker claim the job again, up to the store's attempts; then it fails, saying so.
+The statuses are BentoML's, so its clients read them unchanged.
+
+The same interface is meant for a store shared by many machines (Redis); the one
+here is an SQLite file shared by the workers of one machine (svd/jobs/sqlite.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from svd.progress import Progress
+
+if TYPE_CHECKING:
+    from svd.config import Settings
+
+PENDING = "pending"
+IN_PROGRESS = "in_progress"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELED = "canceled"
+FINISHED = (COMPLETED, FAILED, CANCELED)
+
+
+class QueueFull(Exception):
+    """Submit refused: the store already holds as many unfinished jobs as it may.
+
+    `retry_after` is one generation's time, the last job's, when the store knows it.
+    """
+
+    def __init__(self, unfinished: int, retry_after: float | None):
+        super().__init__(unfinished)
+        self.unfinished = unfinished
+        self.retry_after = retry_after
+
+
+class UnknownJob(KeyError):
+    """No job has this id (never submitted, or its record has expired)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the store knows of a job; times are seconds since the epoch."""
+
+    id: str
+    status: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    attempt: int = 0
+    progress: Progress | None = None
+    # A failed job's error, and the HTTP status /generate_task/get answers it with.
+    error: str | None = None
+    error_status: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """BentoML's task status, with the attempt and a failed job's error."""
+        return {
+            "task_id": self.id,
+            "status": self.status,
+            "created_at": _iso(self.created),
+            "executed_at": _iso(self.started),
+            "completed_at": _iso(self.finished),
+            "attempt": self.attempt,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job a worker has claimed: its input, and the attempt its lease is for."""
+
+    id: str
+    attempt: int
+    image: bytes
+    image_name: str
+    controls: dict[str, Any]
+    created: float
+
+
+class JobStore(Protocol):
+    """Submit, claim, renew, report, finish, cancel and look up jobs.
+
+    Every method is one atomic step in the store, so any worker of any process may call
+    any of them at any time. Methods that act for a claim return False once the claim is
+    no longer the worker's: the job was cancelled, or its lease lapsed and another
+    worker took it.
+    """
+
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], limit: int) -> Job:
+        """Queue a job; QueueFull when `limit` jobs are already pending or in progress."""
+        ...
+
+    def claim(self, worker: str) -> Claim | None:
+        """The oldest pending job, or one whose lease lapsed, now leased to `worker`; None when
+        there is none. Jobs whose lease lapsed on their last attempt are failed on the way."""
+        ...
+
+    def renew(self, claim: Claim) -> bool:
+        """Extend the claim's lease."""
+        ...
+
+    def report(self, claim: Claim, progress: Progress) -> bool:
+        """Record where the claimed job is, renewing its lease."""
+        ...
+
+    def finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
+        """End the claimed job as completed (its video kept by id) or failed (with its error)."""
+        ...
+
+    def release(self, claim: Claim) -> bool:
+        """Put the claimed job back to pending, its attempt not counted (its worker is stopping)."""
+        ...
+
+    def cancel(self, job_id: str) -> tuple[Job, bool]:
+        """Cancel a pending or running job; returns the job and whether this call cancelled it
+        (False: it had already finished). UnknownJob when there is no such job."""
+        ...
+
+    def get(self, job_id: str) -> Job | None:
+        ...
+
+    def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
+        """A job's image, its file name and its controls, kept with its record."""
+        ...
+
+
+def open_store(settings: Settings) -> JobStore:
+    """The job store the settings name: the SQLite file SVD_JOBS_DB."""
+    from svd.jobs.sqlite import SQLiteJobs
+
+    return SQLiteJobs(Path(settings.jobs_db), settings.job_lease, settings.job_attempts)
+
+
+def _iso(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc).isoformat()

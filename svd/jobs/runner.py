@@ -1,0 +1,146 @@
+"""A worker's job runner: whenever the worker's GPU is free, it claims the oldest waiting
+job from the store and runs it on the engine, one at a time.
+
+The runner takes a GPU turn like any synchronous request, claims a job only while
+holding it, and hands the turn to the job, so a job never waits on a busy GPU while
+another worker's GPU is idle. It asks for the next turn as soon as the job lets go
+of the GPU: the next job denoises while this one's video is encoded. While a job
+runs, its lease is renewed; a cancel seen in the store stops the generation at the
+next step or decode chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from svd.engine import Engine
+from svd.errors import Refused
+from svd.generate import Stopped
+from svd.jobs import CANCELED, COMPLETED, FAILED, Claim, JobStore
+from svd.outputs import Outputs, record_of
+from svd.params import GenerationParams
+from svd.progress import Progress
+from svd.turns import HandedTurn
+
+logger = logging.getLogger("bentoml.svd")
+
+# How often an idle runner looks for work that another worker's route submitted.
+POLL_SECONDS = 0.2
+# Leases are renewed this many times per lease, so that a late renewal or two never lets one lapse.
+RENEWALS_PER_LEASE = 5
+
+
+class JobRunner:
+    """Runs jobs from `store` on `engine`, keeping their videos in `outputs`."""
+
+    def __init__(self, engine: Engine, store: JobStore, outputs: Outputs, lease: float):
+        self.engine = engine
+        self.store = store
+        self.outputs = outputs
+        self.lease = lease
+        # Unique across machines and restarts: host, process and worker.
+        self.name = f"{socket.gethostname()}/{os.getpid()}/worker-{engine.settings.worker}"
+        self._stopping = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._loop, name="svd-jobs", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Claim nothing more and give the running job up to `timeout` seconds to finish."""
+        self._stopping.set()
+        self._idle.wait(timeout)
+
+    def _loop(self) -> None:
+        self.engine.wait_ready(None)
+        # A worker whose model failed, or whose GPU did, takes no job: another worker, or this
+        # one restarted, will.
+        while self.engine.ready and not self._stopping.is_set():
+            self.engine.turns.acquire()
+            try:
+                claim = self.store.claim(self.name)
+            except Exception:
+                self.engine.turns.release()
+                logger.exception("SVD could not read the job store; trying again")
+                self._stopping.wait(1)
+                continue
+            if claim is None:
+                self.engine.turns.release()
+                self._stopping.wait(POLL_SECONDS)
+                continue
+            turn = HandedTurn(self.engine.turns)
+            self._idle.clear()
+            threading.Thread(target=self._run, args=(claim, turn), name=f"svd-job-{claim.id[:8]}", daemon=True).start()
+            turn.given_back.wait()
+
+    def _run(self, claim: Claim, turn: HandedTurn) -> None:
+        start = time.perf_counter()
+        stop = threading.Event()
+        ended = threading.Event()
+        worker = self.engine.settings.worker
+        retried = f", retried after its worker stopped {claim.attempt - 1} time(s)" if claim.attempt > 1 else ""
+        logger.info("SVD job %s started on worker %d, attempt %d%s", claim.id, worker, claim.attempt, retried)
+
+        def report(progress: Progress) -> None:
+            if not self.store.report(claim, progress):
+                stop.set()
+
+        renewing = threading.Thread(target=self._renew, args=(claim, stop, ended), name="svd-lease", daemon=True)
+        renewing.start()
+        try:
+            self._generate(claim, turn, report, stop)
+        except Stopped:
+            job = self.store.get(claim.id)
+            status = job.status if job else "gone"
+            if status == CANCELED:
+                logger.info("SVD job %s canceled on worker %d, attempt %d, after %.1f s", claim.id, worker, claim.attempt, time.perf_counter() - start)
+            else:
+                logger.warning("SVD job %s stopped on worker %d, attempt %d: its lease was lost (%s)", claim.id, worker, claim.attempt, status)
+        except Refused as refused:
+            self._fail(claim, str(refused), refused.status, start)
+        except Exception as exc:
+            logger.exception("SVD job %s failed on worker %d", claim.id, worker)
+            self._fail(claim, f"the generation failed: {exc}", 500, start)
+        else:
+            logger.info("SVD job %s completed on worker %d, attempt %d, in %.1f s", claim.id, worker, claim.attempt, time.perf_counter() - start)
+        finally:
+            turn.give_back()
+            ended.set()
+            self._idle.set()
+
+    def _generate(self, claim: Claim, turn: HandedTurn, report, stop: threading.Event) -> None:
+        with tempfile.TemporaryDirectory(prefix="svd-job-") as folder:
+            image = Path(folder) / f"image{Path(claim.image_name).suffix[:16]}"
+            image.write_bytes(claim.image)
+            result = self.engine.run(image, GenerationParams(**claim.controls), Path(folder), report, stop, turn)
+            # A job cancelled while its video was being written ends cancelled, with nothing kept.
+            if stop.is_set() or not self.store.renew(claim):
+                raise Stopped("the job was stopped while its video was written")
+            self.outputs.put(claim.id, result.path, record_of(result, image, self.engine.settings))
+            if not self.store.finish(claim, COMPLETED):
+                raise Stopped("the job was stopped while its video was kept")
+
+    def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
+        self.store.finish(claim, FAILED, error=error, error_status=status)
+        logger.warning(
+            "SVD job %s failed on worker %d, attempt %d, after %.1f s: %s",
+            claim.id, self.engine.settings.worker, claim.attempt, time.perf_counter() - start, error,
+        )
+
+    def _renew(self, claim: Claim, stop: threading.Event, ended: threading.Event) -> None:
+        """Renew the lease until the job ends; a renewal refused means the job was cancelled or taken."""
+        while not ended.wait(self.lease / RENEWALS_PER_LEASE):
+            try:
+                if not self.store.renew(claim):
+                    stop.set()
+                    return
+            except Exception:
+                logger.exception("SVD could not renew the lease of job %s", claim.id)

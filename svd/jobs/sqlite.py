@@ -1,0 +1,216 @@
+"""The job store of one machine: an SQLite file that every worker of the server shares.
+
+SQLite does the hard parts: a write transaction (BEGIN IMMEDIATE) is one writer at a
+time across processes, so two idle workers never claim the same job, and a commit is
+on disk before it returns (WAL, synchronous=FULL), so a job accepted is a job kept
+through a crash. Leases are wall-clock times, which every process of the machine shares.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Job, QueueFull, UnknownJob
+from svd.outputs import new_id
+from svd.progress import Progress
+
+# Finished jobs' records, their input included so that /retry can run them again, are kept
+# this long (as BentoML kept its task results); a completed job's video stays in the output
+# folder for as long as SVD_OUTPUT_KEEP allows.
+RETENTION_SECONDS = 24 * 3600
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    lease_until REAL,
+    image BLOB,
+    image_name TEXT,
+    controls TEXT,
+    progress TEXT,
+    error TEXT,
+    error_status INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+"""
+JOB_COLUMNS = "id, status, created, started, finished, attempt, progress, error, error_status"
+# Running jobs whose worker stopped renewing their lease.
+LAPSED = f"status = '{IN_PROGRESS}' AND lease_until < :now"
+# Only the worker holding the current attempt may act for a job.
+HELD = f"id = :id AND attempt = :attempt AND status = '{IN_PROGRESS}'"
+
+
+class SQLiteJobs:
+    """svd.jobs.JobStore on an SQLite file; `lease` is in seconds."""
+
+    def __init__(self, path: Path, lease: float = 30, attempts: int = 2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.lease = lease
+        self.attempts = attempts
+        # One connection per store, used by one thread at a time.
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, **values: Any) -> tuple | None:
+        with self._lock:
+            return self._db.execute(sql, values).fetchone()
+
+    def _update(self, sql: str, **values: Any) -> bool:
+        """Whether the statement changed a row."""
+        with self._lock:
+            return self._db.execute(sql, values).rowcount > 0
+
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], limit: int) -> Job:
+        job = Job(new_id(), PENDING, time.time(), progress=Progress())
+        with self._transaction() as db:
+            (unfinished,) = db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
+            ).fetchone()
+            if unfinished >= limit:
+                last = db.execute(
+                    f"SELECT finished - started FROM jobs WHERE status = '{COMPLETED}' ORDER BY finished DESC LIMIT 1"
+                ).fetchone()
+                raise QueueFull(unfinished, last and last[0])
+            db.execute(
+                "INSERT INTO jobs (id, status, created, image, image_name, controls, progress)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.status, job.created, image, image_name, json.dumps(controls), json.dumps(asdict(Progress()))),
+            )
+        return job
+
+    def claim(self, worker: str) -> Claim | None:
+        now = time.time()
+        # Most calls find nothing: look without taking the write lock first.
+        waiting = f"SELECT id FROM jobs WHERE status = '{PENDING}' OR ({LAPSED}) LIMIT 1"
+        if self._one(waiting, now=now) is None:
+            return None
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE jobs SET status = '{FAILED}', finished = :now, lease_until = NULL, error_status = 500,"
+                " error = 'the worker running this job stopped ' || attempt || ' times (killed, or out of memory,"
+                " or its machine restarted); it is not tried again' "
+                f"WHERE {LAPSED} AND attempt >= :attempts",
+                {"now": now, "attempts": self.attempts},
+            )
+            row = db.execute(
+                f"SELECT id, attempt, image, image_name, controls, created FROM jobs WHERE status = '{PENDING}'"
+                f" OR ({LAPSED}) ORDER BY seq LIMIT 1",
+                {"now": now},
+            ).fetchone()
+            if row is None:
+                return None
+            job_id, attempt, image, image_name, controls, created = row
+            db.execute(
+                f"UPDATE jobs SET status = '{IN_PROGRESS}', attempt = :attempt, worker = :worker, started = :now,"
+                " lease_until = :until, progress = :progress WHERE id = :id",
+                {
+                    "attempt": attempt + 1,
+                    "worker": worker,
+                    "now": now,
+                    "until": now + self.lease,
+                    "progress": json.dumps(asdict(Progress())),
+                    "id": job_id,
+                },
+            )
+        return Claim(job_id, attempt + 1, image, image_name, json.loads(controls), created)
+
+    def renew(self, claim: Claim) -> bool:
+        return self._update(
+            f"UPDATE jobs SET lease_until = :until WHERE {HELD}",
+            until=time.time() + self.lease, id=claim.id, attempt=claim.attempt,
+        )
+
+    def report(self, claim: Claim, progress: Progress) -> bool:
+        return self._update(
+            f"UPDATE jobs SET progress = :progress, lease_until = :until WHERE {HELD}",
+            progress=json.dumps(asdict(progress)), until=time.time() + self.lease, id=claim.id, attempt=claim.attempt,
+        )
+
+    def finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
+        now = time.time()
+        with self._transaction() as db:
+            updated = db.execute(
+                "UPDATE jobs SET status = :status, finished = :now, lease_until = NULL, error = :error,"
+                f" error_status = :error_status WHERE {HELD}",
+                {
+                    "status": status,
+                    "now": now,
+                    "error": error,
+                    "error_status": error_status,
+                    "id": claim.id,
+                    "attempt": claim.attempt,
+                },
+            )
+            db.execute(
+                f"DELETE FROM jobs WHERE status IN ('{COMPLETED}', '{FAILED}', '{CANCELED}') AND finished < ?",
+                (now - RETENTION_SECONDS,),
+            )
+        return updated.rowcount == 1
+
+    def release(self, claim: Claim) -> bool:
+        return self._update(
+            f"UPDATE jobs SET status = '{PENDING}', attempt = attempt - 1, worker = NULL, lease_until = NULL,"
+            f" progress = :progress WHERE {HELD}",
+            progress=json.dumps(asdict(Progress())), id=claim.id, attempt=claim.attempt,
+        )
+
+    def cancel(self, job_id: str) -> tuple[Job, bool]:
+        with self._transaction() as db:
+            job = _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            if job is None:
+                raise UnknownJob(job_id)
+            if job.status not in (PENDING, IN_PROGRESS):
+                return job, False
+            db.execute(
+                f"UPDATE jobs SET status = '{CANCELED}', finished = ?, lease_until = NULL WHERE id = ?",
+                (time.time(), job_id),
+            )
+            return _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+
+    def get(self, job_id: str) -> Job | None:
+        return _job(self._one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id", id=job_id))
+
+    def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
+        row = self._one("SELECT image, image_name, controls FROM jobs WHERE id = :id", id=job_id)
+        return None if row is None else (row[0], row[1], json.loads(row[2]))
+
+
+def _job(row: tuple | None) -> Job | None:
+    if row is None:
+        return None
+    job_id, status, created, started, finished, attempt, progress, error, error_status = row
+    return Job(
+        job_id, status, created, started, finished, attempt, Progress(**json.loads(progress)) if progress else None, error, error_status
+    )

@@ -1,0 +1,295 @@
+"""Jobs that are never lost: the job store, cancel, a worker or a whole server killed, restarts.
+
+The store is tested on its own SQLite file, as two workers would share it; the rest
+against real `bentoml serve` processes of the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness import PHOTO, ROOT, SMALL, Server, decode_video, serve, wait_until
+from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, QueueFull, UnknownJob
+from svd.jobs.sqlite import SQLiteJobs
+from svd.progress import Progress
+from svd.turns import Turns
+
+# Long enough in denoising (about 5 s on two cores) to act while it runs.
+SLOW = {**SMALL, "num_inference_steps": 100}
+# A dead worker's job is taken again this many seconds after its last renewal.
+LEASE = "3"
+
+
+def _store(path: Path, lease: float = 30, attempts: int = 2) -> SQLiteJobs:
+    return SQLiteJobs(path / "jobs.db", lease, attempts)
+
+
+def test_the_store_hands_out_each_job_once_oldest_first(tmp_path: Path):
+    first, second = _store(tmp_path), _store(tmp_path)  # two workers, one file
+    ids = [first.submit(b"image", "photo.png", {"seed": seed}, limit=10).id for seed in range(3)]
+    assert [first.get(job_id).status for job_id in ids] == [PENDING] * 3
+    claims = [second.claim("b"), first.claim("a"), second.claim("b")]
+    assert [claim.id for claim in claims] == ids and [claim.controls["seed"] for claim in claims] == [0, 1, 2]
+    assert first.claim("a") is None
+    assert first.get(ids[0]).status == IN_PROGRESS and first.get(ids[0]).attempt == 1
+    assert claims[0].image == b"image" and claims[0].image_name == "photo.png"
+
+
+def test_the_store_bounds_the_jobs_waiting_or_running(tmp_path: Path):
+    store = _store(tmp_path)
+    store.submit(b"x", "a.png", {}, limit=2)
+    claim = store.claim("a")
+    store.submit(b"x", "b.png", {}, limit=2)
+    with pytest.raises(QueueFull) as full:
+        store.submit(b"x", "c.png", {}, limit=2)
+    assert full.value.unfinished == 2
+    store.finish(claim, COMPLETED)
+    store.submit(b"x", "c.png", {}, limit=2)
+
+
+def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(tmp_path: Path):
+    store = _store(tmp_path, lease=0.3, attempts=2)
+    job_id = store.submit(b"x", "a.png", {}, limit=10).id
+    first = store.claim("dies")
+    assert store.claim("lives") is None, "leased"
+    # The worker died: nobody renews. Once the lease lapses, the job is taken again.
+    second = wait_until(lambda: store.claim("lives"), 5, 0.05, "the lapsed job taken again")
+    assert (second.id, second.attempt) == (job_id, 2)
+    assert not store.renew(first) and not store.report(first, Progress("denoise", 3, 25)), "the dead worker's claim is void"
+    assert not store.finish(first, COMPLETED)
+    behind = store.submit(b"x", "b.png", {}, limit=10).id
+    assert store.claim("third").id == behind, "the jobs behind run meanwhile"
+    # The second worker dies too: the job fails for good, saying so.
+    wait_until(lambda: store.claim("fourth") is None and store.get(job_id).status == FAILED, 5, 0.05, "failed")
+    job = store.get(job_id)
+    assert job.error_status == 500 and job.error.startswith("the worker running this job stopped 2 times")
+
+
+def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_report(tmp_path: Path):
+    store = _store(tmp_path)
+    running_id = store.submit(b"x", "a.png", {}, limit=10).id
+    waiting_id = store.submit(b"x", "b.png", {}, limit=10).id
+    running = store.claim("a")
+    assert store.report(running, Progress("denoise", 1, 25))
+    job, canceled = store.cancel(waiting_id)
+    assert canceled and job.status == CANCELED
+    job, canceled = store.cancel(running_id)
+    assert canceled and job.status == CANCELED
+    assert not store.report(running, Progress("denoise", 2, 25)) and not store.renew(running)
+    assert store.claim("b") is None, "a cancelled job never starts"
+    assert store.get(running_id).progress == Progress("denoise", 1, 25)
+    job, canceled = store.cancel(running_id)
+    assert not canceled and job.status == CANCELED
+    with pytest.raises(UnknownJob):
+        store.cancel("0" * 32)
+
+
+def test_gpu_turns_are_granted_in_the_order_asked(tmp_path: Path):
+    turns = Turns()
+    order: list[int] = []
+    turns.acquire()
+    asking: list[threading.Thread] = []
+    for index in range(4):
+        thread = threading.Thread(target=lambda index=index: (turns.acquire(), order.append(index), turns.release()))
+        thread.start()
+        asking.append(thread)
+        # Each asks only once the one before it is waiting.
+        wait_until(lambda: len(turns._waiting) == index + 1, 5, 0.01, "waiting")
+    turns.release()
+    for thread in asking:
+        thread.join(5)
+    assert order == [0, 1, 2, 3]
+
+
+def _submit(server: Server, **data) -> str:
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    response = httpx.post(f"{server.url}/generate_task/submit", files=files, data={**SMALL, **data}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == PENDING
+    return response.json()["task_id"]
+
+
+def _status(server: Server, task_id: str) -> dict:
+    return httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id}, timeout=30).json()
+
+
+def _progress(server: Server, task_id: str) -> dict:
+    return httpx.post(f"{server.url}/progress", json={"task_id": task_id}, timeout=30).json()
+
+
+def _denoising(server: Server, task_id: str) -> int:
+    """The denoising step the job has reported, 0 before the first."""
+    progress = _progress(server, task_id)
+    return progress["step"] if progress["stage"] == "denoise" else 0
+
+
+def _finished(server: Server, task_id: str) -> str | None:
+    status = _status(server, task_id)["status"]
+    return None if status in (PENDING, IN_PROGRESS) else status
+
+
+def _fetch(server: Server, task_id: str, path: Path) -> httpx.Response:
+    response = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task_id}, timeout=60)
+    assert response.status_code == 200, response.text
+    path.write_bytes(response.content)
+    assert len(decode_video(path).frames) == SMALL["num_frames"]
+    return response
+
+
+def test_cancel_frees_the_gpu_for_the_next_job_and_a_cancelled_job_never_runs_again(tmp_path: Path):
+    with serve(tmp_path) as server:
+        running = _submit(server, **SLOW)
+        waiting = _submit(server, **SLOW)
+        after = _submit(server, seed="3")
+        wait_until(lambda: _denoising(server, running) >= 2, 60, 0.05, "the first job denoising")
+
+        cancel = httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": waiting}, timeout=30)
+        assert cancel.status_code == 200 and cancel.json()["status"] == CANCELED
+        cancel = httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": running}, timeout=30)
+        assert cancel.status_code == 200 and cancel.json()["status"] == CANCELED
+        step_at_cancel = _denoising(server, running)
+
+        # The job after them starts within seconds: the cancelled one stopped at its next step.
+        wait_until(lambda: _status(server, after)["status"] != PENDING, 5, 0.05, "the next job started")
+        assert wait_until(lambda: _finished(server, after), 120, 0.1, "the next job finished") == COMPLETED
+        _fetch(server, after, tmp_path / "after.mp4")
+        assert _denoising(server, running) <= step_at_cancel + 1, "the cancelled job went on denoising"
+        assert _status(server, running)["status"] == _status(server, waiting)["status"] == CANCELED
+        assert _progress(server, waiting)["stage"] == "queued", "the waiting job never started"
+
+        again = httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": running}, timeout=30)
+        assert again.status_code == 409 and again.json()["status"] == CANCELED
+        assert "already finished" in again.json()["error"]
+        fetched = httpx.get(f"{server.url}/generate_task/get", params={"task_id": running}, timeout=30)
+        assert fetched.status_code == 409 and "canceled" in fetched.json()["error"]
+        log = server.log_text()
+    assert re.search(rf"SVD job {running} canceled on worker 1, attempt 1, after [\d.]+ s", log)
+    assert f"SVD job {waiting} started" not in log
+    assert re.search(rf"SVD job {after} completed on worker 1, attempt 1, in [\d.]+ s", log)
+
+
+def test_a_job_whose_worker_is_killed_runs_again_and_the_jobs_behind_it_run(tmp_path: Path):
+    with serve(tmp_path, env={"SVD_JOB_LEASE": LEASE}) as server:
+        (killed_worker,) = server.workers()
+        victim = _submit(server, **SLOW, seed="11")
+        behind = [_submit(server, seed=str(seed)) for seed in (12, 13)]
+        wait_until(lambda: _denoising(server, victim) >= 2, 60, 0.05, "the job denoising")
+        os.kill(killed_worker, signal.SIGKILL)
+
+        # BentoML starts a new worker; once the dead one's lease lapses, the job runs again.
+        assert _status(server, victim)["status"] == IN_PROGRESS, "a crashed job is not lost"
+        assert wait_until(lambda: _finished(server, victim), 180, 0.2, "the job finished") == COMPLETED
+        assert _status(server, victim)["attempt"] == 2
+        for task_id in behind:
+            assert wait_until(lambda: _finished(server, task_id), 120, 0.2, "a job behind finished") == COMPLETED
+        video = _fetch(server, victim, tmp_path / "victim.mp4")
+        assert video.headers["x-seed"] == "11" and json.loads(video.headers["x-settings"])["num_inference_steps"] == 100
+        assert killed_worker not in server.workers()
+        log = server.log_text()
+    assert re.search(rf"SVD job {victim} started on worker 1, attempt 1\n", log)
+    assert f"SVD job {victim} started on worker 1, attempt 2, retried after its worker stopped 1 time(s)" in log
+
+
+def _alive(pid: int) -> bool:
+    """Running, not ended (a zombie has ended, whoever reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _refused(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_server_killed_with_jobs_waiting_runs_them_after_a_restart_and_leaves_no_worker_behind(tmp_path: Path):
+    with serve(tmp_path, env={"SVD_JOB_LEASE": LEASE}) as first:
+        done = _submit(first, seed="21")
+        wait_until(lambda: _finished(first, done), 120, 0.1, "the first job finished")
+        kept = _fetch(first, done, tmp_path / "done.mp4")
+        running = _submit(first, **SLOW, seed="22")
+        waiting = [_submit(first, seed=str(seed)) for seed in (23, 24)]
+        wait_until(lambda: _denoising(first, running) >= 2, 60, 0.05, "a job denoising")
+        (worker,) = first.workers()
+        os.killpg(first.process.pid, signal.SIGKILL)  # the server, as the out-of-memory killer would
+        first.process.wait(10)
+        # Its worker does not live on: it would keep the port, the model and the job.
+        port = int(first.url.rsplit(":", 1)[1])
+        wait_until(lambda: not _alive(worker) and _refused(port), 10, 0.05, "the orphaned worker gone, the port free")
+
+    with serve(tmp_path, env={"SVD_JOB_LEASE": LEASE}) as second:
+        for task_id in (running, *waiting):
+            assert wait_until(lambda: _finished(second, task_id), 180, 0.2, "a job finished after the restart") == COMPLETED
+        again = _fetch(second, done, tmp_path / "again.mp4")
+        assert again.content == kept.content, "a job finished before the crash is fetched as it was"
+        assert httpx.get(f"{second.url}/outputs/{done}", timeout=30).content == kept.content
+        assert _status(second, running)["attempt"] == 2 and _status(second, waiting[0])["attempt"] == 1
+        for task_id in (running, *waiting):
+            _fetch(second, task_id, tmp_path / f"{task_id}.mp4")
+
+
+def test_the_readme_client_example_waits_for_the_job_and_gets_its_video(server: Server, tmp_path: Path):
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("### Async jobs", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'task.get_status().value in ("pending", "in_progress")' in example
+    # Only the address, the photo's path and the size change: the default size takes minutes here.
+    code = (
+        example.replace("http://localhost:3000", server.url)
+        .replace('Path("assets/rocket.jpg")', f"Path({str(PHOTO)!r})")
+        .replace("seed=42)", f"seed=42, **{SMALL!r})")
+    )
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    assert len(decode_video(namespace["video"]).frames) == SMALL["num_frames"]
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "status"),
+    [
+        ("GET", "/generate_task/status", 404),
+        ("GET", "/generate_task/get", 404),
+        ("PUT", "/generate_task/cancel", 404),
+        ("POST", "/generate_task/retry", 404),
+        ("GET", "/generate_task/status?malformed", 400),
+        ("PUT", "/generate_task/cancel?malformed", 400),
+    ],
+)
+def test_an_unknown_task_is_404_naming_it_and_a_malformed_id_400(server: Server, method: str, route: str, status: int):
+    task_id = "0" * 32 if status == 404 else "../outputs"
+    response = httpx.request(method, f"{server.url}{route.split('?')[0]}", params={"task_id": task_id}, timeout=30)
+    assert response.status_code == status and task_id in response.json()["error"]
+    progress = httpx.post(f"{server.url}/progress", json={"task_id": task_id}, timeout=30)
+    assert progress.status_code == status and task_id in progress.json()["error"]
+
+
+def test_get_of_an_unfinished_job_is_400_naming_its_status(server: Server):
+    task_id = _submit(server, **SLOW)
+    response = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task_id}, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["status"] in (PENDING, IN_PROGRESS) and "not completed yet" in response.json()["error"]
+    assert httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": task_id}, timeout=30).status_code == 200
+
+
+def test_a_submit_that_cannot_run_is_refused_at_once(server: Server):
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    bad_field = httpx.post(f"{server.url}/generate_task/submit", files=files, data={**SMALL, "width": "1000"}, timeout=30)
+    assert bad_field.status_code == 400 and "width" in bad_field.json()["error"] and "multiple of 64" in bad_field.json()["error"]
+    both = {**SMALL, "min_guidance_scale": "5", "max_guidance_scale": "2"}
+    guidance = httpx.post(f"{server.url}/generate_task/submit", files=files, data=both, timeout=30)
+    assert guidance.status_code == 400 and "must not be above" in guidance.json()["error"]
+    text = {"image": ("notes.png", b"not an image", "image/png")}
+    not_image = httpx.post(f"{server.url}/generate_task/submit", files=text, data=SMALL, timeout=30)
+    assert not_image.status_code == 415 and "not an image" in not_image.json()["error"]
+    headers = {"Content-Type": "multipart/form-data"}
+    unreadable = httpx.post(f"{server.url}/generate_task/submit", headers=headers, content=b"--x\r\n", timeout=30)
+    assert unreadable.status_code == 400 and "could not be read" in unreadable.json()["error"]
