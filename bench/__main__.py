@@ -17,8 +17,8 @@ from pathlib import Path
 from bench.report import Section, machine, table, write_json
 from harness import PHOTO, ROOT
 
-SECTIONS = ("encoding", "interpolation", "coldstart", "memory", "serving", "load")
-SERVER_SECTIONS = SECTIONS[2:]
+SECTIONS = ("encoding", "interpolation", "jobs", "coldstart", "memory", "serving", "load")
+SERVER_SECTIONS = SECTIONS[3:]
 # What --quick changes: enough to prove every section still runs, in well under a minute.
 QUICK = {
     "encode_size": "256x144",
@@ -32,6 +32,7 @@ QUICK = {
     "clients": "1,2",
     "videos": 2,
     "level_seconds": 60.0,
+    "jobs": 3,
 }
 
 
@@ -54,6 +55,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--crfs", default="16,18,20", help="libx264 CRFs to sweep with each preset")
     group = parser.add_argument_group("interpolation (on the encoding section's pan, size and frames)")
     group.add_argument("--factors", default="2,4", help="interpolation factors to measure")
+    group = parser.add_argument_group("jobs (in-process, the tiny model and the service's job store and runner)")
+    group.add_argument("--jobs", type=int, default=8, help="jobs queued and run one after another")
     group = parser.add_argument_group("server")
     group.add_argument(
         "--torch-threads",
@@ -90,10 +93,11 @@ def _numbers(text: str) -> list[int]:
 
 def run_cpu(args: argparse.Namespace) -> list[Section]:
     # Here, not above: these need BentoML and a server, which `--gpu` runs without.
-    from bench import coldstart, encoding, interpolation, load, memory, serving
+    from bench import coldstart, encoding, interpolation, jobs, load, memory, serving
     from bench.server import QUICK_REQUEST, REQUEST, started
 
     sections: list[Section] = []
+    request = QUICK_REQUEST if args.quick else REQUEST
 
     def done(section: Section, start: float) -> None:
         sections.append(section)
@@ -107,9 +111,11 @@ def run_cpu(args: argparse.Namespace) -> list[Section]:
     if "interpolation" in args.sections:
         start = time.perf_counter()
         done(interpolation.run(args.photo, width, height, args.encode_frames, _numbers(args.factors)), start)
+    if "jobs" in args.sections:
+        start = time.perf_counter()
+        done(jobs.run(request, args.jobs, args.torch_threads), start)
     if not set(args.sections) & set(SERVER_SECTIONS):
         return sections
-    request = QUICK_REQUEST if args.quick else REQUEST
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, started(Path(tmp), args.torch_threads) as (server, ready):
         if "coldstart" in args.sections:

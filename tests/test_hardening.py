@@ -292,7 +292,10 @@ def _routes(url: str) -> set[str]:
 @pytest.mark.parametrize("method", ["GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE"])
 def test_every_route_but_the_probes_needs_the_token(guarded, method: str):
     routes = _routes(guarded.url)
-    assert {"/generate", "/generate_task/submit", "/progress", "/ui", "/ui/controls.json", "/outputs/"} <= routes, routes
+    assert {
+        "/generate", "/generate_task/submit", "/generate_task/status", "/generate_task/get", "/generate_task/cancel",
+        "/generate_task/retry", "/progress", "/ui", "/ui/controls.json", "/outputs/",
+    } <= routes, routes
     with httpx.Client(base_url=guarded.url, timeout=30) as client:
         for route in sorted(routes):
             for variant in {route, "/" + route, route.rstrip("/") + "/", route + "?token=wrong"}:
