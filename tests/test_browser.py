@@ -195,6 +195,25 @@ def test_a_longer_smoother_video_reports_its_segments(page, server):
     assert "segments\t2" in settings and "interpolate\t2" in settings, settings
 
 
+def test_cancel_beside_the_progress_bar_stops_the_job(page, server):
+    import httpx
+
+    page.goto(f"{server.url}/ui")
+    page.set_input_files("#image", PHOTO)
+    fill_small(page, num_inference_steps="100")  # long enough to press Cancel while it denoises
+    with page.expect_response(re.compile(r".*/generate_task/submit$")) as submitted:
+        page.get_by_role("button", name="Generate").click()
+    task_id = submitted.value.json()["task_id"]
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Denoising step \d+ of 100"), timeout=GENERATION_MS)
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#error")).to_contain_text("Cancelled: the service stopped the job and made no video")
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    status = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id}, timeout=30).json()
+    assert status["status"] == "canceled"
+    step = httpx.post(f"{server.url}/progress", json={"task_id": task_id}, timeout=30).json()["step"]
+    assert step < 100, "stopped before its last step"
+
+
 def test_recent_videos_are_listed_and_open_again(page, server):
     import httpx
 

@@ -56,7 +56,7 @@ def test_the_store_bounds_the_jobs_waiting_or_running(tmp_path: Path):
     store.submit(b"x", "c.png", {}, limit=2)
 
 
-def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(tmp_path: Path):
+def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     store = _store(tmp_path, lease=0.3, attempts=2)
     job_id = store.submit(b"x", "a.png", {}, limit=10).id
     first = store.claim("dies")
@@ -72,6 +72,7 @@ def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(tmp_pat
     wait_until(lambda: store.claim("fourth") is None and store.get(job_id).status == FAILED, 5, 0.05, "failed")
     job = store.get(job_id)
     assert job.error_status == 500 and job.error.startswith("the worker running this job stopped 2 times")
+    assert f"SVD job {job_id} failed on lives, attempt 2, after" in caplog.text, "the log tells the story"
 
 
 def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_report(tmp_path: Path):
@@ -236,6 +237,29 @@ def test_a_server_killed_with_jobs_waiting_runs_them_after_a_restart_and_leaves_
         assert _status(second, running)["attempt"] == 2 and _status(second, waiting[0])["attempt"] == 1
         for task_id in (running, *waiting):
             _fetch(second, task_id, tmp_path / f"{task_id}.mp4")
+
+
+def test_a_submit_beyond_the_queue_is_429_with_retry_after(server: Server):
+    """The shared server queues SVD_MAX_QUEUE (4) jobs for its one worker."""
+    queued = [_submit(server, **SLOW) for _ in range(4)]
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    refused = httpx.post(f"{server.url}/generate_task/submit", files=files, data=SMALL, timeout=30)
+    for task_id in queued:
+        httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": task_id}, timeout=30)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert "4 jobs are already waiting or running" in refused.json()["error"]
+
+
+def test_sigterm_lets_the_running_job_finish_and_starts_no_other(tmp_path: Path):
+    with serve(tmp_path) as server:
+        running = _submit(server, **SLOW)
+        waiting = _submit(server)
+        wait_until(lambda: _denoising(server, running) >= 2, 60, 0.05, "the job denoising")
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(120)
+    store = _store(tmp_path / "outputs")
+    assert store.get(running).status == COMPLETED and store.get(waiting).status == PENDING
+    assert (tmp_path / "outputs" / f"{running}.mp4").is_file()
 
 
 def test_the_readme_client_example_waits_for_the_job_and_gets_its_video(server: Server, tmp_path: Path):

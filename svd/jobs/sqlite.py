@@ -9,6 +9,7 @@ through a crash. Leases are wall-clock times, which every process of the machine
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -22,6 +23,7 @@ from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, J
 from svd.outputs import new_id
 from svd.progress import Progress
 
+logger = logging.getLogger("bentoml.svd")
 # Finished jobs' records, their input included so that /retry can run them again, are kept
 # this long (as BentoML kept its task results); a completed job's video stays in the output
 # folder for as long as SVD_OUTPUT_KEEP allows.
@@ -117,13 +119,23 @@ class SQLiteJobs:
         if self._one(waiting, now=now) is None:
             return None
         with self._transaction() as db:
-            db.execute(
-                f"UPDATE jobs SET status = '{FAILED}', finished = :now, lease_until = NULL, error_status = 500,"
-                " error = 'the worker running this job stopped ' || attempt || ' times (killed, or out of memory,"
-                " or its machine restarted); it is not tried again' "
-                f"WHERE {LAPSED} AND attempt >= :attempts",
+            given_up = db.execute(
+                f"SELECT id, attempt, worker, started FROM jobs WHERE {LAPSED} AND attempt >= :attempts",
                 {"now": now, "attempts": self.attempts},
-            )
+            ).fetchall()
+            for job_id, attempt, worker, started in given_up:
+                error = (
+                    f"the worker running this job stopped {attempt} times (killed, out of memory, or its machine "
+                    "restarted); it is not tried again"
+                )
+                db.execute(
+                    f"UPDATE jobs SET status = '{FAILED}', finished = ?, lease_until = NULL, error_status = 500, error = ?"
+                    " WHERE id = ?",
+                    (now, error, job_id),
+                )
+                logger.warning(
+                    "SVD job %s failed on %s, attempt %d, after %.1f s: %s", job_id, worker, attempt, now - started, error
+                )
             row = db.execute(
                 f"SELECT id, attempt, image, image_name, controls, created FROM jobs WHERE status = '{PENDING}'"
                 f" OR ({LAPSED}) ORDER BY seq LIMIT 1",
