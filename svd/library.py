@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -27,7 +28,8 @@ def library_app(outputs: Outputs) -> Starlette:
     async def listing(request: Request) -> Response:
         limit = _page_number(request, "limit", 20, 1, MAX_PAGE)
         offset = _page_number(request, "offset", 0, 0)
-        records = outputs.recent(limit + 1, offset)
+        # File reads off the event loop, which must keep answering probes meanwhile.
+        records = await run_in_threadpool(outputs.recent, limit + 1, offset)
         more = len(records) > limit
         return JSONResponse(
             {"outputs": records[:limit], "offset": offset, "limit": limit, "next_offset": offset + limit if more else None}
@@ -37,7 +39,7 @@ def library_app(outputs: Outputs) -> Starlette:
         output_id = request.path_params["output_id"]
         if not ID.fullmatch(output_id):
             return JSONResponse({"error": f"not an output id: ids are 32 hex digits, got {output_id[:80]!r}"}, 400)
-        found = outputs.find(output_id)
+        found = await run_in_threadpool(outputs.find, output_id)
         if found is None:
             return JSONResponse({"error": f"no output {output_id}: never made here, or pruned (SVD_OUTPUT_KEEP)"}, 404)
         return serve_output(output_id, *found)
