@@ -63,6 +63,23 @@ class DeviceFailure(RuntimeError):
     (a device-side assert, an illegal memory access): only a restart recovers."""
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a generation may stop between steps: past its deadline, or when told to."""
+
+    deadline: float | None = None
+    stop: threading.Event | None = None
+
+    def __call__(self, stage: str) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped(f"the generation was stopped while {stage}")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded(f"the request ran past its time limit and was stopped while {stage}")
+
+
+NO_CHECKPOINT = Checkpoint()
+
+
 @dataclass
 class StageTimes:
     """Seconds spent in each stage of one generation."""
@@ -245,7 +262,7 @@ def denoise(
     params: GenerationParams,
     times: StageTimes | None = None,
     report: ProgressCallback = lambda _: None,
-    checkpoint: Checkpoint | None = None,
+    checkpoint: Checkpoint = NO_CHECKPOINT,
 ) -> torch.Tensor:
     """The pipeline up to the denoised latents, (1, frames, 4, h, w); encoding and denoising timed apart."""
     pipe = model.pipe
@@ -261,7 +278,7 @@ def denoise(
 
     def after_step(_pipe: object, step: int, _t: object, tensors: dict) -> dict:
         report(Progress("denoise", step + 1, params.num_inference_steps))
-        (checkpoint or NO_CHECKPOINT)("denoising")
+        checkpoint("denoising")
         return tensors
 
     report(Progress("encode"))
@@ -373,20 +390,3 @@ def memory_held_elsewhere(device: torch.device) -> int:
         return 0
     free, total = torch.cuda.mem_get_info(device)
     return total - free - torch.cuda.memory_reserved(device)
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Where a generation may stop between steps: past its deadline, or when told to."""
-
-    deadline: float | None = None
-    stop: threading.Event | None = None
-
-    def __call__(self, stage: str) -> None:
-        if self.stop is not None and self.stop.is_set():
-            raise Stopped(f"the generation was stopped while {stage}")
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise DeadlineExceeded(f"the request ran past its time limit and was stopped while {stage}")
-
-
-NO_CHECKPOINT = Checkpoint()

@@ -25,7 +25,7 @@ from svd.generate import Stopped
 from svd.jobs import CANCELED, COMPLETED, FAILED, Claim, JobStore
 from svd.outputs import Outputs, record_of
 from svd.params import GenerationParams
-from svd.progress import Progress
+from svd.progress import Progress, ProgressCallback
 from svd.turns import HandedTurn
 
 logger = logging.getLogger("bentoml.svd")
@@ -47,8 +47,10 @@ class JobRunner:
         # Unique across machines and restarts: host, process and worker.
         self.name = f"{socket.gethostname()}/{os.getpid()}/worker-{engine.settings.worker}"
         self._stopping = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
+        # Claims in progress and jobs running; with the next job running while the last one's
+        # video is written, there may be two.
+        self._busy = 0
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="svd-jobs", daemon=True)
 
     def start(self) -> None:
@@ -57,7 +59,17 @@ class JobRunner:
     def stop(self, timeout: float) -> None:
         """Claim nothing more and give the running job up to `timeout` seconds to finish."""
         self._stopping.set()
-        self._idle.wait(timeout)
+        with self._changed:
+            self._changed.wait_for(lambda: self._busy == 0, timeout)
+
+    def _begin(self) -> None:
+        with self._changed:
+            self._busy += 1
+
+    def _end(self) -> None:
+        with self._changed:
+            self._busy -= 1
+            self._changed.notify_all()
 
     def _loop(self) -> None:
         self.engine.wait_ready(None)
@@ -65,19 +77,20 @@ class JobRunner:
         # one restarted, will.
         while self.engine.ready and not self._stopping.is_set():
             self.engine.turns.acquire()
+            # Busy from before the claim, so that `stop` never misses a job just claimed.
+            self._begin()
+            pause = POLL_SECONDS
             try:
-                claim = self.store.claim(self.name)
+                claim = None if self._stopping.is_set() else self.store.claim(self.name)
             except Exception:
-                self.engine.turns.release()
                 logger.exception("SVD could not read the job store; trying again")
-                self._stopping.wait(1)
-                continue
+                claim, pause = None, 1
             if claim is None:
+                self._end()
                 self.engine.turns.release()
-                self._stopping.wait(POLL_SECONDS)
+                self._stopping.wait(pause)
                 continue
             turn = HandedTurn(self.engine.turns)
-            self._idle.clear()
             threading.Thread(target=self._run, args=(claim, turn), name=f"svd-job-{claim.id[:8]}", daemon=True).start()
             turn.given_back.wait()
 
@@ -90,7 +103,13 @@ class JobRunner:
         logger.info("SVD job %s started on worker %d, attempt %d%s", claim.id, worker, claim.attempt, retried)
 
         def report(progress: Progress) -> None:
-            if not self.store.report(claim, progress):
+            try:
+                held = self.store.report(claim, progress)
+            except Exception:
+                # Progress is for watching: a store that fails a moment must not fail the job.
+                logger.exception("SVD could not record the progress of job %s", claim.id)
+                return
+            if not held:
                 stop.set()
 
         renewing = threading.Thread(target=self._renew, args=(claim, stop, ended), name="svd-lease", daemon=True)
@@ -114,9 +133,9 @@ class JobRunner:
         finally:
             turn.give_back()
             ended.set()
-            self._idle.set()
+            self._end()
 
-    def _generate(self, claim: Claim, turn: HandedTurn, report, stop: threading.Event) -> None:
+    def _generate(self, claim: Claim, turn: HandedTurn, report: ProgressCallback, stop: threading.Event) -> None:
         with tempfile.TemporaryDirectory(prefix="svd-job-") as folder:
             image = Path(folder) / f"image{Path(claim.image_name).suffix[:16]}"
             image.write_bytes(claim.image)
