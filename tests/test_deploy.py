@@ -49,8 +49,12 @@ def test_the_deployment_fits_the_service():
         if "valueFrom" in env:
             reference = env["valueFrom"]["secretKeyRef"]
             assert reference["name"] == secret["metadata"]["name"] and reference["key"] in secret["stringData"]
-    (volume,) = pod["volumes"]
-    assert volume["persistentVolumeClaim"]["claimName"] == _load("pvc.yaml")["metadata"]["name"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == _load("pvc.yaml")["metadata"]["name"]
+    # Jobs and videos outlive a restart of the container: they are on a volume of the pod.
+    outputs = next(env["value"] for env in container["env"] if env["name"] == "SVD_OUTPUT_DIR")
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert any(outputs.startswith(path + "/") and name in volumes for path, name in mounts.items()), outputs
     assert _load("service.yaml")["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
 
