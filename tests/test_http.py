@@ -162,7 +162,8 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
             # A client of its own: shared between threads, one call ending closed the file another
             # was still uploading ("seek of closed file"), and the failure went unseen in the thread.
             with SyncHTTPClient(server.url, timeout=600) as own:
-                synchronous.append(own.generate(image=PHOTO, seed=4, **SMALL))
+                # Copied out before the client closes: it deletes its downloads when collected.
+                synchronous.append(Path(shutil.copy(own.generate(image=PHOTO, seed=4, **SMALL), tmp_path / "sync.mp4")))
 
         sync = threading.Thread(target=generate)
         sync.start()
