@@ -262,6 +262,7 @@ def test_token_is_required_except_for_probes_and_metrics(guarded):
     assert post(guarded.url, files=photo(), data=TINY).status_code == 401
     wrong = post(guarded.url, files=photo(), data=TINY, headers={"Authorization": "Bearer s3cret-tokeN"})
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert wrong.headers["x-served-by"] == "1", "a refusal names the worker too"
     assert httpx.get(f"{guarded.url}/docs.json").status_code == 401
     assert httpx.get(f"{guarded.url}/ui/").status_code == 401
     assert httpx.get(f"{guarded.url}/ui/", params={"token": "s3cret-token"}).status_code == 200

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import PHOTO, SMALL, decode_video, serve, wait_until
+from harness import PHOTO, ROOT, SMALL, decode_video, serve, wait_until
 from svd.outputs import ID, Keep, Outputs
 
 TINY = {**SMALL, "num_frames": 4}
@@ -122,3 +122,22 @@ def test_the_folder_keeps_the_newest_by_count_or_by_size(tmp_path: Path):
     by_size.prune()
     assert [by_size.find(output_id) is not None for output_id in ids] == [False, False, True, True]
     assert (by_size.folder / ".being-written.mp4.part").exists(), "a file being written is never pruned"
+
+
+def test_with_the_output_folder_set_empty_nothing_is_kept_but_jobs_still_deliver(tmp_path: Path):
+    jobs_db = tmp_path / "jobs" / "jobs.db"
+    with serve(tmp_path, env={"SVD_OUTPUT_DIR": "", "SVD_JOBS_DB": str(jobs_db)}) as server:
+        made = _post(server.url, seed="6")
+        assert made.status_code == 200 and "x-output-id" not in made.headers, "no id that points at nothing"
+        assert httpx.get(f"{server.url}/outputs/", timeout=30).status_code == 404, "no /outputs at all"
+        task_id = _post(server.url, "/generate_task/submit", seed="7").json()["task_id"]
+        status_url = f"{server.url}/generate_task/status"
+        wait_until(lambda: httpx.get(status_url, params={"task_id": task_id}).json()["status"] == "completed", 120)
+        video = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task_id}, timeout=60)
+        assert video.status_code == 200 and video.headers["x-seed"] == "7"
+        assert "denoise;dur=" in video.headers["server-timing"]
+    # The job's video waited beside the job store; nothing went to ./outputs or anywhere else.
+    assert (jobs_db.parent / f"{task_id}.mp4").is_file()
+    assert not (tmp_path / "outputs").exists() and not (ROOT / "svd-jobs").exists()
+    (tmp_path / "job.mp4").write_bytes(video.content)
+    assert len(decode_video(tmp_path / "job.mp4").frames) == 4
