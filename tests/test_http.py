@@ -143,48 +143,59 @@ def test_swagger_lists_generate_with_every_parameter_described(server):
 def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
     """Three jobs and a synchronous request at once: the GPU runs one generation at a time."""
     import threading
+    import time
 
     from harness import wait_until
     from svd.client import SyncHTTPClient
 
     # The stages on the GPU; interpolation and encoding ("video") run after it is let go.
     active = {"encode", "denoise", "decode"}
-    overlaps: list[list[str]] = []
-    # The three stages are read one after another, so one poll can see a job still in `decode`
-    # and, read a moment later, the next one already in `encode`. Two generations really side
-    # by side would overlap for seconds: count an overlap seen by two polls in a row.
-    previous: list[bool] = [False]
+    # When each poll of the three jobs ended, and the stage each was in.
+    polls: list[tuple[float, list[str]]] = []
     with SyncHTTPClient(server.url, timeout=600) as client:
         tasks = [client.generate_task.submit(image=PHOTO, seed=seed, **SMALL) for seed in (1, 2, 3)]
-        synchronous: list[Path] = []
+        synchronous: list[tuple[httpx.Response, float]] = []
 
         def generate() -> None:
-            # A client of its own: shared between threads, one call ending closed the file another
-            # was still uploading ("seek of closed file"), and the failure went unseen in the thread.
-            with SyncHTTPClient(server.url, timeout=600) as own:
-                # Copied out before the client closes: it deletes its downloads when collected.
-                synchronous.append(Path(shutil.copy(own.generate(image=PHOTO, seed=4, **SMALL), tmp_path / "sync.mp4")))
+            files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+            response = httpx.post(f"{server.url}/generate", files=files, data={**SMALL, "seed": 4}, timeout=600)
+            synchronous.append((response, time.monotonic()))
 
         sync = threading.Thread(target=generate)
         sync.start()
 
         def all_done() -> bool:
             stages = [client.progress(task_id=task.id)["stage"] for task in tasks]
-            overlapping = sum(stage in active for stage in stages) > 1
-            if overlapping and previous[0]:
-                overlaps.append(stages)
-            previous[0] = overlapping
+            polls.append((time.monotonic(), stages))
             return all(task.get_status().value not in ("pending", "in_progress") for task in tasks)
 
         wait_until(all_done, 300, 0.05, "jobs finished")
         sync.join(300)
-        assert synchronous and len(decode_video(synchronous[0]).frames) == 8, "the synchronous request was served"
         for seed, task in zip((1, 2, 3), tasks):
             assert task.get_status().value == "completed"
             video = decode_video(task.get())
             assert len(video.frames) == 8 and video.codec == "h264"
         assert client.progress(task_id=tasks[0].id)["stage"] == "done"
-    assert overlaps == []
+
+    (response, answered), = synchronous
+    assert response.status_code == 200, response.text
+    (tmp_path / "sync.mp4").write_bytes(response.content)
+    assert len(decode_video(tmp_path / "sync.mp4").frames) == 8, "the synchronous request was served"
+    # Its time on the GPU, from its stage times: encoding the image up to the last decode chunk,
+    # then the video was written and sent. A poll reads the jobs one after another, and a stage
+    # shows a moment after it ends: a margin on each side.
+    took = {stage: float(ms) / 1000 for stage, ms in (part.split(";dur=") for part in response.headers["server-timing"].split(", "))}
+    gpu_end = answered - took["video"] - took["interpolate"]
+    gpu_start = gpu_end - took["encode"] - took["denoise"] - took["decode"]
+    margin = 0.15
+    assert gpu_end - gpu_start > 4 * margin, took
+    assert polls[0][0] < gpu_start and gpu_end < polls[-1][0], "it ran while the jobs were being followed"
+    assert any(sum(stage in active for stage in stages) for _, stages in polls), "a poll saw a job on the GPU"
+    beside_sync = [stages for at, stages in polls if gpu_start + margin < at < gpu_end - margin and set(stages) & active]
+    assert beside_sync == [], "a job ran on the GPU beside the synchronous request"
+    # Two jobs side by side would show for seconds: an overlap seen by two polls in a row.
+    overlapping = [sum(stage in active for stage in stages) > 1 for _, stages in polls]
+    assert not any(first and second for first, second in zip(overlapping, overlapping[1:])), polls
     response = httpx.get(f"{server.url}/generate_task/get", params={"task_id": tasks[2].id}, timeout=60)
     assert response.headers["x-seed"] == "3" and json.loads(response.headers["x-settings"])["num_frames"] == 8
 
