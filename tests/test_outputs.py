@@ -118,10 +118,66 @@ def test_the_folder_keeps_the_newest_by_count_or_by_size(tmp_path: Path):
     assert [by_count.find(output_id) is not None for output_id in ids] == [False, False, True, True]
     by_size = Outputs(tmp_path / "size", Keep(bytes=2500))
     ids = [_fake_output(by_size, tmp_path, index, 1000) for index in range(1, 5)]
-    (by_size.folder / ".being-written.mp4.part").write_bytes(b"x" * 5000)
+    # Named as _write_atomically names a video it is writing: the id is in it.
+    being_written = by_size.folder / f".{'0' * 31}9.mp4.k2v8q1.part"
+    being_written.write_bytes(b"x" * 5000)
     by_size.prune()
     assert [by_size.find(output_id) is not None for output_id in ids] == [False, False, True, True]
-    assert (by_size.folder / ".being-written.mp4.part").exists(), "a file being written is never pruned"
+    assert being_written.exists(), "a file being written is never pruned"
+
+
+def test_a_sidecar_that_cannot_be_written_takes_its_video_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from svd import outputs as module
+
+    outputs = Outputs(tmp_path / "out", Keep(count=10))
+    writes: list[Path] = []
+    real_write = module._write_atomically
+
+    def sidecar_fails(path: Path, content) -> None:
+        writes.append(path)
+        if path.suffix == ".json":
+            raise OSError(errno.EIO, "Input/output error")
+        real_write(path, content)
+
+    monkeypatch.setattr(module, "_write_atomically", sidecar_fails)
+    video = tmp_path / "video.mp4"
+    video.write_bytes(b"x" * 100)
+    with pytest.raises(OSError):
+        outputs.save("1" * 32, video, {"content_type": "video/mp4", "seed": 1, "settings": {}})
+    assert [path.suffix for path in writes] == [".mp4", ".json"], "the video was in place when the sidecar failed"
+    assert list(outputs.folder.iterdir()) == [], "no video without its record"
+
+
+def test_the_listing_pages_to_a_null_next_offset(tmp_path: Path):
+    from starlette.testclient import TestClient
+
+    from svd.library import library_app
+
+    outputs = Outputs(tmp_path / "out", Keep(count=10))
+    ids = [_fake_output(outputs, tmp_path, index, 10) for index in range(1, 4)]
+    with TestClient(library_app(outputs)) as client:
+        first = client.get("/", params={"limit": 2}).json()
+        last = client.get("/", params={"limit": 2, "offset": 2}).json()
+    assert [record["id"] for record in first["outputs"]] == ids[::-1][:2] and first["next_offset"] == 2
+    assert [record["id"] for record in last["outputs"]] == ids[:1] and last["next_offset"] is None
+
+
+@pytest.mark.parametrize(
+    ("value", "keep"), [("500", Keep(count=500)), ("2GB", Keep(bytes=2 * 1000**3)), ("750 mb", Keep(bytes=750 * 1000**2))]
+)
+def test_svd_output_keep_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str, keep: Keep):
+    from svd.config import Settings
+
+    monkeypatch.setenv("SVD_OUTPUT_KEEP", value)
+    assert Settings.from_env().output_keep == keep
+
+
+def test_a_bad_svd_output_keep_stops_the_start_naming_it(monkeypatch: pytest.MonkeyPatch):
+    from svd.config import ConfigError, Settings
+
+    monkeypatch.setenv("SVD_OUTPUT_KEEP", "lots")
+    with pytest.raises(ConfigError, match="SVD_OUTPUT_KEEP: 'lots' is neither a count"):
+        Settings.from_env()
 
 
 def test_with_the_output_folder_set_empty_nothing_is_kept_but_jobs_still_deliver(tmp_path: Path):
