@@ -183,6 +183,25 @@ def test_uploads_above_the_limit_get_413_before_decoding(server):
     assert response.status_code == 413 and "SVD_MAX_UPLOAD_BYTES" in response.text
 
 
+def test_a_body_streamed_without_content_length_is_cut_at_the_limit(server):
+    sent: list[int] = []
+
+    def chunks():
+        # 21 MB in 1 MB chunks, above the default 20 MB: no Content-Length says so in advance.
+        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n\r\n"
+        for _ in range(21):
+            sent.append(1)
+            yield b"\0" * 1_000_000
+
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    try:
+        response = httpx.post(f"{server.url}/generate", content=chunks(), headers=headers, timeout=60)
+    except httpx.HTTPError:
+        pytest.fail("the refusal did not arrive")
+    assert "content-length" not in {key.lower() for key in response.request.headers if key.lower() == "content-length"}
+    assert response.status_code == 413 and "SVD_MAX_UPLOAD_BYTES" in response.json()["error"]
+
+
 def _read_response(connection: socket.socket) -> str:
     """One whole HTTP response off a raw socket: headers and body may come in separate packets."""
     data = b""
@@ -215,6 +234,25 @@ def test_a_stalled_upload_is_cut_and_holds_up_nobody(tmp_path: Path):
         stalled.close()
         assert answer.startswith("HTTP/1.1 408") and "SVD_UPLOAD_TIMEOUT" in answer, answer
         assert time.monotonic() - start < 20
+
+        # A body that keeps coming, a byte at a time, never whole within the limit.
+        dribbled = socket.create_connection(("127.0.0.1", port))
+        dribbled.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n"
+        )
+        dribbled.settimeout(0.2)
+        start = time.monotonic()
+        answer = b""
+        while not answer and time.monotonic() - start < 20:
+            try:
+                dribbled.sendall(b"\xff")
+                answer = dribbled.recv(4096)
+            except TimeoutError:
+                continue
+        dribbled.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"SVD_UPLOAD_TIMEOUT" in answer, answer
+        assert 2.5 < time.monotonic() - start < 10, "cut at the limit, though bytes kept coming"
 
 
 def test_a_client_that_disconnects_crashes_nothing(server):
@@ -266,6 +304,24 @@ def test_metrics_count_generations_refusals_frames_and_stages(server):
     assert moved("svd_generation_seconds_count") == 1
     assert moved('svd_stage_seconds_count{stage="denoise"}') == 1
     assert "svd_oom_retries_total" in after
+    # Refusals of each kind, and a job cancelled while it runs.
+    before = scrape()
+    assert post(server.url, files=photo(), data={**TINY, "motion_bucket": "3"}).status_code == 400
+    oversized = {"image": ("big.jpg", b"\xff\xd8" + b"\0" * 21_000_000, "image/jpeg")}
+    assert post(server.url, files=oversized, data=TINY).status_code == 413
+    task_id = httpx.post(
+        f"{server.url}/generate_task/submit", files=photo(), data={**SMALL, "num_inference_steps": 100}, timeout=30
+    ).json()["task_id"]
+    wait_until(
+        lambda: httpx.post(f"{server.url}/progress", json={"task_id": task_id}, timeout=10).json()["stage"] == "denoise", 60
+    )
+    assert httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": task_id}, timeout=10).status_code == 200
+    canceled = 'svd_generations_total{outcome="canceled"}'
+    wait_until(lambda: scrape().get(canceled, 0) > before.get(canceled, 0), 30, what="the cancel counted")
+    after = scrape()
+    assert moved('svd_requests_refused_total{reason="unknown_field"}') == 1
+    assert moved('svd_requests_refused_total{reason="too_large"}') == 1
+    assert moved(canceled) == 1
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +397,7 @@ def test_a_burst_gets_200_or_429_with_retry_after_and_the_server_stays_healthy(g
     def one(_: int) -> httpx.Response:
         return post(guarded.url, files=photo(), data=TINY, headers=AUTH)
 
+    assert post(guarded.url, files=photo(), data=TINY).status_code == 401
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(one, range(6)))
     codes = sorted(response.status_code for response in responses)
@@ -350,6 +407,9 @@ def test_a_burst_gets_200_or_429_with_retry_after_and_the_server_stays_healthy(g
             assert int(response.headers["retry-after"]) >= 1 and "SVD_MAX_QUEUE" in response.text
     assert httpx.get(f"{guarded.url}/readyz").status_code == 200
     assert one(0).status_code == 200
+    text = httpx.get(f"{guarded.url}/metrics", timeout=10).text
+    assert f'svd_requests_refused_total{{reason="busy"}} {codes.count(429)}.0' in text
+    assert re.search(r'svd_requests_refused_total\{reason="unauthorized"\} [1-9]', text), text
 
 
 def decode_video_bytes(content: bytes):
