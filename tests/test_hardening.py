@@ -184,21 +184,15 @@ def test_uploads_above_the_limit_get_413_before_decoding(server):
 
 
 def test_a_body_streamed_without_content_length_is_cut_at_the_limit(server):
-    sent: list[int] = []
-
     def chunks():
         # 21 MB in 1 MB chunks, above the default 20 MB: no Content-Length says so in advance.
         yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n\r\n"
         for _ in range(21):
-            sent.append(1)
             yield b"\0" * 1_000_000
 
     headers = {"Content-Type": "multipart/form-data; boundary=b"}
-    try:
-        response = httpx.post(f"{server.url}/generate", content=chunks(), headers=headers, timeout=60)
-    except httpx.HTTPError:
-        pytest.fail("the refusal did not arrive")
-    assert "content-length" not in {key.lower() for key in response.request.headers if key.lower() == "content-length"}
+    response = httpx.post(f"{server.url}/generate", content=chunks(), headers=headers, timeout=60)
+    assert "content-length" not in response.request.headers, "streamed, chunked"
     assert response.status_code == 413 and "SVD_MAX_UPLOAD_BYTES" in response.json()["error"]
 
 

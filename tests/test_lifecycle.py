@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -76,6 +77,29 @@ def test_readyz_turns_200_only_after_warm_up_while_livez_answers_throughout(tmp_
             in log
         )
         assert "loaded in" in log and "warmed up in" in log
+
+
+def test_while_the_model_loads_a_request_gets_503_with_retry_after(monkeypatch):
+    """In-process, with loading held until the refusal is seen: no race with a fast tiny model."""
+    from svd import engine as module
+    from svd.config import Settings
+    from svd.errors import Refused
+    from svd.params import GenerationParams
+
+    release = threading.Event()
+    real_load = module.load_pipeline
+    monkeypatch.setattr(module, "load_pipeline", lambda *args: (release.wait(60), real_load(*args))[1])
+    engine = module.Engine(Settings(model_id="tiny", device="cpu"))
+    params = GenerationParams(width=64, height=64, num_frames=2, num_inference_steps=1)
+    try:
+        engine.run(PHOTO, params, Path(tempfile.mkdtemp()))
+    except Refused as refused:
+        response = refused.response()
+    finally:
+        release.set()
+    assert response.status_code == 503 and response.headers["retry-after"] == "10"
+    assert b"the model is still loading; retry when /readyz answers 200" in response.body
+    assert engine.wait_ready(120) and engine.run(PHOTO, params, Path(tempfile.mkdtemp())).path.is_file()
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path: Path):
