@@ -217,9 +217,12 @@ def test_compiled_unet_is_warmed_at_the_default_shapes_and_stops_recompiling(tmp
         result = generate(model, image.resize((width, height)), params.resolve(25), tmp_path)
         assert len(decode_video(result.path).frames) == frames
         graphs.append(counters["stats"]["unique_graphs"])
-    # Dynamo generalises to dynamic shapes after the first change, then stops compiling.
+    # Dynamo recompiles once at the first new shape, with dynamic shapes, and the next new shape
+    # runs that graph. Equal counts alone would also show a dynamo that gave up at its recompile
+    # limit and ran eagerly: the recompile must have happened, well under the limit.
     limit = torch._dynamo.config.cache_size_limit
-    assert graphs[-1] == graphs[-2] <= limit, f"graphs after each request: {graphs}"
+    assert graphs[1] > graphs[0], f"no recompile for the first new shape: {graphs}"
+    assert graphs[2] == graphs[1] < limit, f"graphs after each request: {graphs}"
 
 
 def test_gpu_check_without_a_gpu_runs_the_tiny_model_and_says_so(tmp_path, capsys, monkeypatch):

@@ -130,7 +130,10 @@ def _progress(server: Server, task_id: str) -> dict:
 def _denoising(server: Server, task_id: str) -> int:
     """The denoising step the job has reported, 0 before the first."""
     progress = _progress(server, task_id)
-    return progress["step"] if progress["stage"] == "denoise" else 0
+    if progress["stage"] != "denoise":
+        return 0
+    assert progress["steps"] == SLOW["num_inference_steps"] and progress["status"] == IN_PROGRESS, progress
+    return progress["step"]
 
 
 def _finished(server: Server, task_id: str) -> str | None:
@@ -141,6 +144,7 @@ def _finished(server: Server, task_id: str) -> str | None:
 def _fetch(server: Server, task_id: str, path: Path) -> httpx.Response:
     response = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task_id}, timeout=60)
     assert response.status_code == 200, response.text
+    assert response.headers["x-output-id"] == task_id and "denoise;dur=" in response.headers["server-timing"]
     path.write_bytes(response.content)
     assert len(decode_video(path).frames) == SMALL["num_frames"]
     return response
