@@ -92,6 +92,11 @@ class Outputs:
             logger.error("SVD could not keep output %s: %s", output_id, full.strerror)
             raise Refused(HTTPStatus.INSUFFICIENT_STORAGE, "disk_full", f"{full.strerror}; nothing was kept") from None
 
+    def remove(self, output_id: str) -> None:
+        """Forget a video and its record: a job cancelled while its video was being kept."""
+        for path in self.folder.glob(f"{output_id}.*") if ID.fullmatch(output_id) else ():
+            path.unlink(missing_ok=True)
+
     def find(self, output_id: str) -> tuple[Path, dict[str, Any]] | None:
         """The video and record of a well-formed id, or None; other ids never reach the file system."""
         if not ID.fullmatch(output_id):

@@ -111,6 +111,25 @@ def test_gpu_turns_are_granted_in_the_order_asked(tmp_path: Path):
     assert order == [0, 1, 2, 3]
 
 
+def test_a_job_whose_gpu_fails_is_left_to_another_worker_not_failed(tmp_path: Path):
+    """A poisoned CUDA context (injected) ends the worker's use, not the job: its lease lapses."""
+    from svd.config import Settings
+    from svd.engine import Engine
+    from svd.jobs.runner import JobRunner
+    from svd.outputs import Keep, Outputs
+
+    engine = Engine(Settings(model_id="tiny", device="cpu"))
+    assert engine.wait_ready(120), engine.state.message
+    engine.faults.inject("decode", 1, "device_error")
+    store = _store(tmp_path, lease=1)
+    job_id = store.submit(PHOTO.read_bytes(), PHOTO.name, {**SMALL, "seed": 1}, limit=10).id
+    JobRunner(engine, store, Outputs(tmp_path / "outputs", Keep(count=10)), lease=1).start()
+    wait_until(lambda: not engine.alive, 60, 0.05, "the GPU failed")
+    assert store.get(job_id).status == IN_PROGRESS, "not failed: the job was not at fault"
+    retaken = wait_until(lambda: store.claim("another worker"), 10, 0.1, "the job taken by another worker")
+    assert (retaken.id, retaken.attempt) == (job_id, 2)
+
+
 def _submit(server: Server, **data) -> str:
     files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
     response = httpx.post(f"{server.url}/generate_task/submit", files=files, data={**SMALL, **data}, timeout=60)

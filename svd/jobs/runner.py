@@ -119,12 +119,18 @@ class JobRunner:
         except Stopped:
             job = self.store.get(claim.id)
             status = job.status if job else "gone"
+            seconds = time.perf_counter() - start
             if status == CANCELED:
-                logger.info("SVD job %s canceled on worker %d, attempt %d, after %.1f s", claim.id, worker, claim.attempt, time.perf_counter() - start)
+                logger.info("SVD job %s canceled on worker %d, attempt %d, after %.1f s", claim.id, worker, claim.attempt, seconds)
             else:
                 logger.warning("SVD job %s stopped on worker %d, attempt %d: its lease was lost (%s)", claim.id, worker, claim.attempt, status)
         except Refused as refused:
-            self._fail(claim, str(refused), refused.status, start)
+            if refused.reason == "device_failure":
+                # As if the worker had died: the lease lapses and a live worker runs the job again,
+                # within SVD_JOB_ATTEMPTS, should the job itself be what breaks the GPU.
+                logger.error("SVD job %s: the GPU of worker %d failed; the job runs again once its lease lapses", claim.id, worker)
+            else:
+                self._fail(claim, str(refused), refused.status, start)
         except Exception as exc:
             logger.exception("SVD job %s failed on worker %d", claim.id, worker)
             self._fail(claim, f"the generation failed: {exc}", 500, start)
@@ -145,6 +151,7 @@ class JobRunner:
                 raise Stopped("the job was stopped while its video was written")
             self.outputs.put(claim.id, result.path, record_of(result, image, self.engine.settings))
             if not self.store.finish(claim, COMPLETED):
+                self.outputs.remove(claim.id)
                 raise Stopped("the job was stopped while its video was kept")
 
     def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
