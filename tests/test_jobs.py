@@ -264,9 +264,16 @@ def test_a_server_killed_with_jobs_waiting_runs_them_after_a_restart_and_leaves_
 
 def test_a_submit_beyond_the_queue_is_429_with_retry_after(server: Server):
     """The shared server queues SVD_MAX_QUEUE (4) jobs for its one worker."""
+    def busy() -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        found = re.search(r'svd_requests_refused_total\{reason="busy"\} ([\d.]+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    refused_before = busy()
     queued = [_submit(server, **SLOW) for _ in range(4)]
     files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
     refused = httpx.post(f"{server.url}/generate_task/submit", files=files, data=SMALL, timeout=30)
+    assert busy() == refused_before + 1, "counted as a refusal"
     for task_id in queued:
         httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": task_id}, timeout=30)
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1

@@ -23,6 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from svd import metrics
 from svd.errors import InputError
 from svd.jobs import CANCELED, COMPLETED, FAILED, FINISHED, Job, JobStore, QueueFull, UnknownJob
 from svd.library import serve_output
@@ -117,6 +118,7 @@ class JobRoutes:
         try:
             job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.limit)
         except QueueFull as full:
+            metrics.REFUSED.labels(reason="busy").inc()
             retry_after = max(1, round(full.retry_after or 1))
             return _error(
                 429,
