@@ -34,6 +34,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 FILE_FIELDS = ("image",)
+BOUNDARY = re.compile(rb"boundary=\"?([^\";]+)", re.IGNORECASE)
 # BentoML keeps an upload as tmpXXXXXXXX<its file name>, and file systems take 255 bytes in one
 # name: a longer one failed with a 500.
 MAX_FILENAME_BYTES = 200
@@ -123,7 +124,16 @@ class UploadGuard:
             if len(body) > self.max_bytes:
                 await self._too_large(scope, receive, send)
                 return
-        sent = _sent_fields(bytes(body), headers.get(b"content-type", b""))
+        content_type = headers.get(b"content-type", b"")
+        if content_type.lower().startswith(b"multipart/form-data") and not BOUNDARY.search(content_type):
+            # BentoML's parser would fail on it with a 500.
+            await _refuse(
+                scope, receive, send, 400, "bad_upload",
+                "Content-Type multipart/form-data needs its boundary (multipart/form-data; boundary=...): "
+                "send the body as a form upload, as curl -F or a browser does.",
+            )
+            return
+        sent = _sent_fields(bytes(body), content_type)
         if problem := _problem(sent):
             await _refuse(scope, receive, send, 400, "bad_upload", problem)
             return
@@ -184,7 +194,7 @@ def _sent_fields(body: bytes, content_type: bytes) -> list[tuple[str, bytes | No
         except ValueError:
             return []  # BentoML answers what is wrong with it
         return [(str(name), None) for name in sent] if isinstance(sent, dict) else []
-    boundary = re.search(rb"boundary=\"?([^\";]+)", content_type)
+    boundary = BOUNDARY.search(content_type)
     if not boundary:
         return []
     fields = []

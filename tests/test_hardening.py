@@ -196,6 +196,15 @@ def test_a_body_streamed_without_content_length_is_cut_at_the_limit(server):
     assert response.status_code == 413 and "SVD_MAX_UPLOAD_BYTES" in response.json()["error"]
 
 
+@pytest.mark.parametrize("route", ["/generate", "/generate_task", "/generate_task/submit", "/progress"])
+def test_a_multipart_body_without_its_boundary_is_400_not_500(server, route: str):
+    response = httpx.post(
+        f"{server.url}{route}", headers={"Content-Type": "multipart/form-data"}, content=b"--x\r\n\r\n--x--\r\n", timeout=30
+    )
+    assert response.status_code == 400 and "needs its boundary" in response.json()["error"]
+    assert "KeyError" not in server.log_text()
+
+
 def _read_response(connection: socket.socket) -> str:
     """One whole HTTP response off a raw socket: headers and body may come in separate packets."""
     data = b""

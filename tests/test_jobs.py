@@ -344,6 +344,7 @@ def test_a_submit_that_cannot_run_is_refused_at_once(server: Server):
     text = {"image": ("notes.png", b"not an image", "image/png")}
     not_image = httpx.post(f"{server.url}/generate_task/submit", files=text, data=SMALL, timeout=30)
     assert not_image.status_code == 415 and "not an image" in not_image.json()["error"]
-    headers = {"Content-Type": "multipart/form-data"}
-    unreadable = httpx.post(f"{server.url}/generate_task/submit", headers=headers, content=b"--x\r\n", timeout=30)
-    assert unreadable.status_code == 400 and "could not be read" in unreadable.json()["error"]
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    refused = httpx.post(f"{server.url}/generate_task/submit", headers=headers, content=b"garbage", timeout=30)
+    assert refused.status_code == 400, "refused at once, never a job"
+    assert "could not be read as multipart/form-data" in refused.json()["error"], refused.text
