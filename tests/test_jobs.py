@@ -73,6 +73,8 @@ def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(tmp_pat
     job = store.get(job_id)
     assert job.error_status == 500 and job.error.startswith("the worker running this job stopped 2 times")
     assert f"SVD job {job_id} failed on lives, attempt 2, after" in caplog.text, "the log tells the story"
+    # Taken again by the last worker to ask, not named after a worker it failed on the way.
+    assert store._one("SELECT worker FROM jobs WHERE id = :id", id=behind) == ("fourth",)
 
 
 def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_report(tmp_path: Path):

@@ -83,7 +83,6 @@ class Claim:
     image: bytes
     image_name: str
     controls: dict[str, Any]
-    created: float
 
 
 class JobStore(Protocol):
@@ -114,10 +113,6 @@ class JobStore(Protocol):
 
     def finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
         """End the claimed job as completed (its video kept by id) or failed (with its error)."""
-        ...
-
-    def release(self, claim: Claim) -> bool:
-        """Put the claimed job back to pending, its attempt not counted (its worker is stopping)."""
         ...
 
     def cancel(self, job_id: str) -> tuple[Job, bool]:

@@ -53,6 +53,8 @@ JOB_COLUMNS = "id, status, created, started, finished, attempt, progress, error,
 LAPSED = f"status = '{IN_PROGRESS}' AND lease_until < :now"
 # Only the worker holding the current attempt may act for a job.
 HELD = f"id = :id AND attempt = :attempt AND status = '{IN_PROGRESS}'"
+# Where a job is until it reports: waiting its turn.
+QUEUED = json.dumps(asdict(Progress()))
 
 
 class SQLiteJobs:
@@ -69,10 +71,6 @@ class SQLiteJobs:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -108,7 +106,7 @@ class SQLiteJobs:
             db.execute(
                 "INSERT INTO jobs (id, status, created, image, image_name, controls, progress)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.status, job.created, image, image_name, json.dumps(controls), json.dumps(asdict(Progress()))),
+                (job.id, job.status, job.created, image, image_name, json.dumps(controls), QUEUED),
             )
         return job
 
@@ -123,7 +121,7 @@ class SQLiteJobs:
                 f"SELECT id, attempt, worker, started FROM jobs WHERE {LAPSED} AND attempt >= :attempts",
                 {"now": now, "attempts": self.attempts},
             ).fetchall()
-            for job_id, attempt, worker, started in given_up:
+            for job_id, attempt, holder, started in given_up:
                 error = (
                     f"the worker running this job stopped {attempt} times (killed, out of memory, or its machine "
                     "restarted); it is not tried again"
@@ -134,16 +132,16 @@ class SQLiteJobs:
                     (now, error, job_id),
                 )
                 logger.warning(
-                    "SVD job %s failed on %s, attempt %d, after %.1f s: %s", job_id, worker, attempt, now - started, error
+                    "SVD job %s failed on %s, attempt %d, after %.1f s: %s", job_id, holder, attempt, now - started, error
                 )
             row = db.execute(
-                f"SELECT id, attempt, image, image_name, controls, created FROM jobs WHERE status = '{PENDING}'"
+                f"SELECT id, attempt, image, image_name, controls FROM jobs WHERE status = '{PENDING}'"
                 f" OR ({LAPSED}) ORDER BY seq LIMIT 1",
                 {"now": now},
             ).fetchone()
             if row is None:
                 return None
-            job_id, attempt, image, image_name, controls, created = row
+            job_id, attempt, image, image_name, controls = row
             db.execute(
                 f"UPDATE jobs SET status = '{IN_PROGRESS}', attempt = :attempt, worker = :worker, started = :now,"
                 " lease_until = :until, progress = :progress WHERE id = :id",
@@ -152,11 +150,11 @@ class SQLiteJobs:
                     "worker": worker,
                     "now": now,
                     "until": now + self.lease,
-                    "progress": json.dumps(asdict(Progress())),
+                    "progress": QUEUED,
                     "id": job_id,
                 },
             )
-        return Claim(job_id, attempt + 1, image, image_name, json.loads(controls), created)
+        return Claim(job_id, attempt + 1, image, image_name, json.loads(controls))
 
     def renew(self, claim: Claim) -> bool:
         return self._update(
@@ -190,13 +188,6 @@ class SQLiteJobs:
                 (now - RETENTION_SECONDS,),
             )
         return updated.rowcount == 1
-
-    def release(self, claim: Claim) -> bool:
-        return self._update(
-            f"UPDATE jobs SET status = '{PENDING}', attempt = attempt - 1, worker = NULL, lease_until = NULL,"
-            f" progress = :progress WHERE {HELD}",
-            progress=json.dumps(asdict(Progress())), id=claim.id, attempt=claim.attempt,
-        )
 
     def cancel(self, job_id: str) -> tuple[Job, bool]:
         with self._transaction() as db:
