@@ -22,8 +22,8 @@ from svd.errors import Refused
 from svd.fields import GenerateInput
 from svd.guards import BearerAuth, UploadGuard
 from svd.hub import hub_reference
-from svd.jobs import open_store
-from svd.jobs.routes import JobRoutes, no_such_task
+from svd.jobs import StoreUnavailable, open_store
+from svd.jobs.routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
 from svd.library import library_app
 from svd.outputs import ID, Outputs, headers_of, new_id, record_of
 from svd.params import GenerationParams
@@ -120,7 +120,9 @@ class StableDiffusionVideo:
         self.runner.stop(self.engine.settings.timeout)
 
     def __is_ready__(self) -> bool:
-        return self.engine.ready
+        # Not ready while the job store (Redis) is unreachable: a load balancer then sends
+        # submits to replicas that can queue them.
+        return self.engine.ready and self.jobs.reachable()
 
     def __is_alive__(self) -> bool:
         return self.engine.alive
@@ -158,7 +160,11 @@ class StableDiffusionVideo:
     ) -> dict[str, Any]:
         """Where a generate_task job is: its status, its stage (queued, encode, denoise, decode, interpolate,
         video, done), its step and its segment."""
-        job = self.jobs.get(task_id) if ID.fullmatch(task_id) else None
+        try:
+            job = self.jobs.get(task_id) if ID.fullmatch(task_id) else None
+        except StoreUnavailable as exc:
+            refused = Refused(HTTPStatus.SERVICE_UNAVAILABLE, "queue_unavailable", str(exc), UNAVAILABLE_RETRY_AFTER)
+            return refuse(context, refused)  # type: ignore[return-value]
         if job is None:
             status, why = no_such_task(task_id)
             return refuse(context, Refused(HTTPStatus(status), "unknown_task", why))  # type: ignore[return-value]
@@ -193,8 +199,8 @@ StableDiffusionVideo.add_asgi_middleware(
     route=StableDiffusionVideo.apis["generate_task"].route,
     open_store=partial(open_store, SETTINGS),
     fields=GenerateInput,
-    # SVD_MAX_QUEUE per worker, as for synchronous requests.
-    limit=SETTINGS.max_queue * SETTINGS.workers,
+    # SVD_MAX_QUEUE per worker taking jobs, as for synchronous requests.
+    per_worker=SETTINGS.max_queue,
     outputs=JOB_OUTPUTS,
     max_pixels=SETTINGS.max_pixels,
 )

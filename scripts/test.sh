@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: curl for the tutorial's curl test, Chromium for the browser tests.
-if ! command -v curl >/dev/null || ! command -v chromium >/dev/null; then
+# Debian packages: curl for the tutorial's curl test, Chromium for the browser tests,
+# redis-server for the shared job queue's tests (they start their own on a free port).
+if ! command -v curl >/dev/null || ! command -v chromium >/dev/null || ! command -v redis-server >/dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends curl chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends curl chromium redis-server >/dev/null
 fi
 
 python3 -m venv .venv

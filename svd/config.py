@@ -87,6 +87,14 @@ def _keep(name: str, default: str) -> Keep:
         raise ConfigError(f"{name}: {exc}; a count keeps that many videos, a size the newest that fit.") from None
 
 
+def _queue_url(name: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        shown = value.split("://")[0] + "://..." if "://" in value else value[:40]
+        raise ConfigError(f"{name}={shown!r} is not a Redis URL; use redis://host:port/db, rediss://... or unix://...")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration; see the README's environment table."""
@@ -109,6 +117,7 @@ class Settings:
     output_dir: str = "outputs"
     output_keep: Keep = Keep(bytes=10 * 1000**3)
     jobs_db: str = "outputs/jobs.db"
+    queue_url: str = ""
     job_attempts: int = 2
     job_lease: int = 30
     test_faults: str = ""
@@ -139,6 +148,11 @@ class Settings:
                 "weights inside the compiled model on every call. Use SVD_MEMORY=full with "
                 "SVD_COMPILE, or turn SVD_COMPILE off to offload."
             )
+        if self.queue_url and not self.output_dir:
+            raise ConfigError(
+                "SVD_QUEUE_URL shares jobs between replicas, and a job's video must reach whichever replica "
+                "is asked for it: set SVD_OUTPUT_DIR to a folder every replica mounts."
+            )
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -164,6 +178,7 @@ class Settings:
             output_keep=_keep("SVD_OUTPUT_KEEP", "10GB"),
             # Beside the kept videos, where BentoML's start-up clean-up never reaches.
             jobs_db=os.environ.get("SVD_JOBS_DB", "").strip() or os.path.join(output_dir or "svd-jobs", "jobs.db"),
+            queue_url=_queue_url("SVD_QUEUE_URL"),
             job_attempts=_positive_int("SVD_JOB_ATTEMPTS", 2),
             job_lease=_positive_int("SVD_JOB_LEASE", 30),
             test_faults=os.environ.get("SVD_TEST_FAULTS", ""),

@@ -39,3 +39,20 @@ IN_FLIGHT = bentoml.metrics.Gauge(
     documentation="Generations admitted and not finished: running, waiting for the GPU, or preparing.",
     multiprocess_mode="livesum",
 )
+# The job queue, read from the store at each scrape by whichever worker answers it: the same
+# for every worker and, with SVD_QUEUE_URL, for every replica.
+JOBS_WAITING = bentoml.metrics.Gauge(
+    name="svd_jobs_waiting",
+    documentation="Jobs submitted and waiting for a GPU: what the autoscaler scales on.",
+    multiprocess_mode="mostrecent",
+)
+JOBS_RUNNING = bentoml.metrics.Gauge(
+    name="svd_jobs_running",
+    documentation="Jobs running on a GPU, or whose worker stopped and which wait to be taken again.",
+    multiprocess_mode="mostrecent",
+)
+OLDEST_WAITING_SECONDS = bentoml.metrics.Gauge(
+    name="svd_jobs_oldest_waiting_seconds",
+    documentation="Seconds the oldest waiting job has waited; 0 when none waits.",
+    multiprocess_mode="mostrecent",
+)

@@ -12,13 +12,16 @@ import re
 import signal
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from harness import PHOTO, ROOT, SMALL, Server, decode_video, serve, wait_until
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, QueueFull, UnknownJob
+from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
+from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, JobStore, QueueDepth, QueueFull, UnknownJob
+from svd.jobs.redis import RedisJobs
 from svd.jobs.sqlite import SQLiteJobs
 from svd.progress import Progress
 from svd.turns import Turns
@@ -29,36 +32,67 @@ SLOW = {**SMALL, "num_inference_steps": 100}
 LEASE = "3"
 
 
-def _store(path: Path, lease: float = 30, attempts: int = 2) -> SQLiteJobs:
-    return SQLiteJobs(path / "jobs.db", lease, attempts)
+@pytest.fixture(params=["sqlite", "redis"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., JobStore]]:
+    """Opens stores on one SQLite file, or on one real Redis: each store is a worker's."""
+    if request.param == "sqlite":
+        yield lambda lease=30, attempts=2: SQLiteJobs(tmp_path / "jobs.db", lease, attempts)
+        return
+    with redis_server(tmp_path / "redis") as server:
+        yield lambda lease=30, attempts=2: RedisJobs(server.url, lease, attempts)
 
 
-def test_the_store_hands_out_each_job_once_oldest_first(tmp_path: Path):
-    first, second = _store(tmp_path), _store(tmp_path)  # two workers, one file
-    ids = [first.submit(b"image", "photo.png", {"seed": seed}, limit=10).id for seed in range(3)]
+def _holder(store: JobStore, job_id: str) -> str:
+    """The worker the store names as holding the job."""
+    if isinstance(store, SQLiteJobs):
+        return store._one("SELECT worker FROM jobs WHERE id = :id", id=job_id)[0]
+    return store._redis.hget(f"svd:job:{job_id}", "worker").decode()
+
+
+def test_the_store_hands_out_each_job_once_oldest_first(stores):
+    first, second = stores(), stores()  # two workers, one store
+    ids = [first.submit(b"image", "photo.png", {"seed": seed}, per_worker=10).id for seed in range(3)]
     assert [first.get(job_id).status for job_id in ids] == [PENDING] * 3
+    assert first.depth().waiting == 3 and first.depth().running == 0
     claims = [second.claim("b"), first.claim("a"), second.claim("b")]
     assert [claim.id for claim in claims] == ids and [claim.controls["seed"] for claim in claims] == [0, 1, 2]
     assert first.claim("a") is None
     assert first.get(ids[0]).status == IN_PROGRESS and first.get(ids[0]).attempt == 1
     assert claims[0].image == b"image" and claims[0].image_name == "photo.png"
+    assert second.depth() == QueueDepth(0, 3, 0.0)
 
 
-def test_the_store_bounds_the_jobs_waiting_or_running(tmp_path: Path):
-    store = _store(tmp_path)
-    store.submit(b"x", "a.png", {}, limit=2)
+def test_the_store_bounds_the_jobs_waiting_or_running(stores):
+    store = stores()
+    store.submit(b"x", "a.png", {}, per_worker=2)
     claim = store.claim("a")
-    store.submit(b"x", "b.png", {}, limit=2)
+    store.submit(b"x", "b.png", {}, per_worker=2)
     with pytest.raises(QueueFull) as full:
-        store.submit(b"x", "c.png", {}, limit=2)
-    assert full.value.unfinished == 2
+        store.submit(b"x", "c.png", {}, per_worker=2)
+    assert (full.value.unfinished, full.value.limit) == (2, 2)
     store.finish(claim, COMPLETED)
-    store.submit(b"x", "c.png", {}, limit=2)
+    store.submit(b"x", "c.png", {}, per_worker=2)
 
 
-def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    store = _store(tmp_path, lease=0.3, attempts=2)
-    job_id = store.submit(b"x", "a.png", {}, limit=10).id
+def test_a_shared_queue_is_bounded_per_worker_taking_jobs(tmp_path: Path):
+    """With Redis, every replica's worker that asks for work adds SVD_MAX_QUEUE to the bound."""
+    with redis_server(tmp_path / "redis") as server:
+        store = RedisJobs(server.url, lease=30)
+        for index in range(2):
+            store.submit(b"x", f"{index}.png", {}, per_worker=2)
+        with pytest.raises(QueueFull):
+            store.submit(b"x", "c.png", {}, per_worker=2)
+        assert store.claim("replica-a") is not None and store.claim("replica-b") is not None
+        store.submit(b"x", "c.png", {}, per_worker=2)
+        store.submit(b"x", "d.png", {}, per_worker=2)
+        with pytest.raises(QueueFull) as full:
+            store.submit(b"x", "e.png", {}, per_worker=2)
+        assert (full.value.unfinished, full.value.limit) == (4, 4)
+
+
+def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(stores, caplog: pytest.LogCaptureFixture):
+    store = stores(lease=0.3, attempts=2)
+    job_id = store.submit(b"x", "a.png", {}, per_worker=10).id
     first = store.claim("dies")
     assert store.claim("lives") is None, "leased"
     # The worker died: nobody renews. Once the lease lapses, the job is taken again.
@@ -66,7 +100,8 @@ def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(tmp_pat
     assert (second.id, second.attempt) == (job_id, 2)
     assert not store.renew(first) and not store.report(first, Progress("denoise", 3, 25)), "the dead worker's claim is void"
     assert not store.finish(first, COMPLETED)
-    behind = store.submit(b"x", "b.png", {}, limit=10).id
+    assert store.renew(second) and _holder(store, job_id) == "lives"
+    behind = store.submit(b"x", "b.png", {}, per_worker=10).id
     assert store.claim("third").id == behind, "the jobs behind run meanwhile"
     # The second worker dies too: the job fails for good, saying so.
     wait_until(lambda: store.claim("fourth") is None and store.get(job_id).status == FAILED, 5, 0.05, "failed")
@@ -74,13 +109,26 @@ def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(tmp_pat
     assert job.error_status == 500 and job.error.startswith("the worker running this job stopped 2 times")
     assert f"SVD job {job_id} failed on lives, attempt 2, after" in caplog.text, "the log tells the story"
     # Taken again by the last worker to ask, not named after a worker it failed on the way.
-    assert store._one("SELECT worker FROM jobs WHERE id = :id", id=behind) == ("fourth",)
+    assert _holder(store, behind) == "fourth"
 
 
-def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_report(tmp_path: Path):
-    store = _store(tmp_path)
-    running_id = store.submit(b"x", "a.png", {}, limit=10).id
-    waiting_id = store.submit(b"x", "b.png", {}, limit=10).id
+def test_a_renewed_lease_does_not_lapse(stores):
+    store = stores(lease=0.5)
+    job_id = store.submit(b"x", "a.png", {}, per_worker=10).id
+    claim = store.claim("alive")
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert store.report(claim, Progress("denoise", 1, 25))
+        assert store.claim("other") is None, "taken from a worker that renews"
+        time.sleep(0.1)  # a worker renews five times per lease
+    assert store.finish(claim, COMPLETED) and store.get(job_id).status == COMPLETED
+    assert store.depth() == QueueDepth(0, 0, 0.0)
+
+
+def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_report(stores):
+    store = stores()
+    running_id = store.submit(b"x", "a.png", {}, per_worker=10).id
+    waiting_id = store.submit(b"x", "b.png", {}, per_worker=10).id
     running = store.claim("a")
     assert store.report(running, Progress("denoise", 1, 25))
     job, canceled = store.cancel(waiting_id)
@@ -94,6 +142,7 @@ def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_
     assert not canceled and job.status == CANCELED
     with pytest.raises(UnknownJob):
         store.cancel("0" * 32)
+    assert store.depth() == QueueDepth(0, 0, 0.0)
 
 
 def test_gpu_turns_are_granted_in_the_order_asked(tmp_path: Path):
@@ -123,8 +172,8 @@ def test_a_job_whose_gpu_fails_is_left_to_another_worker_not_failed(tmp_path: Pa
     engine = Engine(Settings(model_id="tiny", device="cpu"))
     assert engine.wait_ready(120), engine.state.message
     engine.faults.inject("decode", 1, "device_error")
-    store = _store(tmp_path, lease=1)
-    job_id = store.submit(PHOTO.read_bytes(), PHOTO.name, {**SMALL, "seed": 1}, limit=10).id
+    store = SQLiteJobs(tmp_path / "jobs.db", lease=1)
+    job_id = store.submit(PHOTO.read_bytes(), PHOTO.name, {**SMALL, "seed": 1}, per_worker=10).id
     JobRunner(engine, store, Outputs(tmp_path / "outputs", Keep(count=10)), lease=1).start()
     wait_until(lambda: not engine.alive, 60, 0.05, "the GPU failed")
     assert store.get(job_id).status == IN_PROGRESS, "not failed: the job was not at fault"
@@ -289,7 +338,7 @@ def test_sigterm_lets_the_running_job_finish_and_starts_no_other(tmp_path: Path)
         wait_until(lambda: _denoising(server, running) >= 2, 60, 0.05, "the job denoising")
         os.killpg(server.process.pid, signal.SIGTERM)
         server.process.wait(120)
-    store = _store(tmp_path / "outputs")
+    store = SQLiteJobs(tmp_path / "outputs" / "jobs.db")
     assert store.get(running).status == COMPLETED and store.get(waiting).status == PENDING
     assert (tmp_path / "outputs" / f"{running}.mp4").is_file()
 

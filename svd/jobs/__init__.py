@@ -6,8 +6,9 @@ GPU is free claims it, runs `in_progress` under a lease its worker renews, and e
 worker claim the job again, up to the store's attempts; then it fails, saying so.
 The statuses are BentoML's, so its clients read them unchanged.
 
-The same interface is meant for a store shared by many machines (Redis); the one
-here is an SQLite file shared by the workers of one machine (svd/jobs/sqlite.py).
+Two stores implement it: an SQLite file shared by the workers of one machine
+(svd/jobs/sqlite.py, the default) and Redis, shared by every replica of the service
+(svd/jobs/redis.py, with SVD_QUEUE_URL).
 """
 
 from __future__ import annotations
@@ -31,15 +32,29 @@ FINISHED = (COMPLETED, FAILED, CANCELED)
 
 
 class QueueFull(Exception):
-    """Submit refused: the store already holds as many unfinished jobs as it may.
+    """Submit refused: the store already holds as many unfinished jobs (`limit`) as it may.
 
     `retry_after` is one generation's time, the last job's, when the store knows it.
     """
 
-    def __init__(self, unfinished: int, retry_after: float | None):
+    def __init__(self, unfinished: int, limit: int, retry_after: float | None):
         super().__init__(unfinished)
         self.unfinished = unfinished
+        self.limit = limit
         self.retry_after = retry_after
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (Redis down or restarting); the message names it."""
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """How many jobs wait for a GPU and run on one, and how long the oldest has waited."""
+
+    waiting: int
+    running: int
+    oldest_waiting_seconds: float
 
 
 class UnknownJob(KeyError):
@@ -91,11 +106,12 @@ class JobStore(Protocol):
     Every method is one atomic step in the store, so any worker of any process may call
     any of them at any time. Methods that act for a claim return False once the claim is
     no longer the worker's: the job was cancelled, or its lease lapsed and another
-    worker took it.
+    worker took it. Any method may raise StoreUnavailable.
     """
 
-    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], limit: int) -> Job:
-        """Queue a job; QueueFull when `limit` jobs are already pending or in progress."""
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int) -> Job:
+        """Queue a job; QueueFull when `per_worker` jobs for each worker taking jobs are
+        already pending or in progress."""
         ...
 
     def claim(self, worker: str) -> Claim | None:
@@ -127,12 +143,23 @@ class JobStore(Protocol):
         """A job's image, its file name and its controls, kept with its record."""
         ...
 
+    def depth(self) -> QueueDepth:
+        ...
+
+    def reachable(self) -> bool:
+        """Whether the store answers now; for the readiness probe."""
+        ...
+
 
 def open_store(settings: Settings) -> JobStore:
-    """The job store the settings name: the SQLite file SVD_JOBS_DB."""
+    """The job store the settings name: Redis at SVD_QUEUE_URL, else the SQLite file SVD_JOBS_DB."""
+    if settings.queue_url:
+        from svd.jobs.redis import RedisJobs
+
+        return RedisJobs(settings.queue_url, settings.job_lease, settings.job_attempts)
     from svd.jobs.sqlite import SQLiteJobs
 
-    return SQLiteJobs(Path(settings.jobs_db), settings.job_lease, settings.job_attempts)
+    return SQLiteJobs(Path(settings.jobs_db), settings.job_lease, settings.job_attempts, settings.workers)
 
 
 def _iso(seconds: float | None) -> str | None:

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from svd import metrics
 from svd.errors import InputError
-from svd.jobs import CANCELED, COMPLETED, FAILED, FINISHED, Job, JobStore, QueueFull, UnknownJob
+from svd.jobs import CANCELED, COMPLETED, FAILED, FINISHED, Job, JobStore, QueueFull, StoreUnavailable, UnknownJob
 from svd.library import serve_output
 from svd.outputs import ID, Outputs
 from svd.params import GenerationParams
@@ -34,6 +34,8 @@ from svd.guards import App, Receive, Scope, Send
 logger = logging.getLogger("bentoml.svd")
 
 Handler = Callable[["JobRoutes", Request], Awaitable[Response]]
+# Seconds a client waits before asking again when the store is unreachable.
+UNAVAILABLE_RETRY_AFTER = 5
 
 
 def _error(code: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
@@ -43,8 +45,9 @@ def _error(code: int, message: str, headers: dict[str, str] | None = None, **ext
 class JobRoutes:
     """Answers the task routes under `route` from the store `open_store()` opens in this process.
 
-    `fields` validates a submitted job as the route's API would; `limit` bounds the jobs
-    waiting or running; `outputs` is where jobs keep their videos.
+    `fields` validates a submitted job as the route's API would; `per_worker` bounds the jobs
+    waiting or running for each worker taking jobs; `outputs` is where jobs keep their videos.
+    It also brings the queue's gauges up to date for each read of /metrics.
     """
 
     def __init__(
@@ -53,14 +56,14 @@ class JobRoutes:
         route: str,
         open_store: Callable[[], JobStore],
         fields: type[BaseModel],
-        limit: int,
+        per_worker: int,
         outputs: Outputs,
         max_pixels: int,
     ):
         self.app = app
         self.open_store = open_store
         self.fields = fields
-        self.limit = limit
+        self.per_worker = per_worker
         self.outputs = outputs
         self.max_pixels = max_pixels
         self._store: JobStore | None = None
@@ -73,17 +76,32 @@ class JobRoutes:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get((scope.get("method", ""), scope.get("path", ""))) if scope["type"] == "http" else None
+        route = (scope.get("method", ""), scope.get("path", "")) if scope["type"] == "http" else None
+        handler = self.routes.get(route) if route else None
         if handler is None:
+            if route == ("GET", "/metrics"):
+                await run_in_threadpool(self._measure_queue)
             await self.app(scope, receive, send)
             return
         try:
             response = await handler(self, Request(scope, receive))
+        except StoreUnavailable as exc:
+            logger.warning("SVD answered %s %s with 503: %s", scope["method"], scope["path"], exc)
+            response = _error(503, str(exc), headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
         except Exception:
             # BentoML's stack would leave the connection hanging without an answer.
             logger.exception("SVD could not answer %s %s", scope["method"], scope["path"])
             response = _error(500, "the job store failed; the service's log says why")
         await response(scope, receive, send)
+
+    def _measure_queue(self) -> None:
+        try:
+            depth = self.store.depth()
+        except StoreUnavailable:
+            return  # /readyz says so; the gauges keep their last values
+        metrics.JOBS_WAITING.set(depth.waiting)
+        metrics.JOBS_RUNNING.set(depth.running)
+        metrics.OLDEST_WAITING_SECONDS.set(depth.oldest_waiting_seconds)
 
     @property
     def store(self) -> JobStore:
@@ -116,14 +134,14 @@ class JobRoutes:
 
     async def _submit(self, image: bytes, image_name: str, controls: dict[str, Any]) -> Response:
         try:
-            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.limit)
+            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker)
         except QueueFull as full:
             metrics.REFUSED.labels(reason="busy").inc()
             retry_after = max(1, round(full.retry_after or 1))
             return _error(
                 429,
-                f"{full.unfinished} jobs are already waiting or running ({self.limit} at most: SVD_MAX_QUEUE per "
-                "worker); retry later",
+                f"{full.unfinished} jobs are already waiting or running ({full.limit} at most: SVD_MAX_QUEUE, "
+                f"{self.per_worker}, per worker taking jobs); retry later",
                 headers={"Retry-After": str(retry_after)},
             )
         logger.info("SVD job %s submitted", job.id)

@@ -7,6 +7,9 @@ another worker's GPU is idle. It asks for the next turn as soon as the job lets 
 of the GPU: the next job denoises while this one's video is encoded. While a job
 runs, its lease is renewed; a cancel seen in the store stops the generation at the
 next step or decode chunk.
+
+While the store is unreachable (Redis down), the runner claims nothing, the running job
+goes on, and its end is recorded once the store answers again.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from svd.engine import Engine
 from svd.errors import Refused
 from svd.generate import Stopped
-from svd.jobs import CANCELED, COMPLETED, FAILED, Claim, JobStore
+from svd.jobs import CANCELED, COMPLETED, FAILED, Claim, JobStore, StoreUnavailable
 from svd.outputs import Outputs, record_of
 from svd.params import GenerationParams
 from svd.progress import Progress, ProgressCallback
@@ -34,6 +37,8 @@ logger = logging.getLogger("bentoml.svd")
 POLL_SECONDS = 0.2
 # Leases are renewed this many times per lease, so that a late renewal or two never lets one lapse.
 RENEWALS_PER_LEASE = 5
+# How often an unreachable store is tried again.
+UNREACHABLE_PAUSE_SECONDS = 1.0
 
 
 class JobRunner:
@@ -51,6 +56,7 @@ class JobRunner:
         # video is written, there may be two.
         self._busy = 0
         self._changed = threading.Condition()
+        self._unreachable = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="svd-jobs", daemon=True)
 
     def start(self) -> None:
@@ -82,9 +88,13 @@ class JobRunner:
             pause = POLL_SECONDS
             try:
                 claim = None if self._stopping.is_set() else self.store.claim(self.name)
+                self._reached()
+            except StoreUnavailable as exc:
+                self._not_reached(exc)
+                claim, pause = None, UNREACHABLE_PAUSE_SECONDS
             except Exception:
                 logger.exception("SVD could not read the job store; trying again")
-                claim, pause = None, 1
+                claim, pause = None, UNREACHABLE_PAUSE_SECONDS
             if claim is None:
                 self._end()
                 self.engine.turns.release()
@@ -105,6 +115,9 @@ class JobRunner:
         def report(progress: Progress) -> None:
             try:
                 held = self.store.report(claim, progress)
+            except StoreUnavailable as exc:
+                self._not_reached(exc)
+                return
             except Exception:
                 # Progress is for watching: a store that fails a moment must not fail the job.
                 logger.exception("SVD could not record the progress of job %s", claim.id)
@@ -117,8 +130,11 @@ class JobRunner:
         try:
             self._generate(claim, turn, report, stop)
         except Stopped:
-            job = self.store.get(claim.id)
-            status = job.status if job else "gone"
+            try:
+                job = self.store.get(claim.id)
+                status = job.status if job else "gone"
+            except StoreUnavailable:
+                status = "the store is unreachable"
             seconds = time.perf_counter() - start
             if status == CANCELED:
                 logger.info("SVD job %s canceled on worker %d, attempt %d, after %.1f s", claim.id, worker, claim.attempt, seconds)
@@ -147,15 +163,45 @@ class JobRunner:
             image.write_bytes(claim.image)
             result = self.engine.run(image, GenerationParams(**claim.controls), Path(folder), report, stop, turn)
             # A job cancelled while its video was being written ends cancelled, with nothing kept.
-            if stop.is_set() or not self.store.renew(claim):
+            if stop.is_set() or not self._still_held(claim):
                 raise Stopped("the job was stopped while its video was written")
             self.outputs.put(claim.id, result.path, record_of(result, image, self.engine.settings))
-            if not self.store.finish(claim, COMPLETED):
+            if not self._finish(claim, COMPLETED):
                 self.outputs.remove(claim.id)
                 raise Stopped("the job was stopped while its video was kept")
 
+    def _still_held(self, claim: Claim) -> bool:
+        """Whether the claim is still this worker's; when the store cannot say, the end decides."""
+        try:
+            return self.store.renew(claim)
+        except StoreUnavailable as exc:
+            self._not_reached(exc)
+            return True
+
+    def _finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
+        """Record the job's end, waiting for an unreachable store to answer: a finished video is
+        not thrown away for a store restarting. Only a stopping worker gives up, leaving the job
+        to its lease."""
+        while True:
+            try:
+                return self.store.finish(claim, status, error, error_status)
+            except StoreUnavailable as exc:
+                self._not_reached(exc)
+                if self._stopping.wait(UNREACHABLE_PAUSE_SECONDS):
+                    return False
+
+    def _not_reached(self, exc: StoreUnavailable) -> None:
+        if not self._unreachable.is_set():
+            self._unreachable.set()
+            logger.error("SVD cannot reach the job store: %s; jobs wait until it answers", exc)
+
+    def _reached(self) -> None:
+        if self._unreachable.is_set():
+            self._unreachable.clear()
+            logger.info("SVD reaches the job store again")
+
     def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
-        self.store.finish(claim, FAILED, error=error, error_status=status)
+        self._finish(claim, FAILED, error=error, error_status=status)
         logger.warning(
             "SVD job %s failed on worker %d, attempt %d, after %.1f s: %s",
             claim.id, self.engine.settings.worker, claim.attempt, time.perf_counter() - start, error,
@@ -168,5 +214,7 @@ class JobRunner:
                 if not self.store.renew(claim):
                     stop.set()
                     return
+            except StoreUnavailable as exc:
+                self._not_reached(exc)
             except Exception:
                 logger.exception("SVD could not renew the lease of job %s", claim.id)

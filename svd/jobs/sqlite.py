@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Job, QueueFull, UnknownJob
+from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Job, QueueDepth, QueueFull, UnknownJob
 from svd.outputs import new_id
 from svd.progress import Progress
 
@@ -58,12 +58,13 @@ QUEUED = json.dumps(asdict(Progress()))
 
 
 class SQLiteJobs:
-    """svd.jobs.JobStore on an SQLite file; `lease` is in seconds."""
+    """svd.jobs.JobStore on an SQLite file for the `workers` of one server; `lease` is in seconds."""
 
-    def __init__(self, path: Path, lease: float = 30, attempts: int = 2):
+    def __init__(self, path: Path, lease: float = 30, attempts: int = 2, workers: int = 1):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.lease = lease
         self.attempts = attempts
+        self.workers = workers
         # One connection per store, used by one thread at a time.
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
@@ -92,8 +93,9 @@ class SQLiteJobs:
         with self._lock:
             return self._db.execute(sql, values).rowcount > 0
 
-    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], limit: int) -> Job:
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
+        limit = per_worker * self.workers
         with self._transaction() as db:
             (unfinished,) = db.execute(
                 f"SELECT COUNT(*) FROM jobs WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
@@ -102,7 +104,7 @@ class SQLiteJobs:
                 last = db.execute(
                     f"SELECT finished - started FROM jobs WHERE status = '{COMPLETED}' ORDER BY finished DESC LIMIT 1"
                 ).fetchone()
-                raise QueueFull(unfinished, last and last[0])
+                raise QueueFull(unfinished, limit, last and last[0])
             db.execute(
                 "INSERT INTO jobs (id, status, created, image, image_name, controls, progress)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -208,6 +210,16 @@ class SQLiteJobs:
     def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
         row = self._one("SELECT image, image_name, controls FROM jobs WHERE id = :id", id=job_id)
         return None if row is None else (row[0], row[1], json.loads(row[2]))
+
+    def depth(self) -> QueueDepth:
+        waiting, running, oldest = self._one(
+            f"SELECT COUNT(*) FILTER (WHERE status = '{PENDING}'), COUNT(*) FILTER (WHERE status = '{IN_PROGRESS}'),"
+            f" MIN(created) FILTER (WHERE status = '{PENDING}') FROM jobs WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
+        )
+        return QueueDepth(waiting, running, 0.0 if oldest is None else max(0.0, time.time() - oldest))
+
+    def reachable(self) -> bool:
+        return True
 
 
 def _job(row: tuple | None) -> Job | None:
