@@ -163,7 +163,7 @@ def serve(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / f"serve-{port}.log"
-    (tmp_path / "tmp").mkdir(exist_ok=True)
+    (tmp_path / "tmp").mkdir(parents=True, exist_ok=True)
     full_env = {
         **os.environ,
         "SVD_MODEL_ID": "tiny",

@@ -17,8 +17,9 @@ from pathlib import Path
 from bench.report import Section, machine, table, write_json
 from harness import PHOTO, ROOT
 
-SECTIONS = ("encoding", "interpolation", "jobs", "coldstart", "memory", "serving", "load")
-SERVER_SECTIONS = SECTIONS[3:]
+SECTIONS = ("encoding", "interpolation", "jobs", "replicas", "coldstart", "memory", "serving", "load")
+# The sections that share one server; replicas starts its own.
+SERVER_SECTIONS = ("coldstart", "memory", "serving", "load")
 # What --quick changes: enough to prove every section still runs, in well under a minute.
 QUICK = {
     "encode_size": "256x144",
@@ -33,6 +34,8 @@ QUICK = {
     "videos": 2,
     "level_seconds": 60.0,
     "jobs": 3,
+    "replica_jobs": 2,
+    "replica_steps": 1,
 }
 
 
@@ -57,6 +60,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--factors", default="2,4", help="interpolation factors to measure")
     group = parser.add_argument_group("jobs (in-process, the tiny model and the service's job store and runner)")
     group.add_argument("--jobs", type=int, default=8, help="jobs queued and run one after another")
+    group = parser.add_argument_group("replicas (one and two `bentoml serve` replicas on one redis-server queue)")
+    group.add_argument("--replica-jobs", type=int, default=8, help="jobs submitted at once, each way")
+    group.add_argument("--replica-steps", type=int, default=8, help="denoising steps of each job")
     group = parser.add_argument_group("server")
     group.add_argument(
         "--torch-threads",
@@ -93,7 +99,7 @@ def _numbers(text: str) -> list[int]:
 
 def run_cpu(args: argparse.Namespace) -> list[Section]:
     # Here, not above: these need BentoML and a server, which `--gpu` runs without.
-    from bench import coldstart, encoding, interpolation, jobs, load, memory, serving
+    from bench import coldstart, encoding, interpolation, jobs, load, memory, replicas, serving
     from bench.server import QUICK_REQUEST, REQUEST, started
 
     sections: list[Section] = []
@@ -114,6 +120,10 @@ def run_cpu(args: argparse.Namespace) -> list[Section]:
     if "jobs" in args.sections:
         start = time.perf_counter()
         done(jobs.run(request, args.jobs, args.torch_threads), start)
+    if "replicas" in args.sections:
+        start = time.perf_counter()
+        replica_request = {**request, "num_inference_steps": args.replica_steps}
+        done(replicas.run(replica_request, args.replica_jobs, args.torch_threads), start)
     if not set(args.sections) & set(SERVER_SECTIONS):
         return sections
     start = time.perf_counter()

@@ -79,7 +79,7 @@ def _measure(tmp: Path, request: dict[str, int], jobs: int) -> Section:
     engine = Engine(Settings(model_id=TINY_MODEL_ID, device="cpu"))
     assert engine.wait_ready(120), engine.state.message
     store = TimedStore(SQLiteJobs(tmp / "jobs.db"))
-    ids = [store.submit(PHOTO.read_bytes(), PHOTO.name, request, limit=jobs).id for _ in range(jobs)]
+    ids = [store.submit(PHOTO.read_bytes(), PHOTO.name, request, per_worker=jobs).id for _ in range(jobs)]
     runner = JobRunner(engine, store, Outputs(tmp / "outputs", Keep(count=jobs)), lease=30)  # type: ignore[arg-type]
     start = time.perf_counter()
     runner.start()

@@ -51,17 +51,36 @@ def test_the_deployment_fits_the_service():
             assert reference["name"] == secret["metadata"]["name"] and reference["key"] in secret["stringData"]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == _load("pvc.yaml")["metadata"]["name"]
-    # Jobs and videos outlive a restart of the container: they are on a volume of the pod.
-    outputs = next(env["value"] for env in container["env"] if env["name"] == "SVD_OUTPUT_DIR")
+    # Videos are on the volume every replica mounts, ReadWriteMany.
+    env = {env["name"]: env.get("value") for env in container["env"]}
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
-    assert any(outputs.startswith(path + "/") and name in volumes for path, name in mounts.items()), outputs
+    (shared,) = [path for path in mounts if env["SVD_OUTPUT_DIR"].startswith(path + "/")]
+    assert volumes[mounts[shared]]["persistentVolumeClaim"]["claimName"] == "svd-data"
+    assert _load("pvc.yaml")["spec"]["accessModes"] == ["ReadWriteMany"]
     assert _load("service.yaml")["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
 
-def test_the_autoscaler_scales_the_deployment_on_the_queue_metric():
+def test_every_replica_shares_the_redis_of_deploy_with_persistence():
+    container = _load("deployment.yaml")["spec"]["template"]["spec"]["containers"][0]
+    url = next(env["value"] for env in container["env"] if env["name"] == "SVD_QUEUE_URL")
+    service, statefulset = yaml.safe_load_all((ROOT / "deploy" / "redis.yaml").read_text())
+    assert url == f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
+    assert service["spec"]["selector"] == statefulset["spec"]["template"]["metadata"]["labels"]
+    (redis,) = statefulset["spec"]["template"]["spec"]["containers"]
+    options = dict(zip(redis["args"][::2], redis["args"][1::2]))
+    assert options["--appendonly"] == "yes" and options["--maxmemory-policy"] == "noeviction"
+    (mount,) = redis["volumeMounts"]
+    assert mount["mountPath"] == "/data" and mount["name"] == statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+
+
+def test_the_autoscaler_scales_the_deployment_on_the_queue():
     from svd import metrics
 
     hpa = _load("hpa.yaml")
     assert hpa["spec"]["scaleTargetRef"]["name"] == _load("deployment.yaml")["metadata"]["name"]
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["pods"]["metric"]["name"] == metrics.IN_FLIGHT._name == "svd_in_flight"
+    assert metric["type"] == "External" and metric["external"]["target"] == {"type": "AverageValue", "averageValue": "1"}
+    # The adapter rule in the file's comment makes that metric out of the gauges the service exports.
+    rule = (ROOT / "deploy" / "hpa.yaml").read_text().split("rules:", 1)[1].split("\n#\n", 1)[0]
+    assert f"name: {{as: {metric['external']['metric']['name']}}}" in rule
+    assert f"max({metrics.JOBS_WAITING._name}{{" in rule and f"max({metrics.JOBS_RUNNING._name}{{" in rule

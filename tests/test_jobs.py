@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, JobStore, QueueDepth, QueueFull, UnknownJob
+from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, JobStore, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
 from svd.jobs.redis import RedisJobs
 from svd.jobs.sqlite import SQLiteJobs
 from svd.progress import Progress
@@ -123,6 +123,29 @@ def test_a_renewed_lease_does_not_lapse(stores):
         time.sleep(0.1)  # a worker renews five times per lease
     assert store.finish(claim, COMPLETED) and store.get(job_id).status == COMPLETED
     assert store.depth() == QueueDepth(0, 0, 0.0)
+
+
+def test_redis_restarted_keeps_the_jobs_and_gives_the_running_one_a_lease_to_renew(tmp_path: Path):
+    with redis_server(tmp_path / "redis") as server:
+        store = RedisJobs(server.url, lease=1)
+        running = store.submit(b"x", "a.png", {}, per_worker=10).id
+        waiting = store.submit(b"x", "b.png", {}, per_worker=10).id
+        claim = store.claim("holder")
+        server.stop()
+        assert not store.reachable()
+        with pytest.raises(StoreUnavailable, match=f"Redis at 127.0.0.1:{server.port}/0, is unreachable"):
+            store.submit(b"x", "c.png", {}, per_worker=10)
+        with pytest.raises(StoreUnavailable):
+            store.report(claim, Progress("denoise", 2, 25))
+        # Down for longer than a lease: the running job's lease would have lapsed.
+        down = time.monotonic()
+        wait_until(lambda: time.monotonic() - down > 1.5, 3, 0.1, "a lease's time")
+        server.start()
+        assert store.reachable()
+        assert store.claim("other").id == waiting, "the waiting job was kept"
+        assert store.claim("third") is None, "the running job's holder gets a lease to renew"
+        assert store.report(claim, Progress("denoise", 3, 25)) and store.finish(claim, COMPLETED)
+        assert store.get(running).status == COMPLETED
 
 
 def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_report(stores):

@@ -9,7 +9,8 @@ lease is the entry's idle time in that list: every renewal re-claims the entry f
 itself, which resets it. An entry idle for longer than a lease belongs to a worker
 that stopped (killed, its machine gone), and the next claim anywhere takes it over
 with XAUTOCLAIM, as RQ's and Celery's visibility timeouts do. Idle times are Redis's
-clock, so the replicas' clocks never matter.
+clock, so the replicas' clocks never matter; they are kept through a restart of
+Redis (append-only file), and a restart gives every lease a full lease to be renewed.
 
 A job's attempt, in its hash, is the one truth about who holds it: a worker acts for
 a job only while the hash still names its attempt and the job is in progress.
@@ -81,13 +82,19 @@ CLAIM = ENSURE_GROUP + """
 -- Returns {id, failed, attempt, image, image_name, controls}, or {'', failed} when nothing waits;
 -- failed lists {id, attempt, worker, started, error} of jobs given up on the way.
 local failed = {}
+local up_ms = 1000 * tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
 local function done(entry)
   redis.call('XACK', KEYS[1], ARGV[1], entry)
   redis.call('XDEL', KEYS[1], entry)
 end
 while true do
-  -- A job whose worker stopped renewing comes first: it is older than any waiting one.
-  local found = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', 1)[2]
+  -- A job whose worker stopped renewing comes first: it is older than any waiting one. Not in the
+  -- first lease after Redis restarts, though: an entry's idle time then counts the time Redis was
+  -- down, and the workers holding leases need one lease to renew them.
+  local found = {}
+  if up_ms >= tonumber(ARGV[3]) then
+    found = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', 1)[2]
+  end
   if #found == 0 then
     local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
     if not read then return {'', failed} end
