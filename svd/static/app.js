@@ -224,6 +224,11 @@ async function waitForTask(taskId, started) {
       continue;
     }
     misses = 0;
+    // The job queue (Redis) restarting: the job goes on, and so does the page.
+    if (status.status === 503) {
+      $("progress-text").textContent = "The job queue is unreachable; still following the job…";
+      continue;
+    }
     if (!status.ok) throw await problem(status);
     const p = progress.ok ? await progress.json() : { stage: "unknown" };
     const { status: state } = await status.json();
