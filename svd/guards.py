@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from svd import metrics
@@ -133,7 +135,21 @@ class UploadGuard:
                 "send the body as a form upload, as curl -F or a browser does.",
             )
             return
-        sent = _sent_fields(bytes(body), content_type)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        try:
+            sent = await _sent_fields(scope, bytes(body), content_type)
+        except _Unreadable as exc:
+            # BentoML's parser would fail on it too, with a 500.
+            await _refuse(scope, receive, send, 400, "bad_upload", str(exc))
+            return
         if problem := _problem(sent):
             await _refuse(scope, receive, send, 400, "bad_upload", problem)
             return
@@ -152,15 +168,6 @@ class UploadGuard:
                 f"{scope['path']} accepts: {', '.join(accepted)}.",
             )
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,12 +177,16 @@ class UploadGuard:
         )
 
 
-def _problem(sent: list[tuple[str, bytes | None]]) -> str | None:
+class _Unreadable(ValueError):
+    """The body does not parse as the content type it declares."""
+
+
+def _problem(sent: list[tuple[str, str | None]]) -> str | None:
     """What is wrong with the fields themselves, before their values are looked at."""
     if twice := sorted(name for name, count in Counter(name for name, _ in sent).items() if count > 1):
         return f"{', '.join(f'`{name}`' for name in twice)} sent more than once; send each field once."
     for name, filename in sent:
-        basename = None if filename is None else filename.rsplit(b"/", 1)[-1]  # as os.path.basename
+        basename = None if filename is None else filename.rsplit("/", 1)[-1].encode()  # as os.path.basename
         if basename is not None and len(basename) > MAX_FILENAME_BYTES:
             return (
                 f"the file name of `{name}` is {len(basename)} bytes long; the limit is {MAX_FILENAME_BYTES}: "
@@ -184,8 +195,9 @@ def _problem(sent: list[tuple[str, bytes | None]]) -> str | None:
     return None
 
 
-def _sent_fields(body: bytes, content_type: bytes) -> list[tuple[str, bytes | None]]:
-    """The name of each field a form or JSON body sends, and the file name of an uploaded file."""
+async def _sent_fields(scope: Scope, body: bytes, content_type: bytes) -> list[tuple[str, str | None]]:
+    """The name of each field a form or JSON body sends, and the file name of an uploaded file;
+    _Unreadable when a form does not parse."""
     if content_type.startswith(b"application/x-www-form-urlencoded"):
         return [(name, None) for name in parse_qs(body.decode("latin-1"), keep_blank_values=True)]
     if content_type.startswith(b"application/json"):
@@ -194,13 +206,22 @@ def _sent_fields(body: bytes, content_type: bytes) -> list[tuple[str, bytes | No
         except ValueError:
             return []  # BentoML answers what is wrong with it
         return [(str(name), None) for name in sent] if isinstance(sent, dict) else []
-    boundary = BOUNDARY.search(content_type)
-    if not boundary:
+    if not content_type.lower().startswith(b"multipart/form-data"):
         return []
-    fields = []
-    for part in body.split(b"--" + boundary.group(1)):
-        head = part[: part.find(b"\r\n\r\n")]
-        if name := re.search(rb'name="([^"]*)"', head):
-            filename = re.search(rb'filename="([^"]+)"', head)
-            fields.append((name.group(1).decode("utf-8", "replace"), filename.group(1) if filename else None))
-    return fields
+
+    async def whole_body() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    # Parsed as BentoML will parse it (Starlette's parser), so that what fails here would fail there.
+    try:
+        form = await Request(scope, whole_body).form()
+    except Exception as exc:  # python-multipart and Starlette raise several kinds for a body that does not parse
+        why = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        raise _Unreadable(
+            f"the body could not be read as multipart/form-data ({why}): send it as a form upload, as curl -F or "
+            "a browser does."
+        ) from None
+    try:
+        return [(name, value.filename if isinstance(value, UploadFile) else None) for name, value in form.multi_items()]
+    finally:
+        await form.close()
