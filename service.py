@@ -20,7 +20,7 @@ from starlette.responses import Response
 from svd.config import ConfigError, Settings
 from svd.errors import Refused
 from svd.fields import GenerateInput
-from svd.guards import BearerAuth, UploadGuard
+from svd.guards import OPEN_PATHS, BearerAuth, UploadGuard
 from svd.hub import hub_reference
 from svd.jobs import StoreUnavailable, open_store
 from svd.jobs.routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
@@ -28,6 +28,7 @@ from svd.library import library_app
 from svd.outputs import ID, Outputs, headers_of, new_id, record_of
 from svd.params import GenerationParams
 from svd.progress import Progress
+from svd.schema import PublishedSchema
 from svd.served_by import ServedBy
 from svd.ui import PUBLIC_FILES, ui_app
 
@@ -203,6 +204,13 @@ StableDiffusionVideo.add_asgi_middleware(
     per_worker=SETTINGS.max_queue,
     outputs=JOB_OUTPUTS,
     max_pixels=SETTINGS.max_pixels,
+)
+
+StableDiffusionVideo.add_asgi_middleware(
+    PublishedSchema,
+    spec=lambda: StableDiffusionVideo.openapi_spec.asdict(),
+    open_paths=OPEN_PATHS,
+    token=bool(SETTINGS.api_token),
 )
 
 
