@@ -3,8 +3,8 @@
 BentoML publishes each route with 400, 404 and 500 and lets unknown fields through in
 the schema, while the service refuses unknown fields and answers the statuses below.
 Generated clients and fuzzers read the schema as a contract, so it is rewritten once:
-closed input objects, the task id's form, and each route's real statuses with the
-JSON every refusal has.
+required and closed input objects, the task id's form, and each route's real statuses
+with the JSON every refusal has.
 """
 
 from __future__ import annotations
@@ -80,8 +80,11 @@ def published(spec: dict[str, Any], open_paths: frozenset[str], token: bool) -> 
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
-            for media in operation.get("requestBody", {}).get("content", {}).values():
-                _close(media["schema"], schemas)
+            if "requestBody" in operation:
+                # Every route that reads a body needs one.
+                operation["requestBody"]["required"] = True
+                for media in operation["requestBody"]["content"].values():
+                    _close(media["schema"], schemas)
             for parameter in operation.get("parameters", []):
                 if parameter.get("name") == "task_id":
                     parameter["schema"] = dict(TASK_ID)

@@ -206,6 +206,16 @@ def test_a_multipart_body_without_its_boundary_is_400_not_500(server, route: str
     assert "KeyError" not in server.log_text()
 
 
+@pytest.mark.parametrize("route", ["/generate", "/generate_task", "/generate_task/submit", "/progress"])
+def test_a_multipart_body_that_does_not_parse_is_400_before_any_work(server, route: str):
+    """A boundary, then a part with no headers and no closing delimiter: BentoML's parser failed on it with a 500."""
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    response = httpx.post(f"{server.url}{route}", headers=headers, content=b"--x\r\ngarbage without headers", timeout=30)
+    assert response.status_code == 400, response.text
+    assert "could not be read as multipart/form-data" in response.json()["error"]
+    assert "MultipartParseError" not in server.log_text()
+
+
 def _read_response(connection: socket.socket) -> str:
     """One whole HTTP response off a raw socket: headers and body may come in separate packets."""
     data = b""
