@@ -28,7 +28,7 @@ from svd.library import library_app
 from svd.outputs import ID, Outputs, headers_of, new_id, record_of
 from svd.params import GenerationParams
 from svd.progress import Progress
-from svd.schema import PublishedSchema
+from svd.schema import PublishedSchema, ReadableRefusals
 from svd.served_by import ServedBy
 from svd.ui import PUBLIC_FILES, ui_app
 
@@ -178,6 +178,7 @@ if OUTPUTS:
 # The first added runs first: name the worker on every answer, then check the token before
 # reading any upload.
 StableDiffusionVideo.add_asgi_middleware(ServedBy, worker=lambda: bentoml.server_context.worker_index or 1)
+StableDiffusionVideo.add_asgi_middleware(ReadableRefusals)
 if SETTINGS.api_token:
     StableDiffusionVideo.add_asgi_middleware(
         BearerAuth,

@@ -7,6 +7,7 @@ edge (svd/engine.py) turns them into responses.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 
 
 class InputError(ValueError):
@@ -49,3 +50,11 @@ class Refused(Exception):
 
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
         return JSONResponse({"error": str(self)}, status_code=self.status, headers=headers)
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """Pydantic's errors as one line that names each field and what was wrong with it."""
+    return "; ".join(
+        f"{'.'.join(map(str, error.get('loc', ()))) or 'the body'}: {str(error.get('msg')).removeprefix('Value error, ')}"
+        for error in errors
+    )

@@ -81,3 +81,22 @@ def test_the_schema_gives_the_task_id_its_form(server: Server, route: str):
     assert parameter["schema"]["pattern"] == "^[0-9a-f]{32}$"
     assert httpx.get(f"{server.url}{route}", params={"task_id": "a" * 32}, timeout=30).status_code == 404
     assert httpx.get(f"{server.url}{route}", params={"task_id": "not-an-id"}, timeout=30).status_code == 400
+
+
+MALFORMED = {
+    "a JSON list": ("/progress", "application/json", b"[1]", "the body: Input should be an object"),
+    "JSON that does not parse": ("/progress", "application/json", b"{bad", "the body: Invalid JSON"),
+    "a wrong type": ("/progress", "application/json", b'{"task_id": 5}', "task_id: Input should be a valid string"),
+    "no body": ("/progress", "application/json", b"", "task_id: Field required"),
+    "Latin-1 in a JSON body": ("/progress", "application/json; charset=latin-1", b'{"task_id": "\xe9"}', "Invalid JSON"),
+    "text instead of a form": ("/generate", "text/plain", b"hello", "the body: Invalid JSON"),
+    "JSON without the image": ("/generate", "application/json", b'{"seed": 1}', "image: Field required"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_body_gets_400_with_an_error_that_says_what_was_wrong(server: Server, case: str):
+    route, content_type, body, message = MALFORMED[case]
+    response = httpx.post(f"{server.url}{route}", headers={"Content-Type": content_type}, content=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"].startswith(message), response.text
+    assert response.json()["detail"], "the details stay for clients that read them"

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from svd import metrics
-from svd.errors import InputError
+from svd.errors import InputError, validation_message
 from svd.jobs import CANCELED, COMPLETED, FAILED, FINISHED, Job, JobStore, QueueFull, StoreUnavailable, UnknownJob
 from svd.library import serve_output
 from svd.outputs import ID, Outputs
@@ -125,7 +125,8 @@ class JobRoutes:
             image = await upload.read()
             await run_in_threadpool(_check_image, image, self.max_pixels)
         except ValidationError as exc:
-            return _error(400, _validation_message(exc), detail=exc.errors(include_context=False, include_input=False))
+            errors = exc.errors(include_context=False, include_input=False)
+            return _error(400, validation_message(errors), detail=errors)
         except InputError as exc:
             return _error(exc.status, str(exc))
         finally:
@@ -230,10 +231,6 @@ def _decoded(value: Any) -> Any:
         return json.loads(value)
     except ValueError:
         return value
-
-
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
 
 
 def _check_image(image: bytes, max_pixels: int) -> None:
