@@ -88,7 +88,7 @@ MALFORMED = {
     "JSON that does not parse": ("/progress", "application/json", b"{bad", "the body: Invalid JSON"),
     "a wrong type": ("/progress", "application/json", b'{"task_id": 5}', "task_id: Input should be a valid string"),
     "no body": ("/progress", "application/json", b"", "task_id: Field required"),
-    "Latin-1 in a JSON body": ("/progress", "application/json; charset=latin-1", b'{"task_id": "\xe9"}', "Invalid JSON"),
+    "Latin-1 in a JSON body": ("/progress", "application/json; charset=latin-1", b'{"task_id": "\xe9"}', "the body: Invalid JSON"),
     "text instead of a form": ("/generate", "text/plain", b"hello", "the body: Invalid JSON"),
     "JSON without the image": ("/generate", "application/json", b'{"seed": 1}', "image: Field required"),
 }
