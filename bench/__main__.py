@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench.report import Section, machine, table, write_json
 from harness import PHOTO, ROOT
+from svd.params import CONTROLS
 
 SECTIONS = ("encoding", "interpolation", "jobs", "replicas", "coldstart", "memory", "serving", "load")
 # The sections that share one server; replicas starts its own.
@@ -48,6 +49,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out", type=Path, help="JSON output (default: bench/results/latest.json; with --gpu, gpu-<device>.json)"
+    )
+    group = parser.add_argument_group("gpu")
+    group.add_argument(
+        "--cache-interval",
+        type=_intervals,
+        default="1,2,3,5",
+        help="cache_interval values to time the default video at (1, the default video, is always timed)",
     )
     group = parser.add_argument_group("encoding")
     group.add_argument("--photo", type=Path, default=PHOTO, help="the photo the frames pan across")
@@ -95,6 +103,14 @@ def _names(text: str) -> list[str]:
 
 def _numbers(text: str) -> list[int]:
     return [int(part) for part in _names(text)]
+
+
+def _intervals(text: str) -> list[int]:
+    allowed = next(control.allowed for control in CONTROLS if control.name == "cache_interval")
+    try:
+        return [int(allowed(int(part))) for part in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: each must be {allowed}") from None
 
 
 def run_cpu(args: argparse.Namespace) -> list[Section]:
@@ -150,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import gpu
         from svd.config import Settings
 
-        sections = [gpu.run()]
+        sections = [gpu.run(args.cache_interval)]
         out = args.out or gpu.results_path(Settings.from_env())
     else:
         sections = run_cpu(args)

@@ -2,6 +2,7 @@
 
     SVD_MODEL_ID=random-svd-xt python -m bench --gpu                   # no weights needed
     SVD_MODEL_ID=random-svd-xt SVD_COMPILE=1 python -m bench --gpu     # the same, compiled
+    SVD_MODEL_ID=random-svd-xt python -m bench --gpu --cache-interval 3 # DeepCache at 1 and 3 only
 
 Run in-process, since peak VRAM (torch.cuda.max_memory_allocated) is only visible
 from inside; the stages are the StageTimes the service sends as Server-Timing,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +39,8 @@ CASES = {
     "decode_chunk_size 25": replace(DEFAULT, decode_chunk_size=25),
     "guidance off (max_guidance_scale 1), chunk 2": replace(DEFAULT, max_guidance_scale=1.0),
 }
+# DeepCache's intervals timed at the default size; interval 1 is the default video above.
+CACHE_INTERVALS = (1, 2, 3, 5)
 # What emptying the CUDA cache after a request costs the next one: a per-request
 # cost, so two steps show it as well as twenty-five.
 SHORT = replace(DEFAULT, num_inference_steps=2)
@@ -57,7 +61,8 @@ def results_path(settings: Settings) -> Path:
     return RESULTS / f"gpu-{device}{'-compile' if settings.compile else ''}.json"
 
 
-def run() -> Section:
+def run(cache_intervals: Sequence[int] = CACHE_INTERVALS) -> Section:
+    """The cases above, and the default video at each of `cache_intervals`."""
     require_cuda()
     settings = Settings.from_env()
     model = load_pipeline(settings)
@@ -79,6 +84,10 @@ def run() -> Section:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         for name, case in CASES.items():
             _measure(section, name, model, case, settings, Path(tmp))
+        intervals = [interval for interval in cache_intervals if interval != 1]
+        for interval in intervals:
+            _measure(section, f"cache_interval {interval}", model, replace(DEFAULT, cache_interval=interval), settings, Path(tmp))
+        _compare_intervals(section, intervals)
         _measure(section, "2 steps, CUDA cache kept", model, SHORT, settings, Path(tmp))
         torch.cuda.empty_cache()
         _measure(section, "2 steps, after torch.cuda.empty_cache()", model, SHORT, settings, Path(tmp))
@@ -108,3 +117,12 @@ def _measure(
     }
     per_stage = ", ".join(f"{stage} {value:.1f} s" for stage, value in stages.items())
     section.rows.append(Row(name, f"{total:.1f} s end to end, {peak:.1f} GiB peak VRAM; {per_stage}"))
+
+
+def _compare_intervals(section: Section, intervals: Sequence[int]) -> None:
+    """Denoising seconds at each interval, and as a share of interval 1's: what DeepCache saves."""
+    full = section.data["decode_chunk_size 2"]["stages"]["denoise"]
+    by_interval = {1: full, **{k: section.data[f"cache_interval {k}"]["stages"]["denoise"] for k in intervals}}
+    section.data["denoise_seconds_by_cache_interval"] = by_interval
+    text = ", ".join(f"{k}: {seconds:.1f} s ({seconds / full:.2f}x)" for k, seconds in by_interval.items())
+    section.rows.append(Row("denoise by cache_interval", text))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, create_model
 
 from svd.params import CONTROLS, Control, Range
 
@@ -26,6 +26,19 @@ def _number(value: Any) -> Any:
     return int(text) if isinstance(text, str) and text.strip().isdigit() else text
 
 
+def _whole(control: Control) -> WrapValidator:
+    """A number that is not an integer refused with the range, as one outside it is: pydantic's own
+    message (`Input should be a valid integer`) would leave the client guessing what is allowed."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"must be a valid integer {control.allowed}, got {value!r}") from None
+
+    return WrapValidator(check)
+
+
 def annotated(control: Control) -> Any:
     """The control as a pydantic field type: its OpenAPI schema shows the range, its validator checks it."""
     kind: Any = Literal[control.choices] if control.choices else control.kind
@@ -37,6 +50,8 @@ def annotated(control: Control) -> Any:
         if control.allowed.step > 1:
             schema["multipleOf"] = control.allowed.step
     before = [BeforeValidator(_text if control.kind is str else _number)] if control.choices else []
+    if isinstance(control.allowed, Range) and control.kind is int:
+        before.append(_whole(control))
     return Annotated[
         kind | None if control.nullable else kind,
         *before,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from svd.deepcache import deep_cache
 from svd.interpolate import interpolate, pingpong
 from svd.loading import LoadedModel
 from svd.params import GenerationParams
@@ -287,21 +288,22 @@ def denoise(
     marker = pipe.unet.time_proj if hasattr(pipe.unet, "_hf_hook") else pipe.unet
     hook = marker.register_forward_pre_hook(mark_first_step)
     try:
-        latents = pipe(
-            image,
-            width=params.width,
-            height=params.height,
-            num_frames=params.num_frames,
-            num_inference_steps=params.num_inference_steps,
-            min_guidance_scale=params.min_guidance_scale,
-            max_guidance_scale=params.max_guidance_scale,
-            fps=params.fps,
-            motion_bucket_id=params.motion_bucket_id,
-            noise_aug_strength=params.noise_aug_strength,
-            generator=seeded(params.seed),
-            output_type="latent",
-            callback_on_step_end=after_step,
-        ).frames
+        with deep_cache(pipe.unet, params.cache_interval):
+            latents = pipe(
+                image,
+                width=params.width,
+                height=params.height,
+                num_frames=params.num_frames,
+                num_inference_steps=params.num_inference_steps,
+                min_guidance_scale=params.min_guidance_scale,
+                max_guidance_scale=params.max_guidance_scale,
+                fps=params.fps,
+                motion_bucket_id=params.motion_bucket_id,
+                noise_aug_strength=params.noise_aug_strength,
+                generator=seeded(params.seed),
+                output_type="latent",
+                callback_on_step_end=after_step,
+            ).frames
         _synchronize(model)
     except torch.OutOfMemoryError as exc:
         error = str(exc)

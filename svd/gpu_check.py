@@ -1,6 +1,7 @@
 """Run once on a GPU machine: load the configured model, make one default video, report.
 
     python -m svd.gpu_check [--json results.json] [--full] [--width W --height H --num-frames N --num-inference-steps S]
+                            [--cache-interval K]
 
 Prints the device, dtype, each network's parameters, the seconds of each stage,
 peak memory and the settings, as a table and as JSON. Without a CUDA GPU (and
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m svd.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the report to this file")
     parser.add_argument("--full", action="store_true", help="on the CPU too, the full default video (minutes)")
-    for name in ("width", "height", "num_frames", "num_inference_steps"):
+    for name in ("width", "height", "num_frames", "num_inference_steps", "cache_interval"):
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, help=f"{name} of the video (default: the service's)")
     args = parser.parse_args(argv)

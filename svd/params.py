@@ -101,6 +101,14 @@ class GenerationParams:
     num_inference_steps: int = control(
         25, "Denoising steps; more is slower and usually sharper.", Range(1, 100), label="Steps", advanced=True
     )
+    cache_interval: int = control(
+        1,
+        "Steps per full UNet pass: 1 runs every step in full; n runs one in n in full and the rest on "
+        "its deep features (DeepCache), faster and a little less faithful.",
+        Range(1, 5),
+        label="Cache interval",
+        advanced=True,
+    )
     fps: int = control(7, "Frame rate the model is conditioned on and the video plays at.", Range(1, 60), label="Frame rate (fps)")
     motion_bucket_id: int = control(127, "Amount of motion; higher moves more.", Range(0, 255), label="Motion", slider=True)
     noise_aug_strength: float = control(

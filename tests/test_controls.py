@@ -60,6 +60,7 @@ def test_portrait_request(call_service):
         {"max_guidance_scale": 1.0},
         {"fps": 20},
         {"sizing": "pad"},
+        {"cache_interval": 2},
     ],
 )
 def test_model_controls_change_the_frames_and_are_echoed(call_service, control):

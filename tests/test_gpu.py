@@ -74,6 +74,14 @@ def test_each_memory_mode_runs_and_its_stage_clocks_stop_when_the_gpu_is_done(me
     assert times.seconds["encode"] + times.seconds["denoise"] == pytest.approx(returned - start, rel=0.05)
 
 
+@pytest.mark.parametrize("memory", ["full", "model_offload", "sequential_offload"])
+def test_cached_steps_run_in_each_memory_mode(memory: str, tmp_path: Path):
+    """The cached steps call the UNet's outer layers directly, past the offload hook on the UNet:
+    under model_offload they rely on the whole pass before them having brought it to the GPU."""
+    model = _model(memory=memory)
+    _generate(model, replace(SMALL, num_inference_steps=4, cache_interval=3), tmp_path)
+
+
 def test_compiled_model_is_warm_for_a_default_request(tmp_path: Path):
     """The warm-up compiles at the default shapes, every decode chunk length included."""
     from torch._dynamo.utils import counters
