@@ -70,7 +70,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--jobs", type=int, default=8, help="jobs queued and run one after another")
     group = parser.add_argument_group("replicas (one and two `bentoml serve` replicas on one redis-server queue)")
     group.add_argument("--replica-jobs", type=int, default=8, help="jobs submitted at once, each way")
-    group.add_argument("--replica-steps", type=int, default=8, help="denoising steps of each job")
+    group.add_argument("--replica-steps", type=int, default=20, help="denoising steps of each job")
     group = parser.add_argument_group("server")
     group.add_argument(
         "--torch-threads",
