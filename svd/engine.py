@@ -36,6 +36,7 @@ from svd.generate import (
 from svd.images import prepare_image
 from svd.loading import LoadedModel, load_pipeline, resolve_device
 from svd.params import GenerationParams
+from svd.preview import Previewer
 from svd.progress import ProgressCallback
 from svd.turns import Turns
 
@@ -144,16 +145,17 @@ class Engine:
         report: ProgressCallback | None = None,
         stop: threading.Event | None = None,
         turn: AbstractContextManager[object] | None = None,
+        preview: Previewer | None = None,
     ) -> Generation:
         """Admit, check, prepare and generate one request.
 
         A job comes with the GPU turn its runner took for it (`turn`): it is admitted
-        whatever the queue, since the job store bounds the jobs. `report` and `stop` are
-        handed to the generation (svd/generate.py).
+        whatever the queue, since the job store bounds the jobs. `report`, `stop` and
+        `preview` are handed to the generation (svd/generate.py).
         """
         start = time.perf_counter()
         try:
-            result = self._run(image, params, out_dir, report, stop, turn)
+            result = self._run(image, params, out_dir, report, stop, turn, preview)
         except Refused as refused:
             metrics.GENERATIONS.labels(outcome=refused.reason).inc()
             if refused.reason in ("busy", "not_ready"):
@@ -183,6 +185,7 @@ class Engine:
         report: ProgressCallback | None,
         stop: threading.Event | None,
         turn: AbstractContextManager[object] | None,
+        preview: Previewer | None,
     ) -> Generation:
         deadline = time.monotonic() + self.settings.timeout
         state, model = self.state, self.model
@@ -198,7 +201,7 @@ class Engine:
                     f"{self.settings.max_queue}); retry later",
                     self._retry_after(),
                 )
-            return self._generate(model, image, params, out_dir, deadline, report, stop, turn or self.turns)
+            return self._generate(model, image, params, out_dir, deadline, report, stop, turn or self.turns, preview)
 
     @contextmanager
     def _admitted(self, always: bool = False) -> Iterator[bool]:
@@ -224,6 +227,7 @@ class Engine:
         report: ProgressCallback | None,
         stop: threading.Event | None,
         turn: AbstractContextManager[object],
+        preview: Previewer | None,
     ) -> Generation:
         params = params.resolve(model.max_frames)
         times = StageTimes()
@@ -231,7 +235,8 @@ class Engine:
             picture = prepare_image(image, params.width, params.height, params.sizing, self.settings.max_pixels)
         try:
             result = generate(
-                model, picture, params, out_dir, times, report, deadline, metrics.OOM_RETRIES.inc, gpu=turn, stop=stop
+                model, picture, params, out_dir, times, report, deadline, metrics.OOM_RETRIES.inc, gpu=turn, stop=stop,
+                preview=preview,
             )
             self.last_seconds = sum(times.seconds.values())
             return result

@@ -26,6 +26,7 @@ from svd.deepcache import deep_cache
 from svd.interpolate import interpolate, pingpong
 from svd.loading import LoadedModel
 from svd.params import GenerationParams
+from svd.preview import Previewer
 from svd.progress import Progress, ProgressCallback
 from svd.video import CODECS, VideoWriter
 
@@ -121,19 +122,21 @@ def generate(
     on_decode_retry: Callable[[], None] = lambda: None,
     gpu: AbstractContextManager[object] = nullcontext(),
     stop: threading.Event | None = None,
+    preview: Previewer | None = None,
 ) -> Generation:
     """Generate a video from a prepared image with resolved params (see GenerationParams.resolve).
 
     `gpu` is held while the model runs (svd/engine.py passes its turn, so that requests take
     turns), and let go before the frames are interpolated and encoded. Setting `stop` stops
-    the generation at the next denoising step or decode chunk with Stopped.
+    the generation at the next denoising step or decode chunk with Stopped. `preview` is
+    offered the latents after each denoising step (svd/preview.py).
     """
     times = times or StageTimes()
     report = report or (lambda _: None)
     _in_segment(report, 1, params.segments)(Progress("queued"))
     checkpoint = Checkpoint(deadline, stop)
     with gpu:
-        frames, chunk = render(model, image, params, times, report, checkpoint, on_decode_retry)
+        frames, chunk = render(model, image, params, times, report, checkpoint, on_decode_retry, preview)
     params = replace(params, decode_chunk_size=chunk)
     path = out_dir / f"video.{params.format}"
     # What follows is on the whole video, reported as in its last segment.
@@ -151,6 +154,7 @@ def render(
     report: ProgressCallback,
     checkpoint: Checkpoint,
     on_decode_retry: Callable[[], None],
+    preview: Previewer | None = None,
 ) -> tuple[np.ndarray, int]:
     """Every segment's frames as uint8 (frames, H, W, 3), a frame shared by two segments once,
     and the decode chunk size finally used."""
@@ -163,7 +167,7 @@ def render(
             # Handed straight over, the latents live only inside _decode: they are gone
             # by the time memory is released.
             frames, chunk = _decode(
-                model, denoise(model, image, seeded, times, in_segment, checkpoint), chunk, times, in_segment, checkpoint, on_decode_retry
+                model, denoise(model, image, seeded, times, in_segment, checkpoint, preview), chunk, times, in_segment, checkpoint, on_decode_retry
             )
             parts.append(frames if segment == 0 else frames[1:])
             image = Image.fromarray(frames[-1])
@@ -264,6 +268,7 @@ def denoise(
     times: StageTimes | None = None,
     report: ProgressCallback = lambda _: None,
     checkpoint: Checkpoint = NO_CHECKPOINT,
+    preview: Previewer | None = None,
 ) -> torch.Tensor:
     """The pipeline up to the denoised latents, (1, frames, 4, h, w); encoding and denoising timed apart."""
     pipe = model.pipe
@@ -279,6 +284,8 @@ def denoise(
 
     def after_step(_pipe: object, step: int, _t: object, tensors: dict) -> dict:
         report(Progress("denoise", step + 1, params.num_inference_steps))
+        if preview is not None:
+            preview.offer(tensors["latents"], params.fps)
         checkpoint("denoising")
         return tensors
 
@@ -288,7 +295,8 @@ def denoise(
     marker = pipe.unet.time_proj if hasattr(pipe.unet, "_hf_hook") else pipe.unet
     hook = marker.register_forward_pre_hook(mark_first_step)
     try:
-        with deep_cache(pipe.unet, params.cache_interval):
+        watching = preview.watching(pipe.scheduler) if preview is not None else nullcontext()
+        with deep_cache(pipe.unet, params.cache_interval), watching:
             latents = pipe(
                 image,
                 width=params.width,
