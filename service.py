@@ -22,11 +22,12 @@ from svd.errors import Refused
 from svd.fields import GenerateInput
 from svd.guards import OPEN_PATHS, BearerAuth, UploadGuard
 from svd.hub import hub_reference
-from svd.jobs import StoreUnavailable, open_store
+from svd.jobs import IN_PROGRESS, StoreUnavailable, open_store
 from svd.jobs.routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
 from svd.library import library_app
 from svd.outputs import ID, Outputs, headers_of, new_id, record_of
 from svd.params import GenerationParams
+from svd.preview import previews_of
 from svd.progress import Progress
 from svd.schema import PublishedSchema, ReadableRefusals
 from svd.served_by import ServedBy
@@ -43,6 +44,8 @@ UI_PATH = "/ui"
 OUTPUTS = Outputs(Path(SETTINGS.output_dir), SETTINGS.output_keep) if SETTINGS.output_dir else None
 # A job's video waits there for its client, or beside the job store when videos are not kept.
 JOB_OUTPUTS = OUTPUTS or Outputs(Path(SETTINGS.jobs_db).parent, SETTINGS.output_keep)
+# The running jobs' live previews, beside their videos.
+JOB_PREVIEWS = previews_of(JOB_OUTPUTS)
 
 DESCRIPTION = """\
 Turns a still image into a short video with [Stable Video Diffusion XT](https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt):
@@ -160,7 +163,8 @@ class StableDiffusionVideo:
         self, context: bentoml.Context, task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")]
     ) -> dict[str, Any]:
         """Where a generate_task job is: its status, its stage (queued, encode, denoise, decode, interpolate,
-        video, done), its step and its segment."""
+        video, done), its step and its segment, and `preview`: where its latest live preview is served
+        (an animated WebP; a new address for each new one), or null while it has none."""
         try:
             job = self.jobs.get(task_id) if ID.fullmatch(task_id) else None
         except StoreUnavailable as exc:
@@ -169,7 +173,9 @@ class StableDiffusionVideo:
         if job is None:
             status, why = no_such_task(task_id)
             return refuse(context, Refused(HTTPStatus(status), "unknown_task", why))  # type: ignore[return-value]
-        return {"task_id": task_id, "status": job.status, **asdict(job.progress or Progress())}
+        running = job.status == IN_PROGRESS
+        preview = JOB_PREVIEWS.link(task_id, StableDiffusionVideo.apis["generate_task"].route) if running else None
+        return {"task_id": task_id, "status": job.status, **asdict(job.progress or Progress()), "preview": preview}
 
 
 if OUTPUTS:

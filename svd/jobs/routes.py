@@ -4,7 +4,8 @@ BentoML runs a task in the process that took it, with no cancel and no recovery,
 empties its store at every start. This ASGI middleware answers ROUTE/submit,
 /status, /get, /cancel and /retry itself, with BentoML's JSON and status words, so
 Swagger, `bentoml.SyncHTTPClient` and the web page work unchanged; the runners
-(svd/jobs/runner.py) do the work.
+(svd/jobs/runner.py) do the work. It also serves ROUTE/preview, a running job's live
+preview (svd/preview.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from svd.library import serve_output
 from svd.outputs import ID, Outputs
 from svd.params import GenerationParams
 from svd.guards import App, Receive, Scope, Send
+from svd.preview import CONTENT_TYPE, previews_of
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -65,6 +67,7 @@ class JobRoutes:
         self.fields = fields
         self.per_worker = per_worker
         self.outputs = outputs
+        self.previews = previews_of(outputs)
         self.max_pixels = max_pixels
         self._store: JobStore | None = None
         self.routes: dict[tuple[str, str], Handler] = {
@@ -73,6 +76,7 @@ class JobRoutes:
             ("GET", f"{route}/get"): JobRoutes.get,
             ("PUT", f"{route}/cancel"): JobRoutes.cancel,
             ("POST", f"{route}/retry"): JobRoutes.retry,
+            ("GET", f"{route}/preview"): JobRoutes.preview,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -190,6 +194,19 @@ class JobRoutes:
         if kept is None:
             return _error(404, f"the input of task {job.id} is no longer kept; submit it again")
         return await self._submit(*kept)
+
+    async def preview(self, request: Request) -> Response:
+        """The latest preview of a running job (svd/preview.py), from the folder every replica shares."""
+        job_id = _task_id(request)
+        if isinstance(job_id, Response):
+            return job_id
+        # Read whole, not streamed from the path: the next preview may replace the file meanwhile.
+        image = await run_in_threadpool(self.previews.read, job_id)
+        if image is None:
+            return _error(
+                404, f"task {job_id} has no preview now: a running job has one from its first denoising steps until its video is made"
+            )
+        return Response(image, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
 
     async def _job(self, request: Request) -> Job | Response:
         """The job the query's task_id names, or the response that says why there is none."""

@@ -28,6 +28,7 @@ from svd.generate import Stopped
 from svd.jobs import CANCELED, COMPLETED, FAILED, Claim, JobStore, StoreUnavailable
 from svd.outputs import Outputs, record_of
 from svd.params import GenerationParams
+from svd.preview import previews_of
 from svd.progress import Progress, ProgressCallback
 from svd.turns import HandedTurn
 
@@ -48,6 +49,8 @@ class JobRunner:
         self.engine = engine
         self.store = store
         self.outputs = outputs
+        # Each running job's latest preview, beside the videos: where every replica's routes look.
+        self.previews = previews_of(outputs)
         self.lease = lease
         # Unique across machines and restarts: host, process and worker.
         self.name = f"{socket.gethostname()}/{os.getpid()}/worker-{engine.settings.worker}"
@@ -161,7 +164,12 @@ class JobRunner:
         with tempfile.TemporaryDirectory(prefix="svd-job-") as folder:
             image = Path(folder) / f"image{Path(claim.image_name).suffix[:16]}"
             image.write_bytes(claim.image)
-            result = self.engine.run(image, GenerationParams(**claim.controls), Path(folder), report, stop, turn)
+            # A generation's denoising and decoding end by SVD_TIMEOUT: an older preview is a dead worker's.
+            previewer = self.previews.previewer(claim.id, self.engine.settings.timeout)
+            try:
+                result = self.engine.run(image, GenerationParams(**claim.controls), Path(folder), report, stop, turn, previewer)
+            finally:
+                self.previews.remove(claim.id)
             # A job cancelled while its video was being written ends cancelled, with nothing kept.
             if stop.is_set() or not self._still_held(claim):
                 raise Stopped("the job was stopped while its video was written")
