@@ -2,8 +2,9 @@
 //
 // It builds its form from controls.json (the service's own fields) and calls the service's API
 // on the same origin: POST /generate_task/submit, then /progress and /generate_task/status until
-// the task ends, then /generate_task/get for the video and its X-Seed and X-Settings. Cancel
-// sends PUT /generate_task/cancel, which stops the job on the GPU at its next step.
+// the task ends, showing the live preview /progress points to, then /generate_task/get for the
+// video and its X-Seed and X-Settings. Cancel sends PUT /generate_task/cancel, which stops the
+// job on the GPU at its next step.
 // A token given as `?token=` or under Advanced is sent as `Authorization: Bearer`.
 "use strict";
 const $ = (id) => document.getElementById(id);
@@ -208,6 +209,31 @@ function showProgress(stage, step, steps, started, segment = 1, segments = 1) {
   bar.value = stage === "done" ? 1 : (segment - 1 + within) / segments;
 }
 
+// --- The live preview: while the job denoises and decodes, /progress names its latest preview,
+// at an address that changes with each new one. It is fetched only then, with the token (which
+// an <img src> could not send), and shown above the progress bar.
+let livePath = null, liveUrl = null;
+async function showLivePreview(path) {
+  if (!path || path === livePath) return;
+  livePath = path;
+  try {
+    const response = await api(path.replace(/^\//, ""));
+    if (!response.ok) return;  // the job ended meanwhile, and its preview with it: the next poll says so
+    const url = URL.createObjectURL(await response.blob());
+    if (liveUrl) URL.revokeObjectURL(liveUrl);
+    liveUrl = url;
+    $("live-preview").src = url;
+    $("live-preview").hidden = false;
+  } catch (_) { /* a preview missed: the next poll brings a newer one */ }
+}
+
+function hideLivePreview() {
+  $("live-preview").hidden = true;
+  $("live-preview").removeAttribute("src");
+  if (liveUrl) URL.revokeObjectURL(liveUrl);
+  livePath = liveUrl = null;
+}
+
 async function waitForTask(taskId, started) {
   const query = "?task_id=" + encodeURIComponent(taskId);
   let misses = 0;
@@ -236,6 +262,7 @@ async function waitForTask(taskId, started) {
     if (state === "failed") return;  // /generate_task/get says why
     if (state === "canceled") throw new Problem("Cancelled: the service stopped the job and made no video.");
     showProgress(p.stage, p.step, p.steps, started, p.segment, p.segments);
+    await showLivePreview(p.preview);
   }
 }
 
@@ -354,6 +381,7 @@ form.addEventListener("submit", async (event) => {
     $("status").hidden = true;
     showError(err instanceof TypeError ? new Problem("Could not reach the service:", [err.message]) : err);
   } finally {
+    hideLivePreview();  // the video, or the reason there is none, takes its place
     runningTask = null;
     button.disabled = false;
   }
