@@ -74,7 +74,8 @@ def latents_to_rgb(latents: np.ndarray) -> np.ndarray:
 
 
 def encode(frames: np.ndarray, fps: int) -> bytes:
-    """uint8 RGB frames (frames, h, w, 3) as an animated WebP that loops at `fps`."""
+    """uint8 RGB frames (frames, h, w, 3) as an animated WebP that loops at `fps`. libwebp stores
+    identical consecutive frames once, for their summed time."""
     from PIL import Image
 
     images = [Image.fromarray(frame) for frame in frames]

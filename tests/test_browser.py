@@ -312,3 +312,47 @@ def test_swagger_ui_try_it_out_generates_a_video(page, server):
     headers = live.locator(".response-col_description .microlight").last
     expect(headers).to_contain_text(re.compile("content-type: video/mp4", re.I))
     expect(headers).to_contain_text(re.compile(r"x-seed: \d+", re.I))
+
+
+# Keeps the progress line's text each time the live preview shows a new image.
+RECORD_PREVIEWS = """
+window.previewsShown = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const live = document.getElementById("live-preview");
+  new MutationObserver(() => {
+    if (live.getAttribute("src")) window.previewsShown.push(document.getElementById("progress-text").textContent);
+  }).observe(live, { attributes: true, attributeFilter: ["src"] });
+});
+"""
+
+
+def test_the_page_shows_a_live_preview_of_the_video_while_it_is_made(page, locked_server):
+    """With a token, which the page sends for the preview as for every call: an <img src> could not."""
+    fetched: list[str | None] = []
+
+    def record(request) -> None:
+        if "/generate_task/preview" in request.url:
+            fetched.append(request.headers.get("authorization"))
+
+    page.on("request", record)
+    page.add_init_script(RECORD_PREVIEWS)
+    page.goto(f"{locked_server.url}/ui?token={TOKEN}")
+    page.set_input_files("#image", PHOTO)
+    fill_small(page, num_inference_steps="100")  # denoising spans many polls, and several previews
+    page.get_by_role("button", name="Generate").click()
+
+    live = page.locator("#live-preview")
+    expect(live).to_be_visible(timeout=GENERATION_MS)
+    page.wait_for_function("() => document.getElementById('live-preview').naturalWidth > 0")
+    assert live.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [256 // 8, 128 // 8], "one pixel per latent"
+    shown, bar = live.bounding_box(), page.locator("#progress").bounding_box()
+    assert shown["width"] > 8 * 32 and shown["y"] + shown["height"] <= bar["y"], "large, above the progress bar"
+
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done"), timeout=GENERATION_MS)
+    expect(page.locator("#error")).to_be_hidden()
+    expect(live).to_be_hidden()  # the video takes its place
+    page.wait_for_function("() => document.querySelector('#media video')?.readyState >= 1", timeout=GENERATION_MS)
+    texts = page.evaluate("window.previewsShown")
+    assert len(texts) >= 2, f"the preview was not updated as the page polled: {texts}"
+    assert any(text.startswith("Denoising step") for text in texts), texts
+    assert fetched and set(fetched) == {f"Bearer {TOKEN}"}, fetched
