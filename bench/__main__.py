@@ -18,7 +18,7 @@ from bench.report import Section, machine, table, write_json
 from harness import PHOTO, ROOT
 from svd.params import CONTROLS
 
-SECTIONS = ("encoding", "interpolation", "jobs", "replicas", "coldstart", "memory", "serving", "load")
+SECTIONS = ("encoding", "interpolation", "jobs", "preview", "replicas", "coldstart", "memory", "serving", "load")
 # The sections that share one server; replicas starts its own.
 SERVER_SECTIONS = ("coldstart", "memory", "serving", "load")
 # What --quick changes: enough to prove every section still runs, in well under a minute.
@@ -35,6 +35,8 @@ QUICK = {
     "videos": 2,
     "level_seconds": 60.0,
     "jobs": 3,
+    "preview_runs": 1,
+    "preview_steps": 2,
     "replica_jobs": 2,
     "replica_steps": 1,
 }
@@ -68,6 +70,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--factors", default="2,4", help="interpolation factors to measure")
     group = parser.add_argument_group("jobs (in-process, the tiny model and the service's job store and runner)")
     group.add_argument("--jobs", type=int, default=8, help="jobs queued and run one after another")
+    group = parser.add_argument_group("preview (in-process, the tiny model: generations with and without live previews)")
+    group.add_argument("--preview-runs", type=int, default=5, help="generations each way, alternating")
+    group.add_argument("--preview-steps", type=int, default=50, help="denoising steps of each generation")
     group = parser.add_argument_group("replicas (one and two `bentoml serve` replicas on one redis-server queue)")
     group.add_argument("--replica-jobs", type=int, default=8, help="jobs submitted at once, each way")
     group.add_argument("--replica-steps", type=int, default=20, help="denoising steps of each job")
@@ -115,7 +120,7 @@ def _intervals(text: str) -> list[int]:
 
 def run_cpu(args: argparse.Namespace) -> list[Section]:
     # Here, not above: these need BentoML and a server, which `--gpu` runs without.
-    from bench import coldstart, encoding, interpolation, jobs, load, memory, replicas, serving
+    from bench import coldstart, encoding, interpolation, jobs, load, memory, preview, replicas, serving
     from bench.server import QUICK_REQUEST, REQUEST, started
 
     sections: list[Section] = []
@@ -136,6 +141,9 @@ def run_cpu(args: argparse.Namespace) -> list[Section]:
     if "jobs" in args.sections:
         start = time.perf_counter()
         done(jobs.run(request, args.jobs, args.torch_threads), start)
+    if "preview" in args.sections:
+        start = time.perf_counter()
+        done(preview.run({**request, "num_inference_steps": args.preview_steps}, args.preview_runs, args.torch_threads), start)
     if "replicas" in args.sections:
         start = time.perf_counter()
         replica_request = {**request, "num_inference_steps": args.replica_steps}
