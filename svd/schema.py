@@ -29,7 +29,7 @@ ERROR_SCHEMA = {
 WHY = {
     400: "A field is missing, unknown, out of range or of the wrong type; the body does not parse as its content type.",
     401: "SVD_API_TOKEN is set and `Authorization: Bearer <token>` is missing or wrong.",
-    404: "No job has this task id.",
+    404: "No job has this task id; for /generate_task/preview, the job has no preview now.",
     408: "The upload did not arrive whole within SVD_UPLOAD_TIMEOUT.",
     409: "The job already finished (cancel), or was cancelled (get).",
     413: "The upload or the image is too large.",
@@ -54,6 +54,7 @@ STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("put", "/generate_task/cancel"): (400, 404, 409, 503),
     ("post", "/generate_task/retry"): (400, 404, 429, 503),
     ("post", "/progress"): (400, 404, 408, 413, 503),
+    ("get", "/generate_task/preview"): (400, 404),
     ("get", "/livez"): (503,),
     ("get", "/readyz"): (503,),
 }
@@ -74,11 +75,38 @@ TASK_STATUS = {
     },
 }
 TASK_ID = {"type": "string", "pattern": f"^{ID.pattern}$", "description": "The id /generate_task/submit answered."}
+# Answered by svd/jobs/routes.py, not by a BentoML API, so BentoML's spec does not have it.
+PREVIEW_PATH = "/generate_task/preview"
+PREVIEW = {
+    "get": {
+        "tags": ["Service APIs"],
+        "operationId": "StableDiffusionVideo__generate_task_preview",
+        "description": "The latest live preview of a running generate_task job: every frame, one pixel per latent, "
+        "as an animated WebP. POST /progress answers its address as `preview`; the address changes with each new one.",
+        "parameters": [
+            {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}},
+            {
+                "name": "v",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "Which preview /progress named; the latest is served whatever it says.",
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "The preview.",
+                "content": {"image/webp": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    }
+}
 
 
 def published(spec: dict[str, Any], open_paths: frozenset[str], token: bool) -> dict[str, Any]:
     """BentoML's `spec`, told the truth; `token`: SVD_API_TOKEN guards all but `open_paths`."""
     spec = copy.deepcopy(spec)
+    spec["paths"].setdefault(PREVIEW_PATH, copy.deepcopy(PREVIEW))
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():

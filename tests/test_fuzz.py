@@ -41,7 +41,7 @@ def _fuzz(server: Server, tmp_path: Path, *options: str) -> str:
 def test_no_request_the_schema_calls_wrong_gets_a_server_error(server: Server, tmp_path: Path):
     logged_before = len(server.log_text())
     report = _fuzz(server, tmp_path, "--mode", "negative", "--checks", "not_a_server_error,negative_data_rejection")
-    assert "12 selected / 12 total" in report, "every route"
+    assert "13 selected / 13 total" in report, "every route"
     log = server.log_text()[logged_before:]
     assert "Traceback" not in log, "a refused request logs its access line, not a traceback"
     assert log.count("status=4") > 100, "the refusals were logged, one line each"
@@ -52,7 +52,7 @@ def test_requests_the_schema_calls_right_are_accepted_with_documented_statuses(s
         server, tmp_path, "--mode", "positive", "--exclude-path-regex", GENERATING,
         "--checks", "positive_data_acceptance,status_code_conformance,not_a_server_error",
     )
-    assert "9 selected / 12 total" in report
+    assert "10 selected / 13 total" in report
 
 
 def test_the_schema_says_what_a_route_refuses(server: Server):

@@ -308,3 +308,12 @@ def test_the_preview_route_names_what_is_wrong_with_a_task_id(locked: Server):
     assert malformed.status_code == 400 and "not a task id" in malformed.json()["error"]
     missing = httpx.get(f"{locked.url}/generate_task/preview", headers=AUTH, timeout=30)
     assert missing.status_code == 400 and "task_id is required" in missing.json()["error"]
+
+
+def test_the_schema_documents_the_preview_route(locked: Server):
+    spec = httpx.get(f"{locked.url}/docs.json", headers=AUTH, timeout=30).json()
+    operation = spec["paths"]["/generate_task/preview"]["get"]
+    assert set(operation["responses"]) == {"200", "400", "401", "404"}
+    assert list(operation["responses"]["200"]["content"]) == ["image/webp"]
+    (task_id,) = [parameter for parameter in operation["parameters"] if parameter["name"] == "task_id"]
+    assert task_id["required"] and task_id["schema"]["pattern"] == "^[0-9a-f]{32}$"
