@@ -55,7 +55,8 @@ It needs an NVIDIA GPU with 16 GB of memory or more; a default video takes 30 s 
 **[Open the web page](/ui/)** to try it in the browser.
 
 - `POST /generate` answers the video itself. `POST /generate_task/submit` queues the same
-  generation as a job: follow it with `/generate_task/status` and `POST /progress`, fetch
+  generation as a job: follow it with `/generate_task/status` and `POST /progress` (which
+  also points to a live preview of the video being made), fetch
   it with `/generate_task/get`, stop it with `PUT /generate_task/cancel`. Jobs survive
   restarts and crashes: a job whose worker dies is run again by another.
 - Every video comes with `X-Seed` (the seed used: send it back to get the same frames),
