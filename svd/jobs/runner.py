@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from svd import webhooks
 from svd.engine import Engine
 from svd.errors import Refused
 from svd.generate import Stopped
@@ -111,6 +112,7 @@ class JobRunner:
         worker = self.engine.settings.worker
         retried = f", retried after its worker stopped {claim.attempt - 1} time(s)" if claim.attempt > 1 else ""
         logger.info("SVD job %s started on worker %d, attempt %d%s", claim.id, worker, claim.attempt, retried)
+        self._notify(claim.id, webhooks.START, webhooks.started_body(claim.id, claim.attempt))
 
         def report(progress: Progress) -> None:
             try:
@@ -165,10 +167,17 @@ class JobRunner:
             # A job cancelled while its video was being written ends cancelled, with nothing kept.
             if stop.is_set() or not self._still_held(claim):
                 raise Stopped("the job was stopped while its video was written")
-            self.outputs.put(claim.id, result.path, record_of(result, image, self.engine.settings))
+            record = record_of(result, image, self.engine.settings)
+            self.outputs.put(claim.id, result.path, record)
             if not self._finish(claim, COMPLETED):
                 self.outputs.remove(claim.id)
                 raise Stopped("the job was stopped while its video was kept")
+            ended = webhooks.ended_body(
+                claim.id, COMPLETED, None, claim.attempt,
+                output_id=claim.id, output_path=f"/generate_task/get?task_id={claim.id}",
+                seed=record["seed"], settings=record["settings"], stage_seconds=record["stage_seconds"],
+            )
+            self._notify(claim.id, webhooks.COMPLETED, ended)
 
     def _still_held(self, claim: Claim) -> bool:
         """Whether the claim is still this worker's; when the store cannot say, the end decides."""
@@ -200,8 +209,16 @@ class JobRunner:
             self._unreachable.clear()
             logger.info("SVD reaches the job store again")
 
+    def _notify(self, job_id: str, event: str, body: bytes) -> None:
+        """Keep the event's webhook delivery, if the job has one; the Deliverer sends it."""
+        try:
+            self.store.notify(job_id, event, body)
+        except Exception as exc:
+            logger.warning("SVD job %s: its %s webhook could not be kept: %s", job_id, event, exc)
+
     def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
-        self._finish(claim, FAILED, error=error, error_status=status)
+        if self._finish(claim, FAILED, error=error, error_status=status):
+            self._notify(claim.id, webhooks.COMPLETED, webhooks.ended_body(claim.id, FAILED, error, claim.attempt))
         logger.warning(
             "SVD job %s failed on worker %d, attempt %d, after %.1f s: %s",
             claim.id, self.engine.settings.worker, claim.attempt, time.perf_counter() - start, error,
