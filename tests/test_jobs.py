@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, JobStore, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Hook, JobStore, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
 from svd.jobs.redis import RedisJobs
 from svd.jobs.sqlite import SQLiteJobs
 from svd.progress import Progress
@@ -92,7 +92,7 @@ def test_a_shared_queue_is_bounded_per_worker_taking_jobs(tmp_path: Path):
 
 def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(stores, caplog: pytest.LogCaptureFixture):
     store = stores(lease=0.3, attempts=2)
-    job_id = store.submit(b"x", "a.png", {}, per_worker=10, webhook="https://example.com/h").id
+    job_id = store.submit(b"x", "a.png", {}, per_worker=10, hook=Hook("https://example.com/h")).id
     first = store.claim("dies")
     assert store.claim("lives") is None, "leased"
     # The worker died: nobody renews. Once the lease lapses, the job is taken again.
@@ -153,7 +153,7 @@ def test_redis_restarted_keeps_the_jobs_and_gives_the_running_one_a_lease_to_ren
 def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is_tried(stores):
     store = stores()
     plain = store.submit(b"x", "a.png", {}, per_worker=10).id
-    hooked = store.submit(b"x", "b.png", {}, per_worker=10, webhook="https://example.com/h", events=("completed",)).id
+    hooked = store.submit(b"x", "b.png", {}, per_worker=10, hook=Hook("https://example.com/h", ("completed",))).id
     assert not store.notify(plain, "completed", b"{}"), "no webhook, nothing kept"
     assert not store.notify(hooked, "start", b"start"), "filtered out"
     assert store.notify(hooked, "completed", b"end")
@@ -169,7 +169,7 @@ def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is
     store.delivered(retried.id)
     assert store.next_delivery(lease=30) is None
     # A cancel keeps the end event by itself, in the same step.
-    waiting = store.submit(b"x", "c.png", {}, per_worker=10, webhook="https://example.com/h", events=("start",)).id
+    waiting = store.submit(b"x", "c.png", {}, per_worker=10, hook=Hook("https://example.com/h", ("start",))).id
     store.cancel(waiting)
     end = store.next_delivery(lease=30)
     assert end.job_id == waiting and json.loads(end.body)["data"]["status"] == CANCELED

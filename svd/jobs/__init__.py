@@ -91,6 +91,14 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Hook:
+    """Where a job calls back, its webhook's URL, and at which of its events."""
+
+    url: str
+    events: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Delivery:
     """A webhook call waiting in the store: its id (the `webhook-id` of every try), its job,
     where it goes, what it says, and how many tries it has had."""
@@ -122,17 +130,9 @@ class JobStore(Protocol):
     worker took it. Any method may raise StoreUnavailable.
     """
 
-    def submit(
-        self,
-        image: bytes,
-        image_name: str,
-        controls: dict[str, Any],
-        per_worker: int,
-        webhook: str | None = None,
-        events: tuple[str, ...] = (),
-    ) -> Job:
-        """Queue a job; QueueFull when `per_worker` jobs for each worker taking jobs are
-        already pending or in progress. `webhook` is called at the `events` of the job."""
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
+        """Queue a job, which calls `hook` back; QueueFull when `per_worker` jobs for each worker
+        taking jobs are already pending or in progress."""
         ...
 
     def claim(self, worker: str) -> Claim | None:

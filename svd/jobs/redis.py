@@ -35,6 +35,7 @@ from svd.jobs import (
     FAILED,
     Claim,
     Delivery,
+    Hook,
     Job,
     QueueDepth,
     QueueFull,
@@ -240,21 +241,13 @@ class RedisJobs:
         )
 
     @_reaching
-    def submit(
-        self,
-        image: bytes,
-        image_name: str,
-        controls: dict[str, Any],
-        per_worker: int,
-        webhook: str | None = None,
-        events: tuple[str, ...] = (),
-    ) -> Job:
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
         job = Job(new_id(), "pending", time.time(), progress=Progress())
         refused = self._submit(
             keys=[STREAM, WAITING, RUNNING, JOB + job.id, LAST_SECONDS],
             args=[
                 GROUP, per_worker, int(self.lease * 1000), FORGET_WORKERS_MS,
-                job.id, repr(job.created), image, image_name, json.dumps(controls), QUEUED, webhook or "", ",".join(events),
+                job.id, repr(job.created), image, image_name, json.dumps(controls), QUEUED, hook.url if hook else "", ",".join(hook.events) if hook else "",
             ],
         )
         if refused:
@@ -339,7 +332,9 @@ class RedisJobs:
 
     @_reaching
     def notify(self, job_id: str, event: str, body: bytes) -> bool:
-        kept = self._keep(keys=[JOB + job_id, DELIVERIES], args=[new_delivery_id(), event, body, repr(time.time()), DELIVERY, job_id])
+        kept = self._keep(
+            keys=[JOB + job_id, DELIVERIES], args=[new_delivery_id(), event, body, repr(time.time()), DELIVERY, job_id]
+        )
         return kept == 1
 
     @_reaching

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from svd import metrics
 from svd.errors import InputError, validation_message
-from svd.jobs import CANCELED, COMPLETED, FAILED, FINISHED, Job, JobStore, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs import CANCELED, COMPLETED, FAILED, FINISHED, Hook, Job, JobStore, QueueFull, StoreUnavailable, UnknownJob
 from svd.library import serve_output
 from svd.outputs import ID, Outputs
 from svd.params import GenerationParams
@@ -141,13 +141,11 @@ class JobRoutes:
             return _error(exc.status, str(exc))
         finally:
             await form.close()
-        return await self._submit(image, upload.filename or "image", controls, webhook, events)
+        return await self._submit(image, upload.filename or "image", controls, Hook(webhook, events) if webhook else None)
 
-    async def _submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], webhook: str | None = None, events: tuple[str, ...] = ()
-    ) -> Response:
+    async def _submit(self, image: bytes, image_name: str, controls: dict[str, Any], hook: Hook | None = None) -> Response:
         try:
-            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, webhook, events)
+            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, hook)
         except QueueFull as full:
             metrics.REFUSED.labels(reason="busy").inc()
             retry_after = max(1, round(full.retry_after or 1))

@@ -27,6 +27,7 @@ from svd.jobs import (
     PENDING,
     Claim,
     Delivery,
+    Hook,
     Job,
     QueueDepth,
     QueueFull,
@@ -123,15 +124,7 @@ class SQLiteJobs:
         with self._lock:
             return self._db.execute(sql, values).rowcount > 0
 
-    def submit(
-        self,
-        image: bytes,
-        image_name: str,
-        controls: dict[str, Any],
-        per_worker: int,
-        webhook: str | None = None,
-        events: tuple[str, ...] = (),
-    ) -> Job:
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
         limit = per_worker * self.workers
         with self._transaction() as db:
@@ -146,7 +139,7 @@ class SQLiteJobs:
             db.execute(
                 "INSERT INTO jobs (id, status, created, image, image_name, controls, progress, webhook, webhook_events)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.status, job.created, image, image_name, json.dumps(controls), QUEUED, webhook, ",".join(events)),
+                (job.id, job.status, job.created, image, image_name, json.dumps(controls), QUEUED, *_hook_columns(hook)),
             )
         return job
 
@@ -294,6 +287,10 @@ class SQLiteJobs:
 
     def delivered(self, delivery_id: str) -> None:
         self._update("DELETE FROM deliveries WHERE id = :id", id=delivery_id)
+
+
+def _hook_columns(hook: Hook | None) -> tuple[str | None, str]:
+    return (hook.url, ",".join(hook.events)) if hook else (None, "")
 
 
 def _job(row: tuple | None) -> Job | None:
