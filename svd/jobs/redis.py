@@ -30,19 +30,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from svd.jobs import (
-    CANCELED,
-    FAILED,
-    Claim,
-    Delivery,
-    Hook,
-    Job,
-    QueueDepth,
-    QueueFull,
-    StoreUnavailable,
-    UnknownJob,
-    new_delivery_id,
-)
+from svd.jobs import CANCELED, FAILED, Claim, Delivery, Hook
+from svd.jobs import Job, QueueDepth, QueueFull, StoreUnavailable, UnknownJob, new_delivery_id
 from svd.jobs.sqlite import QUEUED, RETENTION_SECONDS
 from svd.outputs import new_id
 from svd.progress import Progress

@@ -19,22 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from svd.jobs import (
-    CANCELED,
-    COMPLETED,
-    FAILED,
-    IN_PROGRESS,
-    PENDING,
-    Claim,
-    Delivery,
-    Hook,
-    Job,
-    QueueDepth,
-    QueueFull,
-    UnknownJob,
-    new_delivery_id,
-    wants,
-)
+from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Delivery
+from svd.jobs import Hook, Job, QueueDepth, QueueFull, UnknownJob, new_delivery_id, wants
 from svd.outputs import new_id
 from svd.progress import Progress
 from svd.webhooks import ended_body
