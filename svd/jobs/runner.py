@@ -20,7 +20,9 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from svd import webhooks
 from svd.engine import Engine
@@ -40,6 +42,8 @@ POLL_SECONDS = 0.2
 RENEWALS_PER_LEASE = 5
 # How often an unreachable store is tried again.
 UNREACHABLE_PAUSE_SECONDS = 1.0
+
+T = TypeVar("T")
 
 
 class JobRunner:
@@ -188,16 +192,19 @@ class JobRunner:
             return True
 
     def _finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
-        """Record the job's end, waiting for an unreachable store to answer: a finished video is
-        not thrown away for a store restarting. Only a stopping worker gives up, leaving the job
-        to its lease."""
+        """Record the job's end: a finished video is not thrown away for a store restarting."""
+        return bool(self._until_reached(lambda: self.store.finish(claim, status, error, error_status)))
+
+    def _until_reached(self, step: Callable[[], T]) -> T | None:
+        """The step's answer, waiting for an unreachable store to answer. Only a stopping worker
+        gives up (None), leaving the job to its lease."""
         while True:
             try:
-                return self.store.finish(claim, status, error, error_status)
+                return step()
             except StoreUnavailable as exc:
                 self._not_reached(exc)
                 if self._stopping.wait(UNREACHABLE_PAUSE_SECONDS):
-                    return False
+                    return None
 
     def _not_reached(self, exc: StoreUnavailable) -> None:
         if not self._unreachable.is_set():
@@ -212,7 +219,7 @@ class JobRunner:
     def _notify(self, job_id: str, event: str, body: bytes) -> None:
         """Keep the event's webhook delivery, if the job has one; the Deliverer sends it."""
         try:
-            self.store.notify(job_id, event, body)
+            self._until_reached(lambda: self.store.notify(job_id, event, body))
         except Exception as exc:
             logger.warning("SVD job %s: its %s webhook could not be kept: %s", job_id, event, exc)
 
