@@ -117,15 +117,20 @@ class StableDiffusionVideo:
         # Takes jobs from the store whenever this worker's GPU is free.
         self.runner = JobRunner(self.engine, self.jobs, JOB_OUTPUTS, settings.job_lease)
         self.runner.start()
+        self.deliverer = None
         if WEBHOOK_HOSTS is not None:
             from svd.webhooks import Deliverer
 
             # Sends the jobs' webhooks kept in the store, whichever worker's job they are.
-            Deliverer(self.jobs, settings.webhook_secret, WEBHOOK_HOSTS).start()
+            self.deliverer = Deliverer(self.jobs, settings.webhook_secret, WEBHOOK_HOSTS)
+            self.deliverer.start()
 
     @bentoml.on_shutdown
     def finish_running_job(self) -> None:
-        """On SIGTERM the job running here finishes, as a request in flight does, and no other starts."""
+        """On SIGTERM the job running here finishes, as a request in flight does, and no other starts;
+        webhooks not yet sent wait in the store for the next worker."""
+        if self.deliverer is not None:
+            self.deliverer.stop()
         self.runner.stop(self.engine.settings.timeout)
 
     def __is_ready__(self) -> bool:
