@@ -79,6 +79,13 @@ def receiving(port: int, answers: list[int] | None = None) -> Iterator[Receiver]
 ENV = {"SVD_WEBHOOK_SECRET": SECRET, "SVD_WEBHOOK_HOSTS": "127.0.0.1"}
 
 
+@pytest.fixture(scope="module")
+def hooked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with webhooks on, calling loopback receivers."""
+    with serve(tmp_path_factory.mktemp("hooked"), ENV) as running:
+        yield running
+
+
 def _submit(server: Server, **data: str) -> httpx.Response:
     files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
     return httpx.post(f"{server.url}/generate_task/submit", files=files, data={**SMALL, **data}, timeout=60)
@@ -107,8 +114,11 @@ def test_only_http_and_https_and_the_allowed_hosts_and_networks_are_called():
     assert [retry_delay(tries) for tries in (1, 2, 3)] == [2, 4, 8]
 
 
-def test_a_job_calls_its_webhook_signed_at_start_and_end_and_a_failed_try_is_retried_with_the_same_id(tmp_path: Path):
-    with serve(tmp_path, ENV) as server, receiving(free_port(), answers=[500]) as receiver:
+def test_a_job_calls_its_webhook_signed_at_start_and_end_and_a_failed_try_is_retried_with_the_same_id(
+    hooked: Server, tmp_path: Path
+):
+    server = hooked
+    with receiving(free_port(), answers=[500]) as receiver:
         submitted = _submit(server, webhook=receiver.url, seed="7")
         assert submitted.status_code == 200, submitted.text
         task_id = submitted.json()["task_id"]
@@ -136,8 +146,9 @@ def test_a_job_calls_its_webhook_signed_at_start_and_end_and_a_failed_try_is_ret
         assert "answered 500; next try in 2 s" in log and f"for job {task_id} delivered, try 2" in log
 
 
-def test_the_end_event_alone_when_filtered_and_refused_urls_are_400_naming_the_field(tmp_path: Path):
-    with serve(tmp_path, ENV) as server, receiving(free_port()) as receiver:
+def test_the_end_event_alone_when_filtered_and_refused_urls_are_400_naming_the_field(hooked: Server):
+    server = hooked
+    with receiving(free_port()) as receiver:
         task_id = _submit(server, webhook=receiver.url, webhook_events_filter="completed").json()["task_id"]
         wait_until(lambda: _events(receiver, task_id), 120, 0.2, "the end event")
         status = f"{server.url}/generate_task/status?task_id={task_id}"
