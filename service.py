@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from svd.config import ConfigError, Settings
 from svd.errors import Refused
-from svd.fields import GenerateInput
+from svd.fields import JOB_ONLY, GenerateInput, JobInput
 from svd.guards import OPEN_PATHS, BearerAuth, UploadGuard
 from svd.hub import hub_reference
 from svd.jobs import IN_PROGRESS, StoreUnavailable, open_store
@@ -32,6 +32,7 @@ from svd.progress import Progress
 from svd.schema import PublishedSchema, ReadableRefusals
 from svd.served_by import ServedBy
 from svd.ui import PUBLIC_FILES, ui_app
+from svd.webhooks import Allowed
 
 try:
     SETTINGS = Settings.from_env()
@@ -46,6 +47,8 @@ OUTPUTS = Outputs(Path(SETTINGS.output_dir), SETTINGS.output_keep) if SETTINGS.o
 JOB_OUTPUTS = OUTPUTS or Outputs(Path(SETTINGS.jobs_db).parent, SETTINGS.output_keep)
 # The running jobs' live previews, beside their videos.
 JOB_PREVIEWS = previews_of(JOB_OUTPUTS)
+# Webhook URLs the service calls; None: it sends none (SVD_WEBHOOK_SECRET unset).
+WEBHOOK_HOSTS = Allowed.parse(SETTINGS.webhook_hosts) if SETTINGS.webhook_secret else None
 
 DESCRIPTION = """\
 Turns a still image into a short video with [Stable Video Diffusion XT](https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt):
@@ -118,10 +121,20 @@ class StableDiffusionVideo:
         # Takes jobs from the store whenever this worker's GPU is free.
         self.runner = JobRunner(self.engine, self.jobs, JOB_OUTPUTS, settings.job_lease)
         self.runner.start()
+        self.deliverer = None
+        if WEBHOOK_HOSTS is not None:
+            from svd.webhooks import Deliverer
+
+            # Sends the jobs' webhooks kept in the store, whichever worker's job they are.
+            self.deliverer = Deliverer(self.jobs, settings.webhook_secret, WEBHOOK_HOSTS)
+            self.deliverer.start()
 
     @bentoml.on_shutdown
     def finish_running_job(self) -> None:
-        """On SIGTERM the job running here finishes, as a request in flight does, and no other starts."""
+        """On SIGTERM the job running here finishes, as a request in flight does, and no other starts;
+        webhooks not yet sent wait in the store for the next worker."""
+        if self.deliverer is not None:
+            self.deliverer.stop()
         self.runner.stop(self.engine.settings.timeout)
 
     def __is_ready__(self) -> bool:
@@ -199,7 +212,7 @@ StableDiffusionVideo.add_asgi_middleware(
     timeout=SETTINGS.upload_timeout,
     # Each POST route's fields, as the signatures above declare them; a task is submitted at ROUTE/submit.
     fields={
-        f"{api.route}/submit" if api.is_task else api.route: list(api.input_spec.model_fields)
+        f"{api.route}/submit" if api.is_task else api.route: [*api.input_spec.model_fields, *(JOB_ONLY if api.is_task else ())]
         for api in StableDiffusionVideo.apis.values()
     },
 )
@@ -207,16 +220,18 @@ StableDiffusionVideo.add_asgi_middleware(
     JobRoutes,
     route=StableDiffusionVideo.apis["generate_task"].route,
     open_store=partial(open_store, SETTINGS),
-    fields=GenerateInput,
+    fields=JobInput,
     # SVD_MAX_QUEUE per worker taking jobs, as for synchronous requests.
     per_worker=SETTINGS.max_queue,
     outputs=JOB_OUTPUTS,
     max_pixels=SETTINGS.max_pixels,
+    webhook_hosts=WEBHOOK_HOSTS,
 )
 
 StableDiffusionVideo.add_asgi_middleware(
     PublishedSchema,
     spec=lambda: StableDiffusionVideo.openapi_spec.asdict(),
+    job_fields={name: JobInput.model_json_schema()["properties"][name] for name in JOB_ONLY},
     open_paths=OPEN_PATHS,
     token=bool(SETTINGS.api_token),
 )

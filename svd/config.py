@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -95,6 +96,22 @@ def _queue_url(name: str) -> str:
     return value
 
 
+def _webhook_secret(name: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if value:
+        encoded = value.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except ValueError:
+            key = b""
+        if len(key) < 24:
+            raise ConfigError(
+                f"{name} must be a Standard Webhooks secret: whsec_ and the base64 of 24 or more random bytes, such as "
+                "`whsec_$(openssl rand -base64 32)`"
+            )
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration; see the README's environment table."""
@@ -120,6 +137,8 @@ class Settings:
     queue_url: str = ""
     job_attempts: int = 2
     job_lease: int = 30
+    webhook_secret: str = ""
+    webhook_hosts: str = ""
     test_faults: str = ""
     # Not from the environment: which of the workers this process is (from 1), set by the
     # service in each worker; it picks the worker's GPU.
@@ -181,5 +200,7 @@ class Settings:
             queue_url=_queue_url("SVD_QUEUE_URL"),
             job_attempts=_positive_int("SVD_JOB_ATTEMPTS", 2),
             job_lease=_positive_int("SVD_JOB_LEASE", 30),
+            webhook_secret=_webhook_secret("SVD_WEBHOOK_SECRET"),
+            webhook_hosts=os.environ.get("SVD_WEBHOOK_HOSTS", "").strip(),
             test_faults=os.environ.get("SVD_TEST_FAULTS", ""),
         )

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, create_model
 
 from svd.params import CONTROLS, Control, Range
+from svd.webhooks import EVENTS
 
 
 def _text(value: Any) -> Any:
@@ -65,3 +66,36 @@ GenerateInput: type[BaseModel] = create_model(
     image=(Annotated[Path, Field(description="The still image: PNG, JPEG, WebP, BMP, GIF or TIFF.")], ...),
     **{control.name: (annotated(control), control.default) for control in CONTROLS},
 )
+
+
+def _events(value: Any) -> Any:
+    """A form sends the events as one field: `start,completed`, or the JSON list `["start"]`."""
+    text = _text(value)
+    return [part.strip() for part in text.split(",") if part.strip()] if isinstance(text, str) else text
+
+
+# What a job takes beyond /generate's fields: where and when to call back.
+JobInput: type[BaseModel] = create_model(
+    "JobInput",
+    __base__=GenerateInput,
+    webhook=(
+        Annotated[
+            str | None,
+            Field(
+                description="A URL that gets a signed POST (Standard Webhooks) when the job starts and when it ends; "
+                "only public addresses unless the server's SVD_WEBHOOK_HOSTS allows others."
+            ),
+        ],
+        None,
+    ),
+    webhook_events_filter=(
+        Annotated[
+            list[Literal[EVENTS]],  # type: ignore[valid-type]
+            BeforeValidator(_events),
+            Field(description="Which events call the webhook: start, completed (the end, always sent)."),
+        ],
+        list(EVENTS),
+    ),
+)
+# The fields a job takes that are not the generation's own.
+JOB_ONLY = tuple(name for name in JobInput.model_fields if name not in GenerateInput.model_fields)

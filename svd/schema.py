@@ -103,8 +103,11 @@ PREVIEW = {
 }
 
 
-def published(spec: dict[str, Any], open_paths: frozenset[str], token: bool) -> dict[str, Any]:
-    """BentoML's `spec`, told the truth; `token`: SVD_API_TOKEN guards all but `open_paths`."""
+def published(
+    spec: dict[str, Any], job_fields: dict[str, Any], open_paths: frozenset[str], token: bool
+) -> dict[str, Any]:
+    """BentoML's `spec`, told the truth; `job_fields`: what /generate_task/submit takes beyond
+    /generate's fields; `token`: SVD_API_TOKEN guards all but `open_paths`."""
     spec = copy.deepcopy(spec)
     spec["paths"].setdefault(PREVIEW_PATH, copy.deepcopy(PREVIEW))
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
@@ -114,7 +117,10 @@ def published(spec: dict[str, Any], open_paths: frozenset[str], token: bool) -> 
                 # Every route that reads a body needs one.
                 operation["requestBody"]["required"] = True
                 for media in operation["requestBody"]["content"].values():
-                    _close(media["schema"], schemas)
+                    target = _close(media["schema"], schemas)
+                    if (method, path) == ("post", "/generate_task/submit"):
+                        # BentoML declares the generation's fields; a job takes these too.
+                        target["properties"].update(job_fields)
             for parameter in operation.get("parameters", []):
                 if parameter.get("name") == "task_id":
                     parameter["schema"] = dict(TASK_ID)
@@ -133,13 +139,14 @@ def published(spec: dict[str, Any], open_paths: frozenset[str], token: bool) -> 
     return spec
 
 
-def _close(schema: dict[str, Any], schemas: dict[str, Any]) -> None:
-    """The service refuses fields a route does not take: say so."""
+def _close(schema: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
+    """The service refuses fields a route does not take: say so. The object schema closed."""
     target = schemas[schema["$ref"].rsplit("/", 1)[-1]] if "$ref" in schema else schema
     if target.get("type") == "object":
         target["additionalProperties"] = False
         if "task_id" in target.get("properties", {}):
             target["properties"]["task_id"] = dict(TASK_ID)
+    return target
 
 
 def _refusal(code: int) -> dict[str, Any]:
@@ -157,9 +164,10 @@ def _refusal(code: int) -> dict[str, Any]:
 class PublishedSchema:
     """Answers GET /docs.json with `published(spec())`, made at the first request."""
 
-    def __init__(self, app: App, spec: Any, open_paths: frozenset[str], token: bool):
+    def __init__(self, app: App, spec: Any, job_fields: dict[str, Any], open_paths: frozenset[str], token: bool):
         self.app = app
         self.spec = spec
+        self.job_fields = job_fields
         self.open_paths = open_paths
         self.token = token
         self._published: dict[str, Any] | None = None
@@ -169,7 +177,7 @@ class PublishedSchema:
             await self.app(scope, receive, send)
             return
         if self._published is None:
-            self._published = published(self.spec(), self.open_paths, self.token)
+            self._published = published(self.spec(), self.job_fields, self.open_paths, self.token)
         await JSONResponse(self._published)(scope, receive, send)
 
 

@@ -38,10 +38,19 @@ def _fuzz(server: Server, tmp_path: Path, *options: str) -> str:
     return run.stdout
 
 
+NEGATIVE = ("--mode", "negative", "--checks", "not_a_server_error,negative_data_rejection")
+
+
 def test_no_request_the_schema_calls_wrong_gets_a_server_error(server: Server, tmp_path: Path):
     logged_before = len(server.log_text())
-    report = _fuzz(server, tmp_path, "--mode", "negative", "--checks", "not_a_server_error,negative_data_rejection")
-    assert "13 selected / 13 total" in report, "every route"
+    report = _fuzz(server, tmp_path, *NEGATIVE, "--exclude-path-regex", GENERATING)
+    assert "10 selected / 13 total" in report
+    # The routes that take the image as a multipart file: Schemathesis 4.32's random phase crashes
+    # on them in negative mode (jsonschema_rs: "Unsupported type: 'Binary'", while it checks that
+    # a mutated form is invalid). Its coverage phase sends them the wrong values, types and
+    # missing fields, and the stateful phase sequences of them.
+    report = _fuzz(server, tmp_path, *NEGATIVE, "--include-path-regex", GENERATING, "--phases", "examples,coverage,stateful")
+    assert "3 selected / 13 total" in report
     log = server.log_text()[logged_before:]
     assert "Traceback" not in log, "a refused request logs its access line, not a traceback"
     assert log.count("status=4") > 100, "the refusals were logged, one line each"

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, JobStore, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Hook, JobStore, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
 from svd.jobs.redis import RedisJobs
 from svd.jobs.sqlite import SQLiteJobs
 from svd.progress import Progress
@@ -92,7 +92,7 @@ def test_a_shared_queue_is_bounded_per_worker_taking_jobs(tmp_path: Path):
 
 def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(stores, caplog: pytest.LogCaptureFixture):
     store = stores(lease=0.3, attempts=2)
-    job_id = store.submit(b"x", "a.png", {}, per_worker=10).id
+    job_id = store.submit(b"x", "a.png", {}, per_worker=10, hook=Hook("https://example.com/h")).id
     first = store.claim("dies")
     assert store.claim("lives") is None, "leased"
     # The worker died: nobody renews. Once the lease lapses, the job is taken again.
@@ -110,6 +110,8 @@ def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(stores,
     assert f"SVD job {job_id} failed on lives, attempt 2, after" in caplog.text, "the log tells the story"
     # Taken again by the last worker to ask, not named after a worker it failed on the way.
     assert _holder(store, behind) == "fourth"
+    end = json.loads(store.next_delivery(lease=30).body)
+    assert end["type"] == "task.completed" and end["data"]["status"] == FAILED and end["data"]["error"] == job.error
 
 
 def test_a_renewed_lease_does_not_lapse(stores):
@@ -146,6 +148,31 @@ def test_redis_restarted_keeps_the_jobs_and_gives_the_running_one_a_lease_to_ren
         assert store.claim("third") is None, "the running job's holder gets a lease to renew"
         assert store.report(claim, Progress("denoise", 3, 25)) and store.finish(claim, COMPLETED)
         assert store.get(running).status == COMPLETED
+
+
+def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is_tried(stores):
+    store = stores()
+    plain = store.submit(b"x", "a.png", {}, per_worker=10).id
+    hooked = store.submit(b"x", "b.png", {}, per_worker=10, hook=Hook("https://example.com/h", ("completed",))).id
+    assert not store.notify(plain, "completed", b"{}"), "no webhook, nothing kept"
+    assert not store.notify(hooked, "start", b"start"), "filtered out"
+    assert store.notify(hooked, "completed", b"end")
+    delivery = store.next_delivery(lease=0.3)
+    assert (delivery.job_id, delivery.url, delivery.body, delivery.tries) == (hooked, "https://example.com/h", b"end", 0)
+    assert store.next_delivery(lease=30) is None, "held while it is tried"
+    # Its worker died mid-try: once the hold lapses, another takes it.
+    again = wait_until(lambda: store.next_delivery(lease=30), 5, 0.05, "the delivery due again")
+    assert again.id == delivery.id
+    store.retry_delivery(again.id, 1, time.time() - 1)
+    retried = store.next_delivery(lease=30)
+    assert (retried.id, retried.tries) == (delivery.id, 1)
+    store.delivered(retried.id)
+    assert store.next_delivery(lease=30) is None
+    # A cancel keeps the end event by itself, in the same step.
+    waiting = store.submit(b"x", "c.png", {}, per_worker=10, hook=Hook("https://example.com/h", ("start",))).id
+    store.cancel(waiting)
+    end = store.next_delivery(lease=30)
+    assert end.job_id == waiting and json.loads(end.body)["data"]["status"] == CANCELED
 
 
 def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_report(stores):

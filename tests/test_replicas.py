@@ -28,7 +28,7 @@ if shutil.which("redis-server") is None:
     pytest.skip("no redis-server on PATH (apt-get install redis-server, or run scripts/test.sh)", allow_module_level=True)
 
 # Long enough in denoising (seconds on two cores) to act while it runs.
-SLOW = {**SMALL, "num_inference_steps": 60}
+SLOW = {**SMALL, "num_inference_steps": 40}
 # A dead replica's job is taken by the other this many seconds after its last renewal.
 LEASE = "3"
 

@@ -11,6 +11,7 @@ import pytest
 
 from harness import ROOT
 from svd.batch import build_parser
+from svd.fields import JOB_ONLY
 from svd.params import CONTROLS, Range
 
 
@@ -35,7 +36,8 @@ def test_swagger_shows_each_control_s_default_range_and_description(server, rout
     if "$ref" in schema:
         schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
     properties = schema["properties"]
-    assert list(properties) == ["image", *(control.name for control in CONTROLS)]
+    job_only = list(JOB_ONLY) if route == "/generate_task/submit" else []
+    assert list(properties) == ["image", *(control.name for control in CONTROLS), *job_only]
     for control in CONTROLS:
         shown = properties[control.name]
         assert shown.get("default") == control.default, control.name

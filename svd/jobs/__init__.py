@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from svd.outputs import new_id
 from svd.progress import Progress
 
 if TYPE_CHECKING:
@@ -90,6 +91,26 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Hook:
+    """Where a job calls back, its webhook's URL, and at which of its events."""
+
+    url: str
+    events: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A webhook call waiting in the store: its id (the `webhook-id` of every try), its job,
+    where it goes, what it says, and how many tries it has had."""
+
+    id: str
+    job_id: str
+    url: str
+    body: bytes
+    tries: int = 0
+
+
+@dataclass(frozen=True)
 class Claim:
     """A job a worker has claimed: its input, and the attempt its lease is for."""
 
@@ -109,9 +130,9 @@ class JobStore(Protocol):
     worker took it. Any method may raise StoreUnavailable.
     """
 
-    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int) -> Job:
-        """Queue a job; QueueFull when `per_worker` jobs for each worker taking jobs are
-        already pending or in progress."""
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
+        """Queue a job, which calls `hook` back; QueueFull when `per_worker` jobs for each worker
+        taking jobs are already pending or in progress."""
         ...
 
     def claim(self, worker: str) -> Claim | None:
@@ -146,9 +167,36 @@ class JobStore(Protocol):
     def depth(self) -> QueueDepth:
         ...
 
+    def notify(self, job_id: str, event: str, body: bytes) -> bool:
+        """Keep a delivery of `body` to the job's webhook when it wants `event` (its end, always);
+        whether one was kept."""
+        ...
+
+    def next_delivery(self, lease: float) -> Delivery | None:
+        """The delivery due first, if one is due, held for `lease` seconds for its try."""
+        ...
+
+    def retry_delivery(self, delivery_id: str, tries: int, due: float) -> None:
+        ...
+
+    def delivered(self, delivery_id: str) -> None:
+        """Forget the delivery: sent, or given up."""
+        ...
+
     def reachable(self) -> bool:
         """Whether the store answers now; for the readiness probe."""
         ...
+
+
+def wants(events: str | None, event: str) -> bool:
+    """Whether a job whose webhook takes `events` (comma-separated) gets `event`: its end always."""
+    from svd.webhooks import COMPLETED
+
+    return event == COMPLETED or event in (events or "").split(",")
+
+
+def new_delivery_id() -> str:
+    return f"msg_{new_id()}"
 
 
 def open_store(settings: Settings) -> JobStore:

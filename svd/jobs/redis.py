@@ -30,10 +30,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from svd.jobs import Claim, Job, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs import CANCELED, FAILED, Claim, Delivery, Hook
+from svd.jobs import Job, QueueDepth, QueueFull, StoreUnavailable, UnknownJob, new_delivery_id
 from svd.jobs.sqlite import QUEUED, RETENTION_SECONDS
 from svd.outputs import new_id
 from svd.progress import Progress
+from svd.webhooks import COMPLETED, ended_body
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -43,6 +45,8 @@ WAITING = "svd:waiting"  # job id -> time submitted
 RUNNING = "svd:running"  # job id -> time started
 LAST_SECONDS = "svd:last-seconds"  # the last completed job's generation time, for Retry-After
 JOB = "svd:job:"
+DELIVERIES = "svd:deliveries"  # delivery id -> when it is due
+DELIVERY = "svd:delivery:"
 JOB_FIELDS = ("status", "created", "started", "finished", "attempt", "progress", "error", "error_status")
 # Workers that last asked for work or renewed a lease longer ago than a lease count as gone;
 # those gone this long with nothing pending are removed from the group.
@@ -53,7 +57,7 @@ ENSURE_GROUP = "redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM
 
 SUBMIT = ENSURE_GROUP + """
 -- KEYS: stream, waiting, running, job, last-seconds
--- ARGV: group, per_worker, lease_ms, forget_ms, id, created, image, image_name, controls, progress
+-- ARGV: group, per_worker, lease_ms, forget_ms, id, created, image, image_name, controls, progress, webhook, events
 local live = 0
 for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local consumer = {}
@@ -70,7 +74,7 @@ if unfinished >= limit then
   return {unfinished, limit, redis.call('GET', KEYS[5]) or ''}
 end
 redis.call('HSET', KEYS[4], 'status', 'pending', 'created', ARGV[6], 'attempt', 0, 'image', ARGV[7],
-  'image_name', ARGV[8], 'controls', ARGV[9], 'progress', ARGV[10])
+  'image_name', ARGV[8], 'controls', ARGV[9], 'progress', ARGV[10], 'webhook', ARGV[11], 'webhook_events', ARGV[12])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[5])
 return {}
@@ -171,6 +175,26 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
+KEEP_DELIVERY = """
+-- KEYS: job, deliveries; ARGV: delivery id, event, body, now, delivery key prefix, job id
+local webhook, events = unpack(redis.call('HMGET', KEYS[1], 'webhook', 'webhook_events'))
+if not webhook or webhook == '' then return 0 end
+if ARGV[2] ~= 'completed' and not string.find(',' .. (events or '') .. ',', ',' .. ARGV[2] .. ',', 1, true) then return 0 end
+redis.call('HSET', ARGV[5] .. ARGV[1], 'job_id', ARGV[6], 'url', webhook, 'body', ARGV[3], 'tries', 0)
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+"""
+
+NEXT_DELIVERY = """
+-- KEYS: deliveries; ARGV: now, lease, delivery key prefix
+-- Held by moving its due time past the try: a worker that dies mid-try leaves it due again.
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #due == 0 then return false end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), due[1])
+local job_id, url, body, tries = unpack(redis.call('HMGET', ARGV[3] .. due[1], 'job_id', 'url', 'body', 'tries'))
+return {due[1], job_id, url, body, tries}
+"""
+
 T = TypeVar("T")
 
 
@@ -201,18 +225,18 @@ class RedisJobs:
         options = self._redis.connection_pool.connection_kwargs
         # Never the password: this goes into errors and logs.
         self.where = options.get("path") or f"{options.get('host')}:{options.get('port')}/{options.get('db', 0)}"
-        self._submit, self._claim, self._renew, self._finish, self._cancel = (
-            self._redis.register_script(script) for script in (SUBMIT, CLAIM, RENEW, FINISH, CANCEL)
+        self._submit, self._claim, self._renew, self._finish, self._cancel, self._keep, self._next = (
+            self._redis.register_script(script) for script in (SUBMIT, CLAIM, RENEW, FINISH, CANCEL, KEEP_DELIVERY, NEXT_DELIVERY)
         )
 
     @_reaching
-    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int) -> Job:
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
         job = Job(new_id(), "pending", time.time(), progress=Progress())
         refused = self._submit(
             keys=[STREAM, WAITING, RUNNING, JOB + job.id, LAST_SECONDS],
             args=[
                 GROUP, per_worker, int(self.lease * 1000), FORGET_WORKERS_MS,
-                job.id, repr(job.created), image, image_name, json.dumps(controls), QUEUED,
+                job.id, repr(job.created), image, image_name, json.dumps(controls), QUEUED, hook.url if hook else "", ",".join(hook.events) if hook else "",
             ],
         )
         if refused:
@@ -232,6 +256,7 @@ class RedisJobs:
                 "SVD job %s failed on %s, attempt %d, after %.1f s: %s",
                 given_up.decode(), holder.decode(), attempt, now - float(started), error.decode(),
             )
+            self.notify(given_up.decode(), COMPLETED, ended_body(given_up.decode(), FAILED, error.decode(), attempt))
         if not job_id:
             return None
         attempt, image, image_name, controls = claimed
@@ -260,6 +285,8 @@ class RedisJobs:
         job = self.get(job_id)
         if outcome == -1 or job is None:
             raise UnknownJob(job_id)
+        if outcome == 1:
+            self.notify(job_id, COMPLETED, ended_body(job_id, CANCELED, None, job.attempt))
         return job, outcome == 1
 
     @_reaching
@@ -291,6 +318,31 @@ class RedisJobs:
         with self._redis.pipeline(transaction=True) as pipe:
             waiting, running, oldest = pipe.zcard(WAITING).zcard(RUNNING).zrange(WAITING, 0, 0, withscores=True).execute()
         return QueueDepth(waiting, running, max(0.0, time.time() - oldest[0][1]) if oldest else 0.0)
+
+    @_reaching
+    def notify(self, job_id: str, event: str, body: bytes) -> bool:
+        kept = self._keep(
+            keys=[JOB + job_id, DELIVERIES], args=[new_delivery_id(), event, body, repr(time.time()), DELIVERY, job_id]
+        )
+        return kept == 1
+
+    @_reaching
+    def next_delivery(self, lease: float) -> Delivery | None:
+        due = self._next(keys=[DELIVERIES], args=[repr(time.time()), lease, DELIVERY])
+        if not due:
+            return None
+        delivery_id, job_id, url, body, tries = due
+        return Delivery(delivery_id.decode(), job_id.decode(), url.decode(), body, int(tries))
+
+    @_reaching
+    def retry_delivery(self, delivery_id: str, tries: int, due: float) -> None:
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(DELIVERY + delivery_id, "tries", tries).zadd(DELIVERIES, {delivery_id: due}).execute()
+
+    @_reaching
+    def delivered(self, delivery_id: str) -> None:
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(DELIVERIES, delivery_id).delete(DELIVERY + delivery_id).execute()
 
     def reachable(self) -> bool:
         try:

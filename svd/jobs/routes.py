@@ -26,10 +26,11 @@ from starlette.responses import JSONResponse, Response
 
 from svd import metrics
 from svd.errors import InputError, validation_message
-from svd.jobs import CANCELED, COMPLETED, FAILED, FINISHED, Job, JobStore, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs import CANCELED, COMPLETED, FAILED, FINISHED, Hook, Job, JobStore, QueueFull, StoreUnavailable, UnknownJob
 from svd.library import serve_output
 from svd.outputs import ID, Outputs
 from svd.params import GenerationParams
+from svd.webhooks import Allowed, checked_address
 from svd.guards import App, Receive, Scope, Send
 from svd.preview import CONTENT_TYPE, previews_of
 
@@ -48,7 +49,8 @@ class JobRoutes:
     """Answers the task routes under `route` from the store `open_store()` opens in this process.
 
     `fields` validates a submitted job as the route's API would; `per_worker` bounds the jobs
-    waiting or running for each worker taking jobs; `outputs` is where jobs keep their videos.
+    waiting or running for each worker taking jobs; `outputs` is where jobs keep their videos;
+    `webhook_hosts` admits webhook URLs (None: the server sends no webhooks).
     It also brings the queue's gauges up to date for each read of /metrics.
     """
 
@@ -61,6 +63,7 @@ class JobRoutes:
         per_worker: int,
         outputs: Outputs,
         max_pixels: int,
+        webhook_hosts: Allowed | None = None,
     ):
         self.app = app
         self.open_store = open_store
@@ -69,6 +72,7 @@ class JobRoutes:
         self.outputs = outputs
         self.previews = previews_of(outputs)
         self.max_pixels = max_pixels
+        self.webhook_hosts = webhook_hosts
         self._store: JobStore | None = None
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", f"{route}/submit"): JobRoutes.submit,
@@ -125,7 +129,13 @@ class JobRoutes:
                 return _error(400, "`image` is required: upload the still image as a multipart file part.")
             values = {name: _decoded(value) for name, value in form.multi_items() if name != "image"}
             controls = self.fields.model_validate({"image": "upload", **values}).model_dump(exclude={"image"})
+            webhook, events = controls.pop("webhook"), tuple(controls.pop("webhook_events_filter"))
             GenerationParams(**controls).check()
+            if webhook is not None:
+                if self.webhook_hosts is None:
+                    return _error(400, "`webhook`: this server sends no webhooks; its operator turns them on with SVD_WEBHOOK_SECRET")
+                # Resolves the host: not on the event loop.
+                await run_in_threadpool(checked_address, webhook, self.webhook_hosts)
             image = await upload.read()
             await run_in_threadpool(_check_image, image, self.max_pixels)
         except ValidationError as exc:
@@ -135,11 +145,11 @@ class JobRoutes:
             return _error(exc.status, str(exc))
         finally:
             await form.close()
-        return await self._submit(image, upload.filename or "image", controls)
+        return await self._submit(image, upload.filename or "image", controls, Hook(webhook, events) if webhook else None)
 
-    async def _submit(self, image: bytes, image_name: str, controls: dict[str, Any]) -> Response:
+    async def _submit(self, image: bytes, image_name: str, controls: dict[str, Any], hook: Hook | None = None) -> Response:
         try:
-            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker)
+            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, hook)
         except QueueFull as full:
             metrics.REFUSED.labels(reason="busy").inc()
             retry_after = max(1, round(full.retry_after or 1))

@@ -20,8 +20,11 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from svd import webhooks
 from svd.engine import Engine
 from svd.errors import Refused
 from svd.generate import Stopped
@@ -40,6 +43,8 @@ POLL_SECONDS = 0.2
 RENEWALS_PER_LEASE = 5
 # How often an unreachable store is tried again.
 UNREACHABLE_PAUSE_SECONDS = 1.0
+
+T = TypeVar("T")
 
 
 class JobRunner:
@@ -114,6 +119,7 @@ class JobRunner:
         worker = self.engine.settings.worker
         retried = f", retried after its worker stopped {claim.attempt - 1} time(s)" if claim.attempt > 1 else ""
         logger.info("SVD job %s started on worker %d, attempt %d%s", claim.id, worker, claim.attempt, retried)
+        self._notify(claim.id, webhooks.START, webhooks.started_body(claim.id, claim.attempt))
 
         def report(progress: Progress) -> None:
             try:
@@ -173,10 +179,17 @@ class JobRunner:
             # A job cancelled while its video was being written ends cancelled, with nothing kept.
             if stop.is_set() or not self._still_held(claim):
                 raise Stopped("the job was stopped while its video was written")
-            self.outputs.put(claim.id, result.path, record_of(result, image, self.engine.settings))
+            record = record_of(result, image, self.engine.settings)
+            self.outputs.put(claim.id, result.path, record)
             if not self._finish(claim, COMPLETED):
                 self.outputs.remove(claim.id)
                 raise Stopped("the job was stopped while its video was kept")
+            ended = webhooks.ended_body(
+                claim.id, COMPLETED, None, claim.attempt,
+                output_id=claim.id, output_path=f"/generate_task/get?task_id={claim.id}",
+                seed=record["seed"], settings=record["settings"], stage_seconds=record["stage_seconds"],
+            )
+            self._notify(claim.id, webhooks.COMPLETED, ended)
 
     def _still_held(self, claim: Claim) -> bool:
         """Whether the claim is still this worker's; when the store cannot say, the end decides."""
@@ -187,16 +200,19 @@ class JobRunner:
             return True
 
     def _finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
-        """Record the job's end, waiting for an unreachable store to answer: a finished video is
-        not thrown away for a store restarting. Only a stopping worker gives up, leaving the job
-        to its lease."""
+        """Record the job's end: a finished video is not thrown away for a store restarting."""
+        return bool(self._until_reached(lambda: self.store.finish(claim, status, error, error_status)))
+
+    def _until_reached(self, step: Callable[[], T]) -> T | None:
+        """The step's answer, waiting for an unreachable store to answer. Only a stopping worker
+        gives up (None), leaving the job to its lease."""
         while True:
             try:
-                return self.store.finish(claim, status, error, error_status)
+                return step()
             except StoreUnavailable as exc:
                 self._not_reached(exc)
                 if self._stopping.wait(UNREACHABLE_PAUSE_SECONDS):
-                    return False
+                    return None
 
     def _not_reached(self, exc: StoreUnavailable) -> None:
         if not self._unreachable.is_set():
@@ -208,8 +224,16 @@ class JobRunner:
             self._unreachable.clear()
             logger.info("SVD reaches the job store again")
 
+    def _notify(self, job_id: str, event: str, body: bytes) -> None:
+        """Keep the event's webhook delivery, if the job has one; the Deliverer sends it."""
+        try:
+            self._until_reached(lambda: self.store.notify(job_id, event, body))
+        except Exception as exc:
+            logger.warning("SVD job %s: its %s webhook could not be kept: %s", job_id, event, exc)
+
     def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
-        self._finish(claim, FAILED, error=error, error_status=status)
+        if self._finish(claim, FAILED, error=error, error_status=status):
+            self._notify(claim.id, webhooks.COMPLETED, webhooks.ended_body(claim.id, FAILED, error, claim.attempt))
         logger.warning(
             "SVD job %s failed on worker %d, attempt %d, after %.1f s: %s",
             claim.id, self.engine.settings.worker, claim.attempt, time.perf_counter() - start, error,

@@ -19,9 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Job, QueueDepth, QueueFull, UnknownJob
+from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Delivery
+from svd.jobs import Hook, Job, QueueDepth, QueueFull, UnknownJob, new_delivery_id, wants
 from svd.outputs import new_id
 from svd.progress import Progress
+from svd.webhooks import ended_body
 
 logger = logging.getLogger("bentoml.svd")
 # Finished jobs' records, their input included so that /retry can run them again, are kept
@@ -47,7 +49,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_status INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body BLOB NOT NULL,
+    tries INTEGER NOT NULL DEFAULT 0,
+    due REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_due ON deliveries (due);
 """
+# Columns added since the first release, added to a file made before them.
+ADDED_COLUMNS = {"webhook": "TEXT", "webhook_events": "TEXT"}
 JOB_COLUMNS = "id, status, created, started, finished, attempt, progress, error, error_status"
 # Running jobs whose worker stopped renewing their lease.
 LAPSED = f"status = '{IN_PROGRESS}' AND lease_until < :now"
@@ -72,6 +85,10 @@ class SQLiteJobs:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -93,7 +110,7 @@ class SQLiteJobs:
         with self._lock:
             return self._db.execute(sql, values).rowcount > 0
 
-    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int) -> Job:
+    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
         limit = per_worker * self.workers
         with self._transaction() as db:
@@ -106,9 +123,9 @@ class SQLiteJobs:
                 ).fetchone()
                 raise QueueFull(unfinished, limit, last and last[0])
             db.execute(
-                "INSERT INTO jobs (id, status, created, image, image_name, controls, progress)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.status, job.created, image, image_name, json.dumps(controls), QUEUED),
+                "INSERT INTO jobs (id, status, created, image, image_name, controls, progress, webhook, webhook_events)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.status, job.created, image, image_name, json.dumps(controls), QUEUED, *_hook_columns(hook)),
             )
         return job
 
@@ -136,6 +153,7 @@ class SQLiteJobs:
                 logger.warning(
                     "SVD job %s failed on %s, attempt %d, after %.1f s: %s", job_id, holder, attempt, now - started, error
                 )
+                self._keep_delivery(db, job_id, COMPLETED, ended_body(job_id, FAILED, error, attempt))
             row = db.execute(
                 f"SELECT id, attempt, image, image_name, controls FROM jobs WHERE status = '{PENDING}'"
                 f" OR ({LAPSED}) ORDER BY seq LIMIT 1",
@@ -202,6 +220,7 @@ class SQLiteJobs:
                 f"UPDATE jobs SET status = '{CANCELED}', finished = ?, lease_until = NULL WHERE id = ?",
                 (time.time(), job_id),
             )
+            self._keep_delivery(db, job_id, COMPLETED, ended_body(job_id, CANCELED, None, job.attempt))
             return _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
     def get(self, job_id: str) -> Job | None:
@@ -220,6 +239,44 @@ class SQLiteJobs:
 
     def reachable(self) -> bool:
         return True
+
+    def notify(self, job_id: str, event: str, body: bytes) -> bool:
+        with self._transaction() as db:
+            return self._keep_delivery(db, job_id, event, body)
+
+    def _keep_delivery(self, db: sqlite3.Connection, job_id: str, event: str, body: bytes) -> bool:
+        row = db.execute("SELECT webhook, webhook_events FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or not row[0] or not wants(row[1], event):
+            return False
+        db.execute(
+            "INSERT INTO deliveries (id, job_id, url, body, due) VALUES (?, ?, ?, ?, ?)",
+            (new_delivery_id(), job_id, row[0], body, time.time()),
+        )
+        return True
+
+    def next_delivery(self, lease: float) -> Delivery | None:
+        now = time.time()
+        if self._one("SELECT 1 FROM deliveries WHERE due <= :now LIMIT 1", now=now) is None:
+            return None
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id, job_id, url, body, tries FROM deliveries WHERE due <= ? ORDER BY due LIMIT 1", (now,)
+            ).fetchone()
+            if row is None:
+                return None
+            # Held by moving its due time past the try: a worker that dies mid-try leaves it due again.
+            db.execute("UPDATE deliveries SET due = ? WHERE id = ?", (now + lease, row[0]))
+        return Delivery(row[0], row[1], row[2], bytes(row[3]), row[4])
+
+    def retry_delivery(self, delivery_id: str, tries: int, due: float) -> None:
+        self._update("UPDATE deliveries SET tries = :tries, due = :due WHERE id = :id", tries=tries, due=due, id=delivery_id)
+
+    def delivered(self, delivery_id: str) -> None:
+        self._update("DELETE FROM deliveries WHERE id = :id", id=delivery_id)
+
+
+def _hook_columns(hook: Hook | None) -> tuple[str | None, str]:
+    return (hook.url, ",".join(hook.events)) if hook else (None, "")
 
 
 def _job(row: tuple | None) -> Job | None:

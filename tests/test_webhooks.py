@@ -1,0 +1,183 @@
+"""Webhooks: a job calls a receiver when it starts and ends, signed as Standard Webhooks says,
+retried with the same id, kept across a restart, and never sent to a private address unasked.
+
+The receiver is a real HTTP server on loopback, allowed through SVD_WEBHOOK_HOSTS; each
+delivery is verified with the Standard Webhooks library, as a receiver would.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+
+from harness import PHOTO, SMALL, Server, decode_video, free_port, serve, wait_until
+from svd.errors import BadInput
+from svd.webhooks import Allowed, checked_address, retry_delay
+
+SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes, long!").decode()
+
+
+class Receiver:
+    """Records every delivery; answers each with the next of `answers`, then 200."""
+
+    def __init__(self, port: int, answers: list[int] | None = None):
+        self.port = port
+        self.answers = list(answers or [])
+        self.deliveries: list[tuple[dict[str, str], bytes]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver._lock:
+                    receiver.deliveries.append((dict(self.headers), body))
+                    status = receiver.answers.pop(0) if receiver.answers else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def verified(self) -> list[tuple[str, dict]]:
+        """(webhook-id, payload) of every delivery, each verified with the secret."""
+        with self._lock:
+            return [(headers["webhook-id"], Webhook(SECRET).verify(body, headers)) for headers, body in self.deliveries]
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@contextmanager
+def receiving(port: int, answers: list[int] | None = None) -> Iterator[Receiver]:
+    receiver = Receiver(port, answers)
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+ENV = {"SVD_WEBHOOK_SECRET": SECRET, "SVD_WEBHOOK_HOSTS": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def hooked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with webhooks on, calling loopback receivers."""
+    with serve(tmp_path_factory.mktemp("hooked"), ENV) as running:
+        yield running
+
+
+def _submit(server: Server, **data: str) -> httpx.Response:
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    return httpx.post(f"{server.url}/generate_task/submit", files=files, data={**SMALL, **data}, timeout=60)
+
+
+def _events(receiver: Receiver, task_id: str) -> list[tuple[str, dict]]:
+    return [(delivery_id, payload) for delivery_id, payload in receiver.verified() if payload["data"]["task_id"] == task_id]
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.0.0.1/", "http://169.254.169.254/latest", "http://[::1]/"]
+)
+def test_loopback_private_and_link_local_addresses_are_refused_by_default(url: str):
+    with pytest.raises(BadInput, match="not a public address"):
+        checked_address(url, Allowed())
+
+
+def test_only_http_and_https_and_the_allowed_hosts_and_networks_are_called():
+    assert checked_address("https://8.8.8.8/hook", Allowed()) == "8.8.8.8"
+    with pytest.raises(BadInput, match="http or https"):
+        checked_address("ftp://8.8.8.8/", Allowed())
+    with pytest.raises(BadInput, match="does not resolve"):
+        checked_address("http://no-such-host.invalid/", Allowed())
+    assert checked_address("http://10.1.2.3/", Allowed.parse("10.0.0.0/8, hooks.internal")) == "10.1.2.3"
+    assert checked_address("http://localhost:8080/", Allowed.parse("localhost")) in ("127.0.0.1", "::1")
+    assert [retry_delay(tries) for tries in (1, 2, 3)] == [2, 4, 8]
+
+
+def test_a_job_calls_its_webhook_signed_at_start_and_end_and_a_failed_try_is_retried_with_the_same_id(
+    hooked: Server, tmp_path: Path
+):
+    server = hooked
+    with receiving(free_port(), answers=[500]) as receiver:
+        submitted = _submit(server, webhook=receiver.url, seed="7")
+        assert submitted.status_code == 200, submitted.text
+        task_id = submitted.json()["task_id"]
+        events = wait_until(lambda: len(_events(receiver, task_id)) >= 3 and _events(receiver, task_id), 120, 0.2, "deliveries")
+        starts = [(delivery_id, payload) for delivery_id, payload in events if payload["type"] == "task.start"]
+        ends = [(delivery_id, payload) for delivery_id, payload in events if payload["type"] == "task.completed"]
+        # The first try was answered 500: the same delivery came again, with the same id.
+        assert len(starts) == 2 and len(ends) == 1, [payload["type"] for _, payload in events]
+        (first_id, first), (again_id, again) = starts
+        (end_id, end) = ends[0]
+        assert first_id == again_id and first_id.startswith("msg_") and end_id != first_id
+        assert again["data"] == first["data"] == {"task_id": task_id, "status": "in_progress", "attempt": 1}
+        data = end["data"]
+        assert data["status"] == "completed" and data["error"] is None and data["seed"] == 7
+        assert data["output_id"] == task_id and data["settings"]["num_frames"] == SMALL["num_frames"]
+        assert set(data["stage_seconds"]) >= {"denoise", "decode"}
+        video = httpx.get(f"{server.url}{data['output_path']}", timeout=60)
+        (tmp_path / "video.mp4").write_bytes(video.content)
+        assert len(decode_video(tmp_path / "video.mp4").frames) == SMALL["num_frames"]
+        # Each try is signed anew: a wrong secret does not verify it.
+        headers, body = receiver.deliveries[0]
+        with pytest.raises(Exception, match="No matching signature"):
+            Webhook("whsec_" + base64.b64encode(b"another secret of 32 bytes long!").decode()).verify(body, headers)
+        log = server.log_text()
+        assert "answered 500; next try in 2 s" in log and f"for job {task_id} delivered, try 2" in log
+
+
+def test_the_end_event_alone_when_filtered_and_refused_urls_are_400_naming_the_field(hooked: Server):
+    server = hooked
+    with receiving(free_port()) as receiver:
+        task_id = _submit(server, webhook=receiver.url, webhook_events_filter="completed").json()["task_id"]
+        wait_until(lambda: _events(receiver, task_id), 120, 0.2, "the end event")
+        status = f"{server.url}/generate_task/status?task_id={task_id}"
+        wait_until(lambda: httpx.get(status, timeout=30).json()["status"] == "completed", 60, 0.2, "the job done")
+        assert [payload["type"] for _, payload in _events(receiver, task_id)] == ["task.completed"]
+        for url, why in [
+            ("http://10.1.2.3/hook", "not a public address"),
+            ("http://[::1]:9/hook", "not a public address"),
+            ("file:///etc/passwd", "http or https"),
+        ]:
+            refused = _submit(server, webhook=url)
+            assert refused.status_code == 400 and refused.json()["error"].startswith("`webhook`") and why in refused.json()["error"]
+        wrong = _submit(server, webhook=receiver.url, webhook_events_filter="stop")
+        assert wrong.status_code == 400 and "webhook_events_filter" in wrong.json()["error"]
+
+
+def test_a_delivery_pending_when_the_server_stops_is_sent_after_it_starts_again(tmp_path: Path):
+    port = free_port()  # nobody listens there yet: every try fails
+    with serve(tmp_path, ENV) as server:
+        task_id = _submit(server, webhook=f"http://127.0.0.1:{port}/hook").json()["task_id"]
+        wait_until(lambda: "next try in 4 s" in server.log_text(), 120, 0.2, "tries failing")
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(120)
+    with receiving(port) as receiver, serve(tmp_path, ENV):
+        events = wait_until(lambda: len(_events(receiver, task_id)) >= 2 and _events(receiver, task_id), 60, 0.2, "kept deliveries")
+        by_type = {payload["type"]: payload["data"] for _, payload in events}
+        assert sorted(by_type) == ["task.completed", "task.start"] and by_type["task.completed"]["status"] == "completed"
+
+
+def test_without_a_secret_the_server_sends_no_webhooks_and_says_so(server: Server):
+    refused = _submit(server, webhook="https://8.8.8.8/hook")
+    assert refused.status_code == 400 and "SVD_WEBHOOK_SECRET" in refused.json()["error"]
