@@ -7,18 +7,16 @@ every gap measured is the runner's own, not a client's.
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
 
+from bench.inprocess import tiny_engine
 from bench.report import Row, Section, median
 from harness import PHOTO, wait_until
-from svd.config import TINY_MODEL_ID, Settings
 from svd.engine import Engine
 from svd.jobs import COMPLETED, Claim
 from svd.jobs.runner import JobRunner
@@ -65,19 +63,11 @@ class TimedStore:
 
 
 def run(request: dict[str, int], jobs: int, torch_threads: int) -> Section:
-    previous = torch.get_num_threads()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
-            return _measure(Path(tmp), request, jobs)
-    finally:
-        torch.set_num_threads(previous)
+    with tiny_engine(torch_threads, "bench-jobs-") as (engine, tmp):
+        return _measure(engine, tmp, request, jobs)
 
 
-def _measure(tmp: Path, request: dict[str, int], jobs: int) -> Section:
-    engine = Engine(Settings(model_id=TINY_MODEL_ID, device="cpu"))
-    assert engine.wait_ready(120), engine.state.message
+def _measure(engine: Engine, tmp: Path, request: dict[str, int], jobs: int) -> Section:
     store = TimedStore(SQLiteJobs(tmp / "jobs.db"))
     ids = [store.submit(PHOTO.read_bytes(), PHOTO.name, request, per_worker=jobs).id for _ in range(jobs)]
     runner = JobRunner(engine, store, Outputs(tmp / "outputs", Keep(count=jobs)), lease=30)  # type: ignore[arg-type]

@@ -7,7 +7,6 @@ time measured by their pacing. Then one preview of a default-size video, timed a
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.inprocess import tiny_engine
 from bench.report import Row, Section, median
 from harness import PHOTO
-from svd.config import TINY_MODEL_ID, Settings
 from svd.engine import Engine
 from svd.params import GenerationParams
 from svd.preview import LATENT_RGB, SHARE, Previewer, encode, latents_to_rgb, write_atomically
@@ -29,19 +28,11 @@ ONE_PREVIEW_REPEATS = 20
 
 
 def run(request: dict[str, int], runs: int, torch_threads: int) -> Section:
-    previous = torch.get_num_threads()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-preview-") as tmp:
-            return _measure(Path(tmp), request, runs)
-    finally:
-        torch.set_num_threads(previous)
+    with tiny_engine(torch_threads, "bench-preview-") as (engine, tmp):
+        return _measure(engine, tmp, request, runs)
 
 
-def _measure(tmp: Path, request: dict[str, int], runs: int) -> Section:
-    engine = Engine(Settings(model_id=TINY_MODEL_ID, device="cpu"))
-    assert engine.wait_ready(120), engine.state.message
+def _measure(engine: Engine, tmp: Path, request: dict[str, int], runs: int) -> Section:
     params = GenerationParams(**request)
     engine.run(PHOTO, params, tmp)  # the first generation after the warm-up allocates what the others reuse
     plain: list[float] = []
