@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -173,6 +174,33 @@ def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is
     store.cancel(waiting)
     end = store.next_delivery(lease=30)
     assert end.job_id == waiting and json.loads(end.body)["data"]["status"] == CANCELED
+
+
+def test_a_jobs_file_from_before_webhooks_is_brought_up_to_date_by_workers_opening_it_at_once(tmp_path: Path):
+    path = tmp_path / "jobs.db"
+    job_id = SQLiteJobs(path).submit(b"x", "a.png", {"seed": 1}, per_worker=10).id
+    with sqlite3.connect(path) as old:
+        old.execute("ALTER TABLE jobs DROP COLUMN webhook")
+        old.execute("ALTER TABLE jobs DROP COLUMN webhook_events")
+    together = threading.Barrier(4)
+    opened: list[SQLiteJobs] = []
+    failed: list[BaseException] = []
+
+    def open_store() -> None:
+        together.wait()
+        try:
+            opened.append(SQLiteJobs(path))
+        except BaseException as exc:
+            failed.append(exc)
+
+    workers = [threading.Thread(target=open_store) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert not failed and len(opened) == 4
+    assert opened[0].claim("a").controls == {"seed": 1}, "the job made before is kept"
+    assert opened[1].submit(b"x", "b.png", {}, per_worker=10, hook=Hook("https://example.com/h")).id != job_id
 
 
 def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_report(stores):

@@ -85,10 +85,12 @@ class SQLiteJobs:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
-            present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        # In one write transaction: the workers of a server open the file at the same moment.
+        with self._transaction() as db:
+            present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             for column, kind in ADDED_COLUMNS.items():
                 if column not in present:
-                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
