@@ -19,7 +19,8 @@ from bench.report import Row, Section, median
 from harness import PHOTO
 from svd.engine import Engine
 from svd.params import GenerationParams
-from svd.preview import LATENT_RGB, SHARE, Previewer, encode, latents_to_rgb, write_atomically
+from svd.outputs import write_atomically
+from svd.preview import LATENT_RGB, SHARE, Previewer, encode, latents_to_rgb
 
 MAX_SHARE = 0.03  # the bound, of a generation's time
 # A default video's latents: 25 frames of 1024x576, one latent per 8x8 pixels.

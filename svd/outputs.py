@@ -74,8 +74,8 @@ class Outputs:
         """Keep the video under its id, and its record beside it; returns the record as kept."""
         record = {"id": output_id, "file": f"{output_id}{video.suffix}", **record}
         try:
-            _write_atomically(self.folder / record["file"], video)
-            _write_atomically(self.folder / f"{output_id}{SIDECAR}", json.dumps(record).encode())
+            write_atomically(self.folder / record["file"], video)
+            write_atomically(self.folder / f"{output_id}{SIDECAR}", json.dumps(record).encode())
         except OSError as exc:
             (self.folder / record["file"]).unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -150,7 +150,7 @@ def _modified(path: Path) -> float:
         return 0.0
 
 
-def _write_atomically(path: Path, content: Path | bytes) -> None:
+def write_atomically(path: Path, content: Path | bytes) -> None:
     """Write a file's copy or bytes through a temporary file in the same folder, then rename:
     never half a file."""
     fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")

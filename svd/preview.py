@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from svd.outputs import ID
+from svd.outputs import ID, write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -84,18 +82,6 @@ def encode(frames: np.ndarray, fps: int) -> bytes:
         out, "WEBP", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, quality=QUALITY, method=0
     )
     return out.getvalue()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, then rename: a reader sees the old file or the new one."""
-    fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as sink:
-            sink.write(data)
-        os.replace(part, path)
-    except BaseException:
-        Path(part).unlink(missing_ok=True)
-        raise
 
 
 class Pace:

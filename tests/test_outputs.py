@@ -118,7 +118,7 @@ def test_the_folder_keeps_the_newest_by_count_or_by_size(tmp_path: Path):
     assert [by_count.find(output_id) is not None for output_id in ids] == [False, False, True, True]
     by_size = Outputs(tmp_path / "size", Keep(bytes=2500))
     ids = [_fake_output(by_size, tmp_path, index, 1000) for index in range(1, 5)]
-    # Named as _write_atomically names a video it is writing: the id is in it.
+    # Named as write_atomically names a video it is writing: the id is in it.
     being_written = by_size.folder / f".{'0' * 31}9.mp4.k2v8q1.part"
     being_written.write_bytes(b"x" * 5000)
     by_size.prune()
@@ -131,7 +131,7 @@ def test_a_sidecar_that_cannot_be_written_takes_its_video_with_it(tmp_path: Path
 
     outputs = Outputs(tmp_path / "out", Keep(count=10))
     writes: list[Path] = []
-    real_write = module._write_atomically
+    real_write = module.write_atomically
 
     def sidecar_fails(path: Path, content) -> None:
         writes.append(path)
@@ -139,7 +139,7 @@ def test_a_sidecar_that_cannot_be_written_takes_its_video_with_it(tmp_path: Path
             raise OSError(errno.EIO, "Input/output error")
         real_write(path, content)
 
-    monkeypatch.setattr(module, "_write_atomically", sidecar_fails)
+    monkeypatch.setattr(module, "write_atomically", sidecar_fails)
     video = tmp_path / "video.mp4"
     video.write_bytes(b"x" * 100)
     with pytest.raises(OSError):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from harness import PHOTO, SMALL, Server, decode_video, serve, wait_until
+from svd.outputs import write_atomically
 from svd.preview import (
     FIRST_COST,
     LATENT_RGB,
@@ -30,7 +31,6 @@ from svd.preview import (
     Previews,
     encode,
     latents_to_rgb,
-    write_atomically,
 )
 
 TOKEN = "preview-token"
