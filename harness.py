@@ -154,9 +154,10 @@ def _ready(url: str, process: subprocess.Popen, log: Path) -> bool:
 
 @contextmanager
 def serve(
-    tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 180, wait_ready: bool = True
+    tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 180, wait_ready: bool = True, bento: Path | None = None
 ) -> Iterator[Server]:
-    """A real `bentoml serve` of this repo on 127.0.0.1 and a free port, stopped on exit.
+    """A real `bentoml serve` on 127.0.0.1 and a free port, stopped on exit: of this checkout, or of
+    a built Bento as its container runs it (below).
 
     Its temporary files go to tmp_path/tmp, so tests can check none are left.
     """
@@ -170,23 +171,49 @@ def serve(
         "BENTOML_HOME": str(tmp_path / "bentoml"),
         "TMPDIR": str(tmp_path / "tmp"),
         "SVD_OUTPUT_DIR": str(tmp_path / "outputs"),
-        **(env or {}),
     }
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    if bento is None:
+        command, cwd = [sys.executable, "-m", "bentoml", "serve", "service:StableDiffusionVideo", *address], ROOT
+    else:
+        command, cwd = bento_command(bento, address, full_env)
+    full_env.update(env or {})
     with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:StableDiffusionVideo", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=full_env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        process = subprocess.Popen(command, cwd=cwd, env=full_env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         if wait_ready:
             wait_until(lambda: _ready(url, process, log), timeout, 0.5, "server ready")
         yield Server(url, process, log, tmp_path / "tmp")
     finally:
         stop(process)
+
+
+def build_bento(home: Path, **env: str) -> Path:
+    """`bentoml build .` of this checkout into the BentoML home `home`, offline; the Bento's folder."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "."],
+        cwd=ROOT,
+        env={**os.environ, "BENTOML_HOME": str(home), "HF_HUB_OFFLINE": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"bentoml build failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    (bento,) = [path for path in (home / "bentos" / "stable_diffusion_video").iterdir() if path.name != "latest"]
+    return bento
+
+
+def bento_command(bento: Path, address: list[str], env: dict[str, str]) -> tuple[list[str], Path]:
+    """The image's entrypoint (`env/docker/entrypoint.sh`, which runs `bentoml serve "$BENTO_PATH"`) in
+    the image's working folder, the Bento, with this venv's `bentoml` first on PATH. Nothing of the
+    checkout is importable: no PYTHONPATH, and the Bento's own `src` is what BentoML puts on sys.path.
+    SVD_OUTPUT_DIR is left to the image's default, as a container gets it. Updates `env` to match."""
+    env.pop("PYTHONPATH", None)
+    env.pop("SVD_OUTPUT_DIR", None)
+    env["BENTO_PATH"] = str(bento)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return ["bash", str(bento / "env" / "docker" / "entrypoint.sh"), *address], bento
 
 
 def stop(process: subprocess.Popen, timeout: float = 30) -> None:

@@ -15,7 +15,7 @@ os.environ["SVD_DEVICE"] = "cpu"
 # The in-process service keeps its videos here, not in the checkout's ./outputs.
 os.environ.setdefault("SVD_OUTPUT_DIR", tempfile.mkdtemp(prefix="svd-test-outputs-"))
 
-from harness import Server, serve  # noqa: E402
+from harness import Server, build_bento, serve  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -34,6 +34,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One `bentoml serve` of the tiny model shared by the tests that only send requests."""
     with serve(tmp_path_factory.mktemp("server")) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def bento(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Bento `bentoml build` makes of this checkout, offline, once per test session: the product."""
+    return build_bento(tmp_path_factory.mktemp("build") / "bentoml", SVD_MODEL_ID="tiny")
 
 
 @pytest.fixture(scope="session")

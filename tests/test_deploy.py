@@ -3,6 +3,7 @@ with the service: its probes, its time limit, its metric, one GPU per pod."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import kubernetes_validate
@@ -84,3 +85,26 @@ def test_the_autoscaler_scales_the_deployment_on_the_queue():
     rule = (ROOT / "deploy" / "hpa.yaml").read_text().split("rules:", 1)[1].split("\n#\n", 1)[0]
     assert f"name: {{as: {metric['external']['metric']['name']}}}" in rule
     assert f"max({metrics.JOBS_WAITING._name}{{" in rule and f"max({metrics.JOBS_RUNNING._name}{{" in rule
+
+
+def test_the_readme_builds_pushes_and_applies_the_image_the_deployment_runs(bento: Path):
+    """The README's Kubernetes commands, in order: build the Bento, containerize it under a tag, push
+    that tag, apply deploy/; the Bento is the one `bentoml build` names, the tag the Deployment's image."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Kubernetes") : readme.index("## Test")]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+    assert [command.split()[:2] for command in commands] == [
+        ["bentoml", "build"],
+        ["bentoml", "containerize"],
+        ["docker", "push"],
+        ["kubectl", "apply"],
+    ]
+    containerize = commands[1].split()
+    name = yaml.safe_load((bento / "bento.yaml").read_text())["name"]
+    assert containerize[2] == f"{name}:latest"
+    image = containerize[containerize.index("-t") + 1]
+    assert commands[2] == f"docker push {image}"
+    assert commands[3] == "kubectl apply -f deploy/"
+    (container,) = _load("deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == image
