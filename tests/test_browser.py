@@ -25,6 +25,9 @@ if CHROMIUM is None:
     pytest.skip("no chromium on PATH (apt-get install chromium, or run scripts/test.sh)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
 expect = sync_api.expect
+# Playwright's assertions wait 5 s by default; the page answers as soon as the service does, which
+# on two cores busy generating can take longer. A deadline, not an expected time.
+expect.set_options(timeout=30_000)
 
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -211,8 +214,10 @@ def test_cancel_beside_the_progress_bar_stops_the_job(page, server):
     task_id = submitted.value.json()["task_id"]
     expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Denoising step \d+ of 100"), timeout=GENERATION_MS)
     page.get_by_role("button", name="Cancel").click()
-    expect(page.locator("#error")).to_contain_text("Cancelled: the service stopped the job and made no video")
-    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    expect(page.locator("#error")).to_contain_text(
+        "Cancelled: the service stopped the job and made no video", timeout=GENERATION_MS
+    )
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled(timeout=GENERATION_MS)
     status = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id}, timeout=30).json()
     assert status["status"] == "canceled"
     step = httpx.post(f"{server.url}/progress", json={"task_id": task_id}, timeout=30).json()["step"]

@@ -129,7 +129,7 @@ def test_unknown_fields_are_refused_in_urlencoded_and_json_bodies_too(server):
 
 
 def test_swagger_lists_generate_with_every_parameter_described(server):
-    spec = httpx.get(f"{server.url}/docs.json", timeout=10).json()
+    spec = httpx.get(f"{server.url}/docs.json", timeout=60).json()
     operation = spec["paths"]["/generate"]["post"]
     schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
     if "$ref" in schema:
@@ -140,83 +140,99 @@ def test_swagger_lists_generate_with_every_parameter_described(server):
     undescribed = [name for name, prop in properties.items() if not prop.get("description")]
     assert undescribed == []
     assert properties["width"]["default"] == 1024 and properties["decode_chunk_size"]["default"] == 2
-    assert httpx.get(f"{server.url}/", timeout=10).status_code == 200
+    assert httpx.get(f"{server.url}/", timeout=60).status_code == 200
 
 
 def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
-    """Three jobs and a synchronous request at once: the GPU runs one generation at a time."""
+    """Three jobs and a synchronous request at once: the GPU runs one generation at a time.
+
+    Proved from what the service records, on the machine's one clock, not from the test's timing:
+    a job holds the GPU from its claim (`executed_at`, taken with the GPU's turn) through its
+    prepare, encode, denoise and decode (Server-Timing); the synchronous request's GPU stages lie
+    between its sending and its answer, less the interpolation and encoding that follow them.
+    """
     import threading
     import time
+    from datetime import datetime
 
     from harness import wait_until
     from svd.client import SyncHTTPClient
 
-    # The stages on the GPU; interpolation and encoding ("video") run after it is let go.
-    active = {"encode", "denoise", "decode"}
-    # When each poll of the three jobs ended, and the stage each was in.
-    polls: list[tuple[float, list[str]]] = []
+    def stages(response: httpx.Response) -> dict[str, float]:
+        timing = response.headers["server-timing"].split(", ")
+        return {stage: float(ms) / 1000 for stage, ms in (part.split(";dur=") for part in timing)}
+
+    # Rounding of Server-Timing (0.1 ms) and of the stored times (1 us), not a margin for speed.
+    rounding = 0.002
+    # Long enough that the synchronous request is sent while the first job is on the GPU.
+    params = {**SMALL, "num_inference_steps": 10}
     with SyncHTTPClient(server.url, timeout=600) as client:
-        tasks = [client.generate_task.submit(image=PHOTO, seed=seed, **SMALL) for seed in (1, 2, 3)]
-        synchronous: list[tuple[httpx.Response, float]] = []
+        tasks = [client.generate_task.submit(image=PHOTO, seed=seed, **params) for seed in (1, 2, 3)]
+        wait_until(
+            lambda: any(client.progress(task_id=task.id)["stage"] == "denoise" for task in tasks), 120, 0.02, "a job denoising"
+        )
+        synchronous: list[tuple[float, httpx.Response, float]] = []
 
         def generate() -> None:
             files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+            sent = time.time()
             response = httpx.post(f"{server.url}/generate", files=files, data={**SMALL, "seed": 4}, timeout=600)
-            synchronous.append((response, time.monotonic()))
+            synchronous.append((sent, response, time.time()))
 
         sync = threading.Thread(target=generate)
         sync.start()
-
-        def all_done() -> bool:
-            stages = [client.progress(task_id=task.id)["stage"] for task in tasks]
-            polls.append((time.monotonic(), stages))
-            return all(task.get_status().value not in ("pending", "in_progress") for task in tasks)
-
-        wait_until(all_done, 300, 0.05, "jobs finished")
+        wait_until(
+            lambda: all(task.get_status().value not in ("pending", "in_progress") for task in tasks), 300, 0.2, "jobs finished"
+        )
         sync.join(300)
-        for seed, task in zip((1, 2, 3), tasks):
+        on_gpu = []
+        for task in tasks:
             assert task.get_status().value == "completed"
             video = decode_video(task.get())
             assert len(video.frames) == 8 and video.codec == "h264"
+            got = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task.id}, timeout=60)
+            took = stages(got)
+            status = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task.id}, timeout=60).json()
+            claimed = datetime.fromisoformat(status["executed_at"]).timestamp()
+            on_gpu.append((claimed, claimed + took["prepare"] + took["encode"] + took["denoise"] + took["decode"]))
         assert client.progress(task_id=tasks[0].id)["stage"] == "done"
 
-    (response, answered), = synchronous
+    (sent, response, answered), = synchronous
     assert response.status_code == 200, response.text
     (tmp_path / "sync.mp4").write_bytes(response.content)
     assert len(decode_video(tmp_path / "sync.mp4").frames) == 8, "the synchronous request was served"
-    # Its time on the GPU, from its stage times: encoding the image up to the last decode chunk,
-    # then the video was written and sent. A poll reads the jobs one after another, and a stage
-    # shows a moment after it ends: a margin on each side.
-    took = {stage: float(ms) / 1000 for stage, ms in (part.split(";dur=") for part in response.headers["server-timing"].split(", "))}
-    gpu_end = answered - took["video"] - took["interpolate"]
-    gpu_start = gpu_end - took["encode"] - took["denoise"] - took["decode"]
-    margin = 0.15
-    assert gpu_end - gpu_start > 4 * margin, took
-    assert polls[0][0] < gpu_start and gpu_end < polls[-1][0], "it ran while the jobs were being followed"
-    assert any(sum(stage in active for stage in stages) for _, stages in polls), "a poll saw a job on the GPU"
-    beside_sync = [stages for at, stages in polls if gpu_start + margin < at < gpu_end - margin and set(stages) & active]
-    assert beside_sync == [], "a job ran on the GPU beside the synchronous request"
-    # Two jobs side by side would show for seconds: an overlap seen by two polls in a row.
-    overlapping = [sum(stage in active for stage in stages) > 1 for _, stages in polls]
-    assert not any(first and second for first, second in zip(overlapping, overlapping[1:])), polls
+    on_gpu.sort()
+    assert all(later[0] >= earlier[1] - rounding for earlier, later in zip(on_gpu, on_gpu[1:])), f"jobs overlapped: {on_gpu}"
+    # It was sent while a job was on the GPU: if it had not waited its turn, the jobs would have
+    # covered its whole span but for the moments between them.
+    assert on_gpu[0][0] < sent, (on_gpu, sent)
+    took = stages(response)
+    needed = took["encode"] + took["denoise"] + took["decode"]
+    latest = answered - took["video"] - took["interpolate"]
+    free, since = [], sent
+    for start, end in on_gpu:
+        free.append(min(start, latest) - since)
+        since = max(since, end)
+    free.append(latest - since)
+    assert max(free) >= needed - rounding, f"no free turn of {needed} s between {sent} and {latest}: jobs {on_gpu}"
     response = httpx.get(f"{server.url}/generate_task/get", params={"task_id": tasks[2].id}, timeout=60)
     assert response.headers["x-seed"] == "3" and json.loads(response.headers["x-settings"])["num_frames"] == 8
 
 
 def test_the_page_is_static_files_under_a_policy_that_runs_only_them(server):
-    page = httpx.get(f"{server.url}/ui", follow_redirects=True, timeout=10)
+    page = httpx.get(f"{server.url}/ui", follow_redirects=True, timeout=60)
     assert page.status_code == 200 and str(page.url).endswith("/ui/")
     assert '<script src="app.js" defer></script>' in page.text and "<style" not in page.text
     assert "<script>" not in page.text, "no inline script: CSP allows 'self' only"
     for name, kind in [("app.js", "javascript"), ("style.css", "text/css"), ("controls.json", "application/json")]:
-        response = httpx.get(f"{server.url}/ui/{name}", timeout=10)
+        response = httpx.get(f"{server.url}/ui/{name}", timeout=60)
         assert response.status_code == 200 and kind in response.headers["content-type"], name
         policy = response.headers["content-security-policy"]
         assert "script-src 'self';" in policy and "style-src 'self';" in policy and "default-src 'none'" in policy
         assert response.headers["x-content-type-options"] == "nosniff"
-    controls = httpx.get(f"{server.url}/ui/controls.json", timeout=10).json()
+    controls = httpx.get(f"{server.url}/ui/controls.json", timeout=60).json()
     assert [control["name"] for control in controls][:3] == ["decode_chunk_size", "seed", "width"]
-    escape = httpx.get(f"{server.url}/ui/%2E%2E/%2E%2E/service.py", timeout=10)
+    escape = httpx.get(f"{server.url}/ui/%2E%2E/%2E%2E/service.py", timeout=60)
     assert escape.status_code == 404 and "bentoml" not in escape.text
 
 
@@ -228,7 +244,7 @@ def test_a_gif_faster_than_browsers_play_is_refused_before_generating(server):
 
 
 def test_swagger_s_front_page_describes_this_service(server):
-    info = httpx.get(f"{server.url}/docs.json", timeout=10).json()["info"]
+    info = httpx.get(f"{server.url}/docs.json", timeout=60).json()["info"]
     description = info["description"]
     for words in ("Stable Video Diffusion XT", "GPU", "(/ui/)", "X-Seed", "X-Settings", "X-Output-Id", "/readyz"):
         assert words in description, words

@@ -31,6 +31,9 @@ from svd.turns import Turns
 SLOW = {**SMALL, "num_inference_steps": 100}
 # A dead worker's job is taken again this many seconds after its last renewal.
 LEASE = "3"
+# The leases of the store tests: what must happen within one (a store call or two, milliseconds)
+# has a hundred times that; what must wait for one to lapse waits with no upper bound.
+SHORT_LEASE = 2
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -92,21 +95,26 @@ def test_a_shared_queue_is_bounded_per_worker_taking_jobs(tmp_path: Path):
 
 
 def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(stores, caplog: pytest.LogCaptureFixture):
-    store = stores(lease=0.3, attempts=2)
+    store = stores(lease=SHORT_LEASE, attempts=2)
     job_id = store.submit(b"x", "a.png", {}, per_worker=10, hook=Hook("https://example.com/h")).id
     first = store.claim("dies")
     assert store.claim("lives") is None, "leased"
     # The worker died: nobody renews. Once the lease lapses, the job is taken again.
-    second = wait_until(lambda: store.claim("lives"), 5, 0.05, "the lapsed job taken again")
+    second = wait_until(lambda: store.claim("lives"), 30, 0.05, "the lapsed job taken again")
     assert (second.id, second.attempt) == (job_id, 2)
     assert not store.renew(first) and not store.report(first, Progress("denoise", 3, 25)), "the dead worker's claim is void"
     assert not store.finish(first, COMPLETED)
     assert store.renew(second) and _holder(store, job_id) == "lives"
     behind = store.submit(b"x", "b.png", {}, per_worker=10).id
     assert store.claim("third").id == behind, "the jobs behind run meanwhile"
-    # The second worker dies too: the job fails for good, saying so.
-    wait_until(lambda: store.claim("fourth") is None and store.get(job_id).status == FAILED, 5, 0.05, "failed")
+    # The second worker dies too, and so does the third. Once both leases have lapsed (no sooner:
+    # only a lower bound on time), one claim fails the job for good and takes the other again.
+    both_claimed = time.monotonic()
+    wait_until(lambda: time.monotonic() > both_claimed + SHORT_LEASE + 0.1, 30, 0.05, "both leases lapsed")
+    taken = store.claim("fourth")
+    assert (taken.id, taken.attempt) == (behind, 2)
     job = store.get(job_id)
+    assert job.status == FAILED
     assert job.error_status == 500 and job.error.startswith("the worker running this job stopped 2 times")
     assert f"SVD job {job_id} failed on lives, attempt 2, after" in caplog.text, "the log tells the story"
     # Taken again by the last worker to ask, not named after a worker it failed on the way.
@@ -116,10 +124,10 @@ def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(stores,
 
 
 def test_a_renewed_lease_does_not_lapse(stores):
-    store = stores(lease=0.5)
+    store = stores(lease=SHORT_LEASE)
     job_id = store.submit(b"x", "a.png", {}, per_worker=10).id
     claim = store.claim("alive")
-    deadline = time.monotonic() + 1.5
+    deadline = time.monotonic() + 2.5 * SHORT_LEASE
     while time.monotonic() < deadline:
         assert store.report(claim, Progress("denoise", 1, 25))
         assert store.claim("other") is None, "taken from a worker that renews"
@@ -130,7 +138,7 @@ def test_a_renewed_lease_does_not_lapse(stores):
 
 def test_redis_restarted_keeps_the_jobs_and_gives_the_running_one_a_lease_to_renew(tmp_path: Path):
     with redis_server(tmp_path / "redis") as server:
-        store = RedisJobs(server.url, lease=1)
+        store = RedisJobs(server.url, lease=SHORT_LEASE)
         running = store.submit(b"x", "a.png", {}, per_worker=10).id
         waiting = store.submit(b"x", "b.png", {}, per_worker=10).id
         claim = store.claim("holder")
@@ -142,7 +150,7 @@ def test_redis_restarted_keeps_the_jobs_and_gives_the_running_one_a_lease_to_ren
             store.report(claim, Progress("denoise", 2, 25))
         # Down for longer than a lease: the running job's lease would have lapsed.
         down = time.monotonic()
-        wait_until(lambda: time.monotonic() - down > 1.5, 3, 0.1, "a lease's time")
+        wait_until(lambda: time.monotonic() - down > 1.5 * SHORT_LEASE, 30, 0.1, "a lease's time")
         server.start()
         assert store.reachable()
         assert store.claim("other").id == waiting, "the waiting job was kept"
@@ -158,11 +166,11 @@ def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is
     assert not store.notify(plain, "completed", b"{}"), "no webhook, nothing kept"
     assert not store.notify(hooked, "start", b"start"), "filtered out"
     assert store.notify(hooked, "completed", b"end")
-    delivery = store.next_delivery(lease=0.3)
+    delivery = store.next_delivery(lease=SHORT_LEASE)
     assert (delivery.job_id, delivery.url, delivery.body, delivery.tries) == (hooked, "https://example.com/h", b"end", 0)
     assert store.next_delivery(lease=30) is None, "held while it is tried"
     # Its worker died mid-try: once the hold lapses, another takes it.
-    again = wait_until(lambda: store.next_delivery(lease=30), 5, 0.05, "the delivery due again")
+    again = wait_until(lambda: store.next_delivery(lease=30), 30, 0.05, "the delivery due again")
     assert again.id == delivery.id
     store.retry_delivery(again.id, 1, time.time() - 1)
     retried = store.next_delivery(lease=30)
@@ -233,10 +241,10 @@ def test_gpu_turns_are_granted_in_the_order_asked(tmp_path: Path):
         thread.start()
         asking.append(thread)
         # Each asks only once the one before it is waiting.
-        wait_until(lambda: len(turns._waiting) == index + 1, 5, 0.01, "waiting")
+        wait_until(lambda: len(turns._waiting) == index + 1, 30, 0.01, "waiting")
     turns.release()
     for thread in asking:
-        thread.join(5)
+        thread.join(30)
     assert order == [0, 1, 2, 3]
 
 
@@ -311,8 +319,9 @@ def test_cancel_frees_the_gpu_for_the_next_job_and_a_cancelled_job_never_runs_ag
         assert cancel.status_code == 200 and cancel.json()["status"] == CANCELED
         step_at_cancel = _denoising(server, running)
 
-        # The job after them starts within seconds: the cancelled one stopped at its next step.
-        wait_until(lambda: _status(server, after)["status"] != PENDING, 5, 0.05, "the next job started")
+        # The job after them starts: the cancelled one let go of the GPU. (That a stop comes at the
+        # very next step is proved in-process, by the steps reported: test_deepcache.py.)
+        wait_until(lambda: _status(server, after)["status"] != PENDING, 60, 0.05, "the next job started")
         assert wait_until(lambda: _finished(server, after), 120, 0.1, "the next job finished") == COMPLETED
         _fetch(server, after, tmp_path / "after.mp4")
         assert _denoising(server, running) <= step_at_cancel + 1, "the cancelled job went on denoising"
@@ -394,7 +403,7 @@ def test_a_server_killed_with_jobs_waiting_runs_them_after_a_restart_and_leaves_
 def test_a_submit_beyond_the_queue_is_429_with_retry_after(server: Server):
     """The shared server queues SVD_MAX_QUEUE (4) jobs for its one worker."""
     def busy() -> float:
-        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        text = httpx.get(f"{server.url}/metrics", timeout=60).text
         found = re.search(r'svd_requests_refused_total\{reason="busy"\} ([\d.]+)', text)
         return float(found.group(1)) if found else 0.0
 

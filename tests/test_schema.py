@@ -31,7 +31,7 @@ def test_the_readme_table_lists_every_control_with_its_default_and_range():
 
 @pytest.mark.parametrize("route", ["/generate", "/generate_task/submit"])
 def test_swagger_shows_each_control_s_default_range_and_description(server, route: str):
-    spec = httpx.get(f"{server.url}/docs.json", timeout=10).json()
+    spec = httpx.get(f"{server.url}/docs.json", timeout=60).json()
     schema = spec["paths"][route]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     if "$ref" in schema:
         schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
