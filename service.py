@@ -1,7 +1,7 @@
 """Stable Video Diffusion XT as a BentoML service: a still image in, a short video out.
 
 Serve it with `bentoml serve` and open http://localhost:3000 for the Swagger UI.
-Configuration is read from the environment once, in svd/config.py.
+Configuration is read from the environment once, in svd/base/settings.py.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ from bentoml.validators import ContentType
 from pydantic import Field
 from starlette.responses import Response
 
-from svd.config import ConfigError, Settings
-from svd.errors import Refused
-from svd.fields import JOB_ONLY, GenerateInput, JobInput
-from svd.guards import OPEN_PATHS, BearerAuth, UploadGuard
-from svd.hub import hub_reference
-from svd.jobs import IN_PROGRESS, StoreUnavailable, open_store
-from svd.jobs.routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
-from svd.library import library_app
-from svd.outputs import ID, Outputs, headers_of, new_id, record_of
-from svd.params import GenerationParams
-from svd.preview import previews_of
-from svd.progress import Progress
-from svd.schema import PublishedSchema, ReadableRefusals
-from svd.served_by import ServedBy
-from svd.ui import PUBLIC_FILES, ui_app
-from svd.webhooks import Allowed
+from svd.base.settings import ConfigError, Settings
+from svd.base.errors import Refused
+from svd.http.request_fields import JOB_ONLY, GenerateInput, JobInput
+from svd.http.upload_guard import OPEN_PATHS, BearerAuth, UploadGuard
+from svd.serving.hub import hub_reference
+from svd.jobs.model import IN_PROGRESS, StoreUnavailable, open_store
+from svd.http.task_routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
+from svd.http.outputs_routes import library_app
+from svd.storage.outputs import ID, Outputs, headers_of, new_id, record_of
+from svd.base.params import GenerationParams
+from svd.core.preview import previews_of
+from svd.base.progress import Progress
+from svd.http.published_schema import PublishedSchema, ReadableRefusals
+from svd.http.served_by import ServedBy
+from svd.http.page import PUBLIC_FILES, ui_app
+from svd.jobs.delivery import Allowed
 
 try:
     SETTINGS = Settings.from_env()
@@ -104,14 +104,14 @@ class StableDiffusionVideo:
     def __init__(self) -> None:
         # Here, not above: `bentoml serve` imports this file in a process that never runs
         # the model, and torch, diffusers and transformers take seconds and hundreds of MiB.
-        from svd.lifeline import end_with_parent
-        from svd.logs import quiet_library_noise
+        from svd.serving.parent_watch import end_with_parent
+        from svd.serving.quiet_logs import quiet_library_noise
 
         if bentoml.server_context.worker_index is not None:
             end_with_parent()
         quiet_library_noise()  # before the imports below, which already warn
 
-        from svd.engine import Engine
+        from svd.serving.engine import Engine
         from svd.jobs.runner import JobRunner
 
         settings = replace(SETTINGS, worker=bentoml.server_context.worker_index or 1)
@@ -123,7 +123,7 @@ class StableDiffusionVideo:
         self.runner.start()
         self.deliverer = None
         if WEBHOOK_HOSTS is not None:
-            from svd.webhooks import Deliverer
+            from svd.jobs.delivery import Deliverer
 
             # Sends the jobs' webhooks kept in the store, whichever worker's job they are.
             self.deliverer = Deliverer(self.jobs, settings.webhook_secret, WEBHOOK_HOSTS)
@@ -168,7 +168,7 @@ class StableDiffusionVideo:
 
     # The same generation as a job. Swagger and BentoML's clients learn the task routes
     # (ROUTE/submit, /status, /get, /cancel, /retry) from this declaration; the job store
-    # answers them (svd/jobs/routes.py) and the runners run the jobs.
+    # answers them (svd/http/task_routes.py) and the runners run the jobs.
     generate_task = bentoml.task(generate.func, route="/generate_task", input_spec=GenerateInput)
     generate_task.name = "generate_task"  # bentoml.task ignores its name argument (1.4.39)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.report import Section, machine, table, write_json
 from harness import PHOTO, ROOT
-from svd.params import CONTROLS
+from svd.base.params import CONTROLS
 
 SECTIONS = ("encoding", "interpolation", "jobs", "preview", "replicas", "coldstart", "memory", "serving", "load")
 # The sections that share one server; replicas starts its own.
@@ -26,7 +26,7 @@ QUICK = {
     "encode_size": "256x144",
     "encode_frames": 5,
     "encode_repeats": 1,
-    "imports": "svd.config",
+    "imports": "svd.base.settings",
     "presets": "ultrafast",
     "crfs": "23",
     "runs": 1,
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.gpu:
         from bench import gpu
-        from svd.config import Settings
+        from svd.base.settings import Settings
 
         sections = [gpu.run(args.cache_interval)]
         out = args.out or gpu.results_path(Settings.from_env())

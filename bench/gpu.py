@@ -23,11 +23,11 @@ import torch
 
 from bench.report import Row, Section
 from harness import PHOTO
-from svd.config import Settings
-from svd.generate import StageTimes, generate, warm_up, warm_up_params
-from svd.images import prepare_image
-from svd.loading import LoadedModel, load_pipeline
-from svd.params import GenerationParams
+from svd.base.settings import Settings
+from svd.core.generate import StageTimes, generate, warm_up, warm_up_params
+from svd.media.images import prepare_image
+from svd.core.loading import LoadedModel, load_pipeline
+from svd.base.params import GenerationParams
 
 GIB = 2**30
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,4 +1,4 @@
-"""Preview: what the live preview (svd/preview.py) costs a generation.
+"""Preview: what the live preview (svd/core/preview.py) costs a generation.
 
 In-process, on the tiny model, through the engine as a job runner calls it: the same request
 with previews and without, alternating, each generation timed whole and the previews' own
@@ -17,10 +17,10 @@ from PIL import Image
 from bench.inprocess import tiny_engine
 from bench.report import Row, Section, median
 from harness import PHOTO
-from svd.engine import Engine
-from svd.params import GenerationParams
-from svd.outputs import write_atomically
-from svd.preview import LATENT_RGB, SHARE, Previewer, encode, latents_to_rgb
+from svd.serving.engine import Engine
+from svd.base.params import GenerationParams
+from svd.storage.outputs import write_atomically
+from svd.core.preview import LATENT_RGB, SHARE, Previewer, encode, latents_to_rgb
 
 MAX_SHARE = 0.03  # the issue's bound, of a generation's time
 # A default video's latents: 25 frames of 1024x576, one latent per 8x8 pixels.

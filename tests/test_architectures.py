@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness import ROOT
-from svd.architectures import build_empty_pipeline, build_pipeline, parameter_count
+from svd.core.architectures import build_empty_pipeline, build_pipeline, parameter_count
 
 
 @pytest.mark.parametrize(("name", "frames"), [("random-svd-xt", 25), ("random-svd", 14)])
@@ -50,7 +50,7 @@ def test_gpu_check_runs_the_full_size_architecture_on_the_cpu(name: str, tmp_pat
     env = {**os.environ, "SVD_MODEL_ID": name, "SVD_DEVICE": "cpu"}
     command = ["--width", "64", "--height", "64", "--num-frames", "2", "--num-inference-steps", "1"]
     result = subprocess.run(
-        [sys.executable, "-m", "svd.gpu_check", *command, "--json", str(report_path)],
+        [sys.executable, "-m", "svd.tools.gpu_check", *command, "--json", str(report_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness import PHOTO, SMALL, Server, assert_browser_safe_mp4, decode_video, serve
-from svd.params import CONTROLS, Range
+from svd.base.params import CONTROLS, Range
 
 # Found as scripts/test.sh finds it, which installs it where it is missing.
 CHROMIUM = shutil.which("chromium")

@@ -1,4 +1,4 @@
-"""cache_interval (svd/deepcache.py): the cached steps compute what the UNet would from the kept
+"""cache_interval (svd/core/deepcache.py): the cached steps compute what the UNet would from the kept
 features, only every n-th step runs the whole UNet, and nothing of the cache outlives its denoising."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from diffusers import UNetSpatioTemporalConditionModel
 from PIL import Image
 
 from harness import PHOTO, decode_video
-from svd.config import Settings
-from svd.deepcache import HOOK, _layer_modules, outer_layers
-from svd.generate import OutOfMemory, Stopped, denoise, generate, seeded
-from svd.loading import LoadedModel, load_pipeline
-from svd.params import GenerationParams
-from svd.progress import Progress
+from svd.base.settings import Settings
+from svd.core.deepcache import HOOK, _layer_modules, outer_layers
+from svd.core.generate import OutOfMemory, Stopped, denoise, generate, seeded
+from svd.core.loading import LoadedModel, load_pipeline
+from svd.base.params import GenerationParams
+from svd.base.progress import Progress
 
 PARAMS = GenerationParams(width=128, height=64, num_frames=4, num_inference_steps=7, seed=5).resolve(25)
 

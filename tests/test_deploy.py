@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from harness import ROOT
-from svd.config import Settings
+from svd.base.settings import Settings
 
 KUBERNETES = "1.30.0"
 MANIFESTS = sorted((ROOT / "deploy").glob("*.yaml"))
@@ -75,7 +75,7 @@ def test_every_replica_shares_the_redis_of_deploy_with_persistence():
 
 
 def test_the_autoscaler_scales_the_deployment_on_the_queue():
-    from svd import metrics
+    from svd.serving import metrics
 
     hpa = _load("hpa.yaml")
     assert hpa["spec"]["scaleTargetRef"]["name"] == _load("deployment.yaml")["metadata"]["name"]

@@ -152,7 +152,7 @@ def _animation(frames: int) -> bytes:
 def test_an_animation_of_two_thousand_frames_uses_its_first_frame_only(server, monkeypatch: pytest.MonkeyPatch):
     from PIL import GifImagePlugin
 
-    from svd.images import prepare_image
+    from svd.media.images import prepare_image
 
     gif = _animation(2000)
     assert Image.open(io.BytesIO(gif)).n_frames == 2000
@@ -449,18 +449,18 @@ def test_a_generation_past_its_deadline_stops_at_the_next_step_or_chunk(
     The generation's clock jumps past the deadline when it reports its third step or chunk of
     the stage, so where it must stop does not depend on how fast this machine is.
     """
-    import svd.generate
-    from svd.config import Settings
-    from svd.engine import Engine
-    from svd.errors import Refused
-    from svd.params import GenerationParams
+    import svd.core.generate
+    from svd.base.settings import Settings
+    from svd.serving.engine import Engine
+    from svd.base.errors import Refused
+    from svd.base.params import GenerationParams
 
     engine = Engine(Settings(model_id="tiny", device="cpu"))
     assert engine.wait_ready(120)
     late = threading.Event()
     timeout = engine.settings.timeout
     clock = SimpleNamespace(monotonic=lambda: time.monotonic() + (2 * timeout if late.is_set() else 0), perf_counter=time.perf_counter)
-    monkeypatch.setattr(svd.generate, "time", clock)
+    monkeypatch.setattr(svd.core.generate, "time", clock)
     reports: list[tuple[bool, str, int]] = []
 
     def report(progress) -> None:

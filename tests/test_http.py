@@ -156,7 +156,7 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
     from datetime import datetime
 
     from harness import wait_until
-    from svd.client import SyncHTTPClient
+    from svd.tools.client import SyncHTTPClient
 
     def stages(response: httpx.Response) -> dict[str, float]:
         timing = response.headers["server-timing"].split(", ")

@@ -21,11 +21,11 @@ import httpx
 import pytest
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Hook, JobStore, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Hook, JobStore, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
 from svd.jobs.redis import RedisJobs
 from svd.jobs.sqlite import SQLiteJobs
-from svd.progress import Progress
-from svd.turns import Turns
+from svd.base.progress import Progress
+from svd.serving.gpu_turns import Turns
 
 # Long enough in denoising (about 5 s on two cores) to act while it runs.
 SLOW = {**SMALL, "num_inference_steps": 100}
@@ -250,10 +250,10 @@ def test_gpu_turns_are_granted_in_the_order_asked(tmp_path: Path):
 
 def test_a_job_whose_gpu_fails_is_left_to_another_worker_not_failed(tmp_path: Path):
     """A poisoned CUDA context (injected) ends the worker's use, not the job: its lease lapses."""
-    from svd.config import Settings
-    from svd.engine import Engine
+    from svd.base.settings import Settings
+    from svd.serving.engine import Engine
     from svd.jobs.runner import JobRunner
-    from svd.outputs import Keep, Outputs
+    from svd.storage.outputs import Keep, Outputs
 
     engine = Engine(Settings(model_id="tiny", device="cpu"))
     assert engine.wait_ready(120), engine.state.message

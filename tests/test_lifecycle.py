@@ -80,10 +80,10 @@ def test_readyz_turns_200_only_after_warm_up_while_livez_answers_throughout(tmp_
 
 def test_while_the_model_loads_a_request_gets_503_with_retry_after(monkeypatch):
     """In-process, with loading held until the refusal is seen: no race with a fast tiny model."""
-    from svd import engine as module
-    from svd.config import Settings
-    from svd.errors import Refused
-    from svd.params import GenerationParams
+    from svd.serving import engine as module
+    from svd.base.settings import Settings
+    from svd.base.errors import Refused
+    from svd.base.params import GenerationParams
 
     release = threading.Event()
     real_load = module.load_pipeline

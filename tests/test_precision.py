@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from harness import PHOTO, ROOT, assert_browser_safe_mp4, decode_video, serve
-from svd.config import ConfigError, Settings
-from svd.loading import resolve_dtype
+from svd.base.settings import ConfigError, Settings
+from svd.core.loading import resolve_dtype
 
 
 def test_svd_dtype_comes_from_the_environment_and_auto_is_float16_only_on_cuda(monkeypatch: pytest.MonkeyPatch):

@@ -1,4 +1,4 @@
-"""The live preview (svd/preview.py): the projection, the file, its pacing, a generation that makes
+"""The live preview (svd/core/preview.py): the projection, the file, its pacing, a generation that makes
 previews, and /progress and GET /generate_task/preview on a real `bentoml serve` with a token."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from harness import PHOTO, SMALL, Server, decode_video, serve, wait_until
-from svd.outputs import write_atomically
-from svd.preview import (
+from svd.storage.outputs import write_atomically
+from svd.core.preview import (
     FIRST_COST,
     LATENT_RGB,
     MIN_INTERVAL,
@@ -225,10 +225,10 @@ def test_the_previews_folder_links_each_new_preview_and_forgets_old_ones(tmp_pat
 
 
 def test_a_generation_with_previews_makes_the_same_video_and_previews_its_frames(tmp_path: Path):
-    from svd.config import Settings
-    from svd.generate import generate
-    from svd.loading import load_pipeline
-    from svd.params import GenerationParams
+    from svd.base.settings import Settings
+    from svd.core.generate import generate
+    from svd.core.loading import load_pipeline
+    from svd.base.params import GenerationParams
 
     model = load_pipeline(Settings(model_id="tiny", device="cpu"))
     params = GenerationParams(width=128, height=64, num_frames=4, num_inference_steps=5, seed=3).resolve(25)

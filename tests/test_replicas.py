@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from harness import PHOTO, SMALL, Redis, Server, _ready, decode_video, redis_server, serve, wait_until
-from svd.jobs import COMPLETED, IN_PROGRESS
+from svd.jobs.model import COMPLETED, IN_PROGRESS
 
 # Found as scripts/test.sh finds it, which installs it where it is missing.
 if shutil.which("redis-server") is None:

@@ -30,12 +30,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from svd.jobs import CANCELED, FAILED, Claim, Delivery, Hook
-from svd.jobs import Job, QueueDepth, QueueFull, StoreUnavailable, UnknownJob, new_delivery_id
+from svd.jobs.model import CANCELED, FAILED, Claim, Delivery, Hook
+from svd.jobs.model import Job, QueueDepth, QueueFull, StoreUnavailable, UnknownJob, new_delivery_id
 from svd.jobs.sqlite import QUEUED, RETENTION_SECONDS
-from svd.outputs import new_id
-from svd.progress import Progress
-from svd.webhooks import COMPLETED, ended_body
+from svd.storage.outputs import new_id
+from svd.base.progress import Progress
+from svd.jobs.delivery import COMPLETED, ended_body
 
 logger = logging.getLogger("bentoml.svd")
 

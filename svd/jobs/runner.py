@@ -24,16 +24,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from svd import webhooks
-from svd.engine import Engine
-from svd.errors import Refused
-from svd.generate import Stopped
-from svd.jobs import CANCELED, COMPLETED, FAILED, Claim, JobStore, StoreUnavailable
-from svd.outputs import Outputs, record_of
-from svd.params import GenerationParams
-from svd.preview import previews_of
-from svd.progress import Progress, ProgressCallback
-from svd.turns import HandedTurn
+from svd.jobs import delivery as webhooks
+from svd.serving.engine import Engine
+from svd.base.errors import Refused
+from svd.core.generate import Stopped
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, Claim, JobStore, StoreUnavailable
+from svd.storage.outputs import Outputs, record_of
+from svd.base.params import GenerationParams
+from svd.core.preview import previews_of
+from svd.base.progress import Progress, ProgressCallback
+from svd.serving.gpu_turns import HandedTurn
 
 logger = logging.getLogger("bentoml.svd")
 

@@ -19,11 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Delivery
-from svd.jobs import Hook, Job, QueueDepth, QueueFull, UnknownJob, new_delivery_id, wants
-from svd.outputs import new_id
-from svd.progress import Progress
-from svd.webhooks import ended_body
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Delivery
+from svd.jobs.model import Hook, Job, QueueDepth, QueueFull, UnknownJob, new_delivery_id, wants
+from svd.storage.outputs import new_id
+from svd.base.progress import Progress
+from svd.jobs.delivery import ended_body
 
 logger = logging.getLogger("bentoml.svd")
 # Finished jobs' records, their input included so that /retry can run them again, are kept

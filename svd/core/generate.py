@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from svd.deepcache import deep_cache
-from svd.interpolate import interpolate, pingpong
-from svd.loading import LoadedModel
-from svd.params import GenerationParams
-from svd.preview import Previewer
-from svd.progress import Progress, ProgressCallback
-from svd.video import CODECS, VideoWriter
+from svd.core.deepcache import deep_cache
+from svd.media.interpolate import interpolate, pingpong
+from svd.core.loading import LoadedModel
+from svd.base.params import GenerationParams
+from svd.core.preview import Previewer
+from svd.base.progress import Progress, ProgressCallback
+from svd.media.video import CODECS, VideoWriter
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -126,10 +126,10 @@ def generate(
 ) -> Generation:
     """Generate a video from a prepared image with resolved params (see GenerationParams.resolve).
 
-    `gpu` is held while the model runs (svd/engine.py passes its turn, so that requests take
+    `gpu` is held while the model runs (svd/serving/engine.py passes its turn, so that requests take
     turns), and let go before the frames are interpolated and encoded. Setting `stop` stops
     the generation at the next denoising step or decode chunk with Stopped. `preview` is
-    offered the latents after each denoising step (svd/preview.py).
+    offered the latents after each denoising step (svd/core/preview.py).
     """
     times = times or StageTimes()
     report = report or (lambda _: None)

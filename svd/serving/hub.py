@@ -13,7 +13,7 @@ import threading
 import attrs
 from bentoml.models import HuggingFaceModel
 
-from svd.config import Settings
+from svd.base.settings import Settings
 
 # Only the fp16 weights and the configs: the hub repo also holds fp32 copies and
 # a single-file checkpoint that would triple the download.
@@ -25,7 +25,7 @@ class HubModel(HuggingFaceModel):
     """The hub model as BentoML downloads it before the service starts, failing as clearly as the loader."""
 
     def resolve(self, base_path: str | None = None) -> str:
-        from svd.loading import ModelLoadError, explained_failures, resolve_device
+        from svd.core.loading import ModelLoadError, explained_failures, resolve_device
 
         settings = Settings.from_env()
         try:

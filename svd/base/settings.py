@@ -9,11 +9,11 @@ import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
-from svd.outputs import Keep, parse_keep
+from svd.storage.outputs import Keep, parse_keep
 
 DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
 TINY_MODEL_ID = "tiny"
-# Built in code with random weights (svd/architectures.py): no download.
+# Built in code with random weights (svd/core/architectures.py): no download.
 BUILT_IN_MODEL_IDS = (TINY_MODEL_ID, "random-svd-xt", "random-svd")
 
 Device = Literal["auto", "cuda", "cpu"]

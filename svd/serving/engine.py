@@ -18,11 +18,11 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Literal
 
-from svd import metrics
-from svd.config import Settings
-from svd.errors import InputError, Refused
-from svd.faults import Faults
-from svd.generate import (
+from svd.serving import metrics
+from svd.base.settings import Settings
+from svd.base.errors import InputError, Refused
+from svd.core.faults import Faults
+from svd.core.generate import (
     DeadlineExceeded,
     DeviceFailure,
     Generation,
@@ -33,12 +33,12 @@ from svd.generate import (
     warm_up,
     warm_up_params,
 )
-from svd.images import prepare_image
-from svd.loading import LoadedModel, load_pipeline, resolve_device
-from svd.params import GenerationParams
-from svd.preview import Previewer
-from svd.progress import ProgressCallback
-from svd.turns import Turns
+from svd.media.images import prepare_image
+from svd.core.loading import LoadedModel, load_pipeline, resolve_device
+from svd.base.params import GenerationParams
+from svd.core.preview import Previewer
+from svd.base.progress import ProgressCallback
+from svd.serving.gpu_turns import Turns
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -151,7 +151,7 @@ class Engine:
 
         A job comes with the GPU turn its runner took for it (`turn`): it is admitted
         whatever the queue, since the job store bounds the jobs. `report`, `stop` and
-        `preview` are handed to the generation (svd/generate.py).
+        `preview` are handed to the generation (svd/core/generate.py).
         """
         start = time.perf_counter()
         try:

@@ -1,4 +1,4 @@
-"""GET /outputs/ and /outputs/{id}: the kept videos (svd/outputs.py) over HTTP."""
+"""GET /outputs/ and /outputs/{id}: the kept videos (svd/storage/outputs.py) over HTTP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from svd.outputs import ID, Outputs, headers_of
+from svd.storage.outputs import ID, Outputs, headers_of
 
 MAX_PAGE = 100
 

@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from svd import metrics
+from svd.serving import metrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -1,7 +1,7 @@
 """Errors a caller can act on, each with the HTTP status the service answers it with.
 
 The generation core raises them without knowing about HTTP servers; the service
-edge (svd/engine.py) turns them into responses.
+edge (svd/serving/engine.py) turns them into responses.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from svd.errors import BadInput, TooLarge, UnsupportedImage
-from svd.params import Sizing
+from svd.base.errors import BadInput, TooLarge, UnsupportedImage
+from svd.base.params import Sizing
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 MIN_SIDE = 64

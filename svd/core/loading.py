@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableVideoDiffusionPipeline
 
-from svd.config import Settings
-from svd.placement import place
+from svd.base.settings import Settings
+from svd.core.placement import place
 
 
 class ModelLoadError(RuntimeError):
@@ -78,7 +78,7 @@ def load_pipeline(settings: Settings, locate: Callable[[], str] | None = None) -
         torch.cuda.set_device(device)
     dtype = resolve_dtype(settings, device)
     if settings.is_built_in:
-        from svd.architectures import build_pipeline
+        from svd.core.architectures import build_pipeline
 
         source = "built in code, random weights"
         # Offloading starts on the CPU and moves each model to the GPU while it runs.

@@ -13,7 +13,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-from svd.params import VideoFormat
+from svd.base.params import VideoFormat
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The request fields of /generate and /generate_task, made from svd/params.py's CONTROLS.
+"""The request fields of /generate and /generate_task, made from svd/base/params.py's CONTROLS.
 
 Each field has the description, default and range Swagger shows, and is checked by
 pydantic with the control's own check, so a refusal names the field and what it allows.
@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, create_model
 
-from svd.params import CONTROLS, Control, Range
-from svd.webhooks import EVENTS
+from svd.base.params import CONTROLS, Control, Range
+from svd.jobs.delivery import EVENTS
 
 
 def _text(value: Any) -> Any:

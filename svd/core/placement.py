@@ -7,7 +7,7 @@ import logging
 import torch
 from diffusers import StableVideoDiffusionPipeline
 
-from svd.config import Settings
+from svd.base.settings import Settings
 
 logger = logging.getLogger("bentoml.svd")
 

@@ -1,7 +1,7 @@
 """The generation controls, declared once: `GenerationParams` and, derived from it, `CONTROLS`.
 
 Each field carries its default, its description, what it allows and how the web page
-shows it. The API's fields (svd/fields.py), the page's form (/ui/controls.json), the
+shows it. The API's fields (svd/http/request_fields.py), the page's form (/ui/controls.json), the
 batch client's flags and the README's table are all made from, or checked against, it.
 Adding a control means adding a field here and using it where the video is made.
 """
@@ -14,7 +14,7 @@ import types
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from svd.errors import BadInput
+from svd.base.errors import BadInput
 
 Sizing = Literal["stretch", "crop", "pad"]
 VideoFormat = Literal["mp4", "webm", "gif"]

@@ -1,6 +1,6 @@
 """Where a generation is, as the generation core reports it and /progress shows it.
 
-Kept apart from svd/generate.py so that the job store and the HTTP routes can use it
+Kept apart from svd/core/generate.py so that the job store and the HTTP routes can use it
 without importing torch.
 """
 

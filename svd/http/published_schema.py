@@ -15,10 +15,10 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from svd.errors import validation_message
-from svd.guards import App, Message, Receive, Scope, Send
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING
-from svd.outputs import ID
+from svd.base.errors import validation_message
+from svd.http.upload_guard import App, Message, Receive, Scope, Send
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING
+from svd.storage.outputs import ID
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -75,7 +75,7 @@ TASK_STATUS = {
     },
 }
 TASK_ID = {"type": "string", "pattern": f"^{ID.pattern}$", "description": "The id /generate_task/submit answered."}
-# Answered by svd/jobs/routes.py, not by a BentoML API, so BentoML's spec does not have it.
+# Answered by svd/http/task_routes.py, not by a BentoML API, so BentoML's spec does not have it.
 PREVIEW_PATH = "/generate_task/preview"
 PREVIEW = {
     "get": {

@@ -29,10 +29,10 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from standardwebhooks import Webhook
 
-from svd.errors import BadInput
+from svd.base.errors import BadInput
 
 if TYPE_CHECKING:
-    from svd.jobs import Delivery, JobStore
+    from svd.jobs.model import Delivery, JobStore
 
 logger = logging.getLogger("bentoml.svd")
 

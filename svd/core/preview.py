@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from svd.outputs import ID, write_atomically
+from svd.storage.outputs import ID, write_atomically
 
 if TYPE_CHECKING:
     import torch
 
-    from svd.outputs import Outputs
+    from svd.storage.outputs import Outputs
 
 logger = logging.getLogger("bentoml.svd")
 

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from svd.params import CONTROLS
+from svd.base.params import CONTROLS
 
 STATIC = Path(__file__).resolve().parent / "static"
 # What a browser loads without a way to send the API token; the page's own code, no data.

@@ -23,11 +23,11 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from svd.errors import Refused
+from svd.base.errors import Refused
 
 if TYPE_CHECKING:
-    from svd.config import Settings
-    from svd.generate import Generation
+    from svd.base.settings import Settings
+    from svd.core.generate import Generation
 
 logger = logging.getLogger("bentoml.svd")
 # 128 random bits, as hex: the ids this service hands out, BentoML's task ids included.

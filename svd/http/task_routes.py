@@ -5,7 +5,7 @@ empties its store at every start. This ASGI middleware answers ROUTE/submit,
 /status, /get, /cancel and /retry itself, with BentoML's JSON and status words, so
 Swagger, `bentoml.SyncHTTPClient` and the web page work unchanged; the runners
 (svd/jobs/runner.py) do the work. It also serves ROUTE/preview, a running job's live
-preview (svd/preview.py).
+preview (svd/core/preview.py).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from svd import metrics
-from svd.errors import InputError, validation_message
-from svd.jobs import CANCELED, COMPLETED, FAILED, FINISHED, Hook, Job, JobStore, QueueFull, StoreUnavailable, UnknownJob
-from svd.library import serve_output
-from svd.outputs import ID, Outputs
-from svd.params import GenerationParams
-from svd.webhooks import Allowed, checked_address
-from svd.guards import App, Receive, Scope, Send
-from svd.preview import CONTENT_TYPE, previews_of
+from svd.serving import metrics
+from svd.base.errors import InputError, validation_message
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, FINISHED, Hook, Job, JobStore, QueueFull, StoreUnavailable, UnknownJob
+from svd.http.outputs_routes import serve_output
+from svd.storage.outputs import ID, Outputs
+from svd.base.params import GenerationParams
+from svd.jobs.delivery import Allowed, checked_address
+from svd.http.upload_guard import App, Receive, Scope, Send
+from svd.core.preview import CONTENT_TYPE, previews_of
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -206,7 +206,7 @@ class JobRoutes:
         return await self._submit(*kept)
 
     async def preview(self, request: Request) -> Response:
-        """The latest preview of a running job (svd/preview.py), from the folder every replica shares."""
+        """The latest preview of a running job (svd/core/preview.py), from the folder every replica shares."""
         job_id = _task_id(request)
         if isinstance(job_id, Response):
             return job_id
@@ -262,7 +262,7 @@ def _decoded(value: Any) -> Any:
 
 def _check_image(image: bytes, max_pixels: int) -> None:
     """Refuse at submit what the job would fail on: not an image, too large, too small, truncated."""
-    from svd.images import open_image
+    from svd.media.images import open_image
 
     with tempfile.NamedTemporaryFile() as file:
         file.write(image)
