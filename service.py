@@ -1,7 +1,8 @@
 """Stable Video Diffusion XT as a BentoML service: a still image in, a short video out.
 
 Serve it with `bentoml serve` and open http://localhost:3000 for the Swagger UI.
-Configuration is read from the environment once, in svd/base/settings.py.
+Configuration is read from the environment once, in svd/base/settings.py. This file is the
+only place that wires the layers of svd/ together (README: Files).
 """
 
 from __future__ import annotations
@@ -19,20 +20,26 @@ from starlette.responses import Response
 
 from svd.base.settings import ConfigError, Settings
 from svd.base.errors import Refused
+from svd.http.answers import answer
 from svd.http.request_fields import JOB_ONLY, GenerateInput, JobInput
-from svd.http.upload_guard import OPEN_PATHS, BearerAuth, UploadGuard
+from svd.http.auth import OPEN_PATHS, BearerAuth
+from svd.http.upload_guard import UploadGuard
 from svd.serving.hub import hub_reference
-from svd.jobs.model import IN_PROGRESS, StoreUnavailable, open_store
+from svd.jobs.model import IN_PROGRESS, StoreUnavailable
+from svd.jobs.open import open_store
 from svd.http.task_routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
 from svd.http.outputs_routes import library_app
-from svd.storage.outputs import ID, Outputs, headers_of, new_id, record_of
+from svd.base.ids import ID, new_id
+from svd.serving.records import headers_of, record_of
+from svd.storage.outputs import Outputs
 from svd.base.params import GenerationParams
-from svd.core.preview import previews_of
+from svd.storage.previews import previews_of
 from svd.base.progress import Progress
-from svd.http.published_schema import PublishedSchema, ReadableRefusals
+from svd.http.published_schema import PublishedSchema
+from svd.http.readable_refusals import ReadableRefusals
 from svd.http.served_by import ServedBy
 from svd.http.page import PUBLIC_FILES, ui_app
-from svd.jobs.delivery import Allowed
+from svd.jobs.addresses import Allowed
 
 try:
     SETTINGS = Settings.from_env()
@@ -240,4 +247,4 @@ StableDiffusionVideo.add_asgi_middleware(
 def refuse(context: bentoml.Context, refused: Refused) -> Response:
     # BentoML answers with the context's status code, whatever the response says.
     context.response.status_code = refused.status
-    return refused.response()
+    return answer(refused)

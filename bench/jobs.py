@@ -21,7 +21,8 @@ from svd.serving.engine import Engine
 from svd.jobs.model import COMPLETED, Claim
 from svd.jobs.runner import JobRunner
 from svd.jobs.sqlite import SQLiteJobs
-from svd.storage.outputs import Keep, Outputs
+from svd.base.retention import Keep
+from svd.storage.outputs import Outputs
 from svd.base.progress import Progress
 
 MAX_START_SECONDS = 0.2

@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
-from svd.jobs.model import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Hook, JobStore, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Hook, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs.store import JobStore
 from svd.jobs.redis import RedisJobs
 from svd.jobs.sqlite import SQLiteJobs
 from svd.base.progress import Progress
@@ -253,7 +254,8 @@ def test_a_job_whose_gpu_fails_is_left_to_another_worker_not_failed(tmp_path: Pa
     from svd.base.settings import Settings
     from svd.serving.engine import Engine
     from svd.jobs.runner import JobRunner
-    from svd.storage.outputs import Keep, Outputs
+    from svd.base.retention import Keep
+    from svd.storage.outputs import Outputs
 
     engine = Engine(Settings(model_id="tiny", device="cpu"))
     assert engine.wait_ready(120), engine.state.message

@@ -83,6 +83,7 @@ def test_while_the_model_loads_a_request_gets_503_with_retry_after(monkeypatch):
     from svd.serving import engine as module
     from svd.base.settings import Settings
     from svd.base.errors import Refused
+    from svd.http.answers import answer
     from svd.base.params import GenerationParams
 
     release = threading.Event()
@@ -93,7 +94,7 @@ def test_while_the_model_loads_a_request_gets_503_with_retry_after(monkeypatch):
     try:
         engine.run(PHOTO, params, Path(tempfile.mkdtemp()))
     except Refused as refused:
-        response = refused.response()
+        response = answer(refused)
     finally:
         release.set()
     assert response.status_code == 503 and response.headers["retry-after"] == "10"

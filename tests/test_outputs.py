@@ -12,7 +12,9 @@ import httpx
 import pytest
 
 from harness import PHOTO, ROOT, SMALL, decode_video, serve, wait_until
-from svd.storage.outputs import ID, Keep, Outputs
+from svd.base.ids import ID
+from svd.base.retention import Keep
+from svd.storage.outputs import Outputs
 
 TINY = {**SMALL, "num_frames": 4}
 

@@ -28,10 +28,10 @@ from svd.core.preview import (
     SHARE,
     Pace,
     Previewer,
-    Previews,
     encode,
     latents_to_rgb,
 )
+from svd.storage.previews import Previews
 
 TOKEN = "preview-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -218,7 +218,7 @@ def test_the_previews_folder_links_each_new_preview_and_forgets_old_ones(tmp_pat
     for path in (stale, stale_part):
         path.write_bytes(b"a killed worker's")
         os.utime(path, (time.time() - 3600, time.time() - 3600))
-    previews.previewer("ef" * 16, max_age=600)
+    previews.start("ef" * 16, max_age=600)
     assert sorted(path.name for path in previews.folder.iterdir()) == [f"{job}.webp"], "only the stale ones swept"
     previews.remove(job)
     assert previews.read(job) is None and previews.link(job, "/generate_task") is None

@@ -22,7 +22,8 @@ from standardwebhooks import Webhook
 
 from harness import PHOTO, SMALL, Server, decode_video, free_port, serve, wait_until
 from svd.base.errors import BadInput
-from svd.jobs.delivery import Allowed, checked_address, retry_delay
+from svd.jobs.addresses import Allowed, checked_address
+from svd.jobs.delivery import retry_delay
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes, long!").decode()
 

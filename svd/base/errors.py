@@ -1,7 +1,7 @@
 """Errors a caller can act on, each with the HTTP status the service answers it with.
 
 The generation core raises them without knowing about HTTP servers; the service
-edge (svd/serving/engine.py) turns them into responses.
+edge (svd/http/answers.py) turns them into responses. Pure data: no web framework here.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class Refused(Exception):
     """The service answers the request with this status and message instead of a video,
     with a Retry-After where retrying helps.
 
-    BentoML's own error responses carry no headers, so these become responses here.
+    BentoML's own error responses carry no headers, so svd/http/answers.py makes the
+    response: `reason` is the refusal's code (for metrics), `retry_after` its Retry-After.
     """
 
     def __init__(self, status: HTTPStatus, reason: str, message: str, retry_after: int | None = None):
@@ -44,12 +45,6 @@ class Refused(Exception):
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
-
-    def response(self):  # -> starlette.responses.JSONResponse
-        from starlette.responses import JSONResponse
-
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return JSONResponse({"error": str(self)}, status_code=self.status, headers=headers)
 
 
 def validation_message(errors: list[dict[str, Any]]) -> str:

@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
-from svd.storage.outputs import Keep, parse_keep
+from svd.base.retention import Keep, parse_keep
 
 DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
 TINY_MODEL_ID = "tiny"

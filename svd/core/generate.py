@@ -30,7 +30,7 @@ from svd.core.preview import Previewer
 from svd.base.progress import Progress, ProgressCallback
 from svd.media.video import CODECS, VideoWriter
 
-logger = logging.getLogger("bentoml.svd")
+logger = logging.getLogger(f"bentoml.{__name__}")
 
 STAGES = ("prepare", "encode", "denoise", "decode", "interpolate", "video")
 # The smallest generation the model accepts: enough to run every kernel once.

@@ -9,7 +9,7 @@ from diffusers import StableVideoDiffusionPipeline
 
 from svd.base.settings import Settings
 
-logger = logging.getLogger("bentoml.svd")
+logger = logging.getLogger(f"bentoml.{__name__}")
 
 def place(pipe: StableVideoDiffusionPipeline, settings: Settings, device: torch.device, dtype: torch.dtype):
     """Put the pipeline on its device in the configured memory mode, with the speed options on."""

@@ -4,16 +4,13 @@ Every few steps the model's prediction of the denoised latents is projected to R
 fixed linear map, one pixel per latent (128x72 for a 1024x576 video), and written as an
 animated WebP that plays at the video's frame rate. No VAE runs and no weights are added.
 
-The previews of the jobs running are files in a folder beside the kept videos, so with
-SVD_QUEUE_URL they are on the storage every replica shares, and any replica serves them.
-Each is written under a temporary name and renamed, so a reader never sees half a file,
-and removed when its job's generation ends, however it ends.
+Each preview is written under a temporary name and renamed, so a reader never sees half a
+file; the folder of the running jobs' previews is svd/storage/previews.py.
 
 Pacing keeps the cost bounded: a preview is made only while the previews so far, and
 the next one, stay within SHARE of the generation's time.
 
-This module imports neither torch nor Pillow at its top: the task routes use its folder in
-BentoML's front process, which stays small (tests/test_front_door.py).
+This module imports neither torch nor Pillow at its top: a generation imports them.
 """
 
 from __future__ import annotations
@@ -28,14 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from svd.storage.outputs import ID, write_atomically
+from svd.storage.outputs import write_atomically
 
 if TYPE_CHECKING:
     import torch
 
-    from svd.storage.outputs import Outputs
-
-logger = logging.getLogger("bentoml.svd")
+logger = logging.getLogger(f"bentoml.{__name__}")
 
 # SVD's latent space is Stable Diffusion's (its VAE encoder is SD's; only the decoder is
 # temporal), so the SD 1.5 latent-to-RGB approximation fits it: these are ComfyUI's factors
@@ -51,8 +46,6 @@ LATENT_RGB = np.array(
     ],
     dtype=np.float32,
 )
-CONTENT_TYPE = "image/webp"
-SUFFIX = ".webp"
 # Lossy at the fastest method: a preview is looked at for a second, then replaced.
 QUALITY = 70
 # The issue allows 3 % of the generation's time; the pacing aims below it, since a preview
@@ -163,55 +156,3 @@ class Previewer:
             logger.warning("SVD could not write a preview to %s, and makes no more for this generation: %s", self.path, exc)
             return
         self.pace.record(start, self.clock())
-
-
-class Previews:
-    """The folder of the running jobs' latest previews, one file per job id."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def path(self, job_id: str) -> Path:
-        return self.folder / f"{job_id}{SUFFIX}"
-
-    def previewer(self, job_id: str, max_age: float) -> Previewer:
-        """A Previewer for the job starting now; previews older than `max_age` seconds are removed
-        on the way: their generation has ended, without removing them (its worker was killed)."""
-        self._sweep(max_age)
-        return Previewer(self.path(job_id))
-
-    def read(self, job_id: str) -> bytes | None:
-        """The job's latest preview, whole; None when it has none."""
-        if not ID.fullmatch(job_id):
-            return None
-        try:
-            return self.path(job_id).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def link(self, job_id: str, route: str) -> str | None:
-        """Where ROUTE/preview serves the job's latest preview, None before its first. The
-        address changes with each new preview, so a client fetches only new ones."""
-        try:
-            stat = self.path(job_id).stat()
-        except FileNotFoundError:
-            return None
-        return f"{route}/preview?task_id={job_id}&v={stat.st_mtime_ns:x}-{stat.st_size:x}"
-
-    def remove(self, job_id: str) -> None:
-        self.path(job_id).unlink(missing_ok=True)
-
-    def _sweep(self, max_age: float) -> None:
-        oldest = time.time() - max_age
-        for path in self.folder.iterdir():
-            try:
-                if path.stat().st_mtime < oldest:
-                    path.unlink()
-            except FileNotFoundError:
-                continue  # removed meanwhile by its own worker
-
-
-def previews_of(outputs: Outputs) -> Previews:
-    """The previews folder beside a jobs' outputs folder: `previews/` in it."""
-    return Previews(outputs.folder / "previews")

@@ -11,7 +11,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from svd.storage.outputs import ID, Outputs, headers_of
+from svd.base.ids import ID
+from svd.serving.records import headers_of
+from svd.storage.outputs import Outputs
 
 MAX_PAGE = 100
 

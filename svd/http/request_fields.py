@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, create_model
 
 from svd.base.params import CONTROLS, Control, Range
-from svd.jobs.delivery import EVENTS
+from svd.jobs.events import EVENTS
 
 
 def _text(value: Any) -> Any:

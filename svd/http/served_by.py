@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from svd.http.upload_guard import App, Message, Receive, Scope, Send
+from svd.http.asgi import App, Message, Receive, Scope, Send
 
 
 class ServedBy:

@@ -5,7 +5,7 @@ empties its store at every start. This ASGI middleware answers ROUTE/submit,
 /status, /get, /cancel and /retry itself, with BentoML's JSON and status words, so
 Swagger, `bentoml.SyncHTTPClient` and the web page work unchanged; the runners
 (svd/jobs/runner.py) do the work. It also serves ROUTE/preview, a running job's live
-preview (svd/core/preview.py).
+preview (svd/storage/previews.py).
 """
 
 from __future__ import annotations
@@ -26,23 +26,22 @@ from starlette.responses import JSONResponse, Response
 
 from svd.serving import metrics
 from svd.base.errors import InputError, validation_message
-from svd.jobs.model import CANCELED, COMPLETED, FAILED, FINISHED, Hook, Job, JobStore, QueueFull, StoreUnavailable, UnknownJob
+from svd.http.answers import error_response
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, FINISHED, Hook, Job, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs.store import JobStore
 from svd.http.outputs_routes import serve_output
-from svd.storage.outputs import ID, Outputs
+from svd.base.ids import ID
+from svd.storage.outputs import Outputs
 from svd.base.params import GenerationParams
-from svd.jobs.delivery import Allowed, checked_address
-from svd.http.upload_guard import App, Receive, Scope, Send
-from svd.core.preview import CONTENT_TYPE, previews_of
+from svd.jobs.addresses import Allowed, checked_address
+from svd.http.asgi import App, Receive, Scope, Send
+from svd.storage.previews import CONTENT_TYPE, previews_of
 
-logger = logging.getLogger("bentoml.svd")
+logger = logging.getLogger(f"bentoml.{__name__}")
 
 Handler = Callable[["JobRoutes", Request], Awaitable[Response]]
 # Seconds a client waits before asking again when the store is unreachable.
 UNAVAILABLE_RETRY_AFTER = 5
-
-
-def _error(code: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse({**extra, "error": message}, status_code=code, headers=headers)
 
 
 class JobRoutes:
@@ -95,11 +94,11 @@ class JobRoutes:
             response = await handler(self, Request(scope, receive))
         except StoreUnavailable as exc:
             logger.warning("SVD answered %s %s with 503: %s", scope["method"], scope["path"], exc)
-            response = _error(503, str(exc), headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
+            response = error_response(503, str(exc), headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
         except Exception:
             # BentoML's stack would leave the connection hanging without an answer.
             logger.exception("SVD could not answer %s %s", scope["method"], scope["path"])
-            response = _error(500, "the job store failed; the service's log says why")
+            response = error_response(500, "the job store failed; the service's log says why")
         await response(scope, receive, send)
 
     def _measure_queue(self) -> None:
@@ -122,27 +121,27 @@ class JobRoutes:
         try:
             form = await request.form(max_files=1, max_fields=len(self.fields.model_fields))
         except Exception as exc:  # python-multipart and Starlette raise several kinds for a body that does not parse
-            return _error(400, f"the body could not be read as multipart/form-data: {exc or type(exc).__name__}")
+            return error_response(400, f"the body could not be read as multipart/form-data: {exc or type(exc).__name__}")
         try:
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
-                return _error(400, "`image` is required: upload the still image as a multipart file part.")
+                return error_response(400, "`image` is required: upload the still image as a multipart file part.")
             values = {name: _decoded(value) for name, value in form.multi_items() if name != "image"}
             controls = self.fields.model_validate({"image": "upload", **values}).model_dump(exclude={"image"})
             webhook, events = controls.pop("webhook"), tuple(controls.pop("webhook_events_filter"))
             GenerationParams(**controls).check()
             if webhook is not None:
                 if self.webhook_hosts is None:
-                    return _error(400, "`webhook`: this server sends no webhooks; its operator turns them on with SVD_WEBHOOK_SECRET")
+                    return error_response(400, "`webhook`: this server sends no webhooks; its operator turns them on with SVD_WEBHOOK_SECRET")
                 # Resolves the host: not on the event loop.
                 await run_in_threadpool(checked_address, webhook, self.webhook_hosts)
             image = await upload.read()
             await run_in_threadpool(_check_image, image, self.max_pixels)
         except ValidationError as exc:
             errors = exc.errors(include_context=False, include_input=False)
-            return _error(400, validation_message(errors), detail=errors)
+            return error_response(400, validation_message(errors), detail=errors)
         except InputError as exc:
-            return _error(exc.status, str(exc))
+            return error_response(exc.status, str(exc))
         finally:
             await form.close()
         return await self._submit(image, upload.filename or "image", controls, Hook(webhook, events) if webhook else None)
@@ -153,7 +152,7 @@ class JobRoutes:
         except QueueFull as full:
             metrics.REFUSED.labels(reason="busy").inc()
             retry_after = max(1, round(full.retry_after or 1))
-            return _error(
+            return error_response(
                 429,
                 f"{full.unfinished} jobs are already waiting or running ({full.limit} at most: SVD_MAX_QUEUE, "
                 f"{self.per_worker}, per worker taking jobs); retry later",
@@ -173,13 +172,13 @@ class JobRoutes:
         if job.status == COMPLETED:
             found = await run_in_threadpool(self.outputs.find, job.id)
             if found is None:
-                return _error(404, f"the video of task {job.id} is no longer kept (SVD_OUTPUT_KEEP pruned it)")
+                return error_response(404, f"the video of task {job.id} is no longer kept (SVD_OUTPUT_KEEP pruned it)")
             return serve_output(job.id, *found)
         if job.status == FAILED:
-            return _error(job.error_status or 500, job.error or "the job failed", status=job.status)
+            return error_response(job.error_status or 500, job.error or "the job failed", status=job.status)
         if job.status == CANCELED:
-            return _error(409, f"task {job.id} was canceled; it made no video", status=job.status)
-        return _error(400, f"task {job.id} is not completed yet: it is {job.status}", status=job.status)
+            return error_response(409, f"task {job.id} was canceled; it made no video", status=job.status)
+        return error_response(400, f"task {job.id} is not completed yet: it is {job.status}", status=job.status)
 
     async def cancel(self, request: Request) -> Response:
         job_id = _task_id(request)
@@ -190,7 +189,7 @@ class JobRoutes:
         except UnknownJob:
             return _unknown(job_id)
         if not canceled:
-            return _error(409, f"task {job_id} already finished: it is {job.status}", **job.as_json())
+            return error_response(409, f"task {job_id} already finished: it is {job.status}", **job.as_json())
         logger.info("SVD job %s canceled by request", job_id)
         return JSONResponse(job.as_json())
 
@@ -199,21 +198,21 @@ class JobRoutes:
         if isinstance(job, Response):
             return job
         if job.status not in FINISHED:
-            return _error(400, f"task {job.id} is not finished yet: it is {job.status}", status=job.status)
+            return error_response(400, f"task {job.id} is not finished yet: it is {job.status}", status=job.status)
         kept = await run_in_threadpool(self.store.input, job.id)
         if kept is None:
-            return _error(404, f"the input of task {job.id} is no longer kept; submit it again")
+            return error_response(404, f"the input of task {job.id} is no longer kept; submit it again")
         return await self._submit(*kept)
 
     async def preview(self, request: Request) -> Response:
-        """The latest preview of a running job (svd/core/preview.py), from the folder every replica shares."""
+        """The latest preview of a running job (svd/storage/previews.py), from the folder every replica shares."""
         job_id = _task_id(request)
         if isinstance(job_id, Response):
             return job_id
         # Read whole, not streamed from the path: the next preview may replace the file meanwhile.
         image = await run_in_threadpool(self.previews.read, job_id)
         if image is None:
-            return _error(
+            return error_response(
                 404, f"task {job_id} has no preview now: a running job has one from its first denoising steps until its video is made"
             )
         return Response(image, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
@@ -244,12 +243,12 @@ def no_such_task(job_id: str) -> tuple[int, str]:
 def _task_id(request: Request) -> str | Response:
     job_id = request.query_params.get("task_id")
     if job_id is None:
-        return _error(400, "task_id is required: ?task_id=<the id /generate_task/submit answered>")
+        return error_response(400, "task_id is required: ?task_id=<the id /generate_task/submit answered>")
     return job_id if ID.fullmatch(job_id) else _unknown(job_id)
 
 
 def _unknown(job_id: str) -> JSONResponse:
-    return _error(*no_such_task(job_id))
+    return error_response(*no_such_task(job_id))
 
 
 def _decoded(value: Any) -> Any:

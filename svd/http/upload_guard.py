@@ -1,6 +1,5 @@
-"""ASGI middleware that turns requests away before BentoML parses them.
+"""ASGI middleware that turns uploads away before BentoML parses them.
 
-- Bearer-token access (SVD_API_TOKEN), leaving the probes and /metrics open.
 - An upload limit (SVD_MAX_UPLOAD_BYTES): 413 from the Content-Length header, or
   as soon as a streamed body passes it, before anything is decoded; and a time limit
   (SVD_UPLOAD_TIMEOUT): 408 for a body that stalls or dribbles.
@@ -8,83 +7,30 @@
   in its place, from the server, to anywhere.
 - Only the fields a route accepts: BentoML ignores the others, so a misspelt
   `motion_bucket=3` would cost minutes of GPU for a video made with the defaults.
+
+The token check is svd/http/auth.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
-from svd.serving import metrics
+from svd.http.answers import refuse
+from svd.http.asgi import App, Message, Receive, Scope, Send
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 FILE_FIELDS = ("image",)
 BOUNDARY = re.compile(rb"boundary=\"?([^\";]+)", re.IGNORECASE)
 # BentoML keeps an upload as tmpXXXXXXXX<its file name>, and file systems take 255 bytes in one
 # name: a longer one failed with a 500.
 MAX_FILENAME_BYTES = 200
-
-
-async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, reason: str, message: str, **headers: str):
-    metrics.REFUSED.labels(reason=reason).inc()
-    await JSONResponse({"error": message}, status_code=status, headers=headers or None)(scope, receive, send)
-
-
-class BearerAuth:
-    """Every route but the probes and /metrics needs `Authorization: Bearer <token>`.
-
-    Loads of the `pages` (GET) may carry it as `?token=` instead, since a browser
-    cannot set a header on a navigation; nothing else takes it there, so it is in
-    no address but the page's. GETs of `public` paths (the page's script and
-    style, which the browser loads without either) need nothing.
-    """
-
-    def __init__(self, app: App, token: str, pages: frozenset[str] = frozenset(), public: frozenset[str] = frozenset()):
-        self.app = app
-        self.pages = pages
-        self.public = public
-        self.expected = f"Bearer {token}".encode()
-        self.token = token.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorised(scope):
-            await self.app(scope, receive, send)
-            return
-        await _refuse(
-            scope, receive, send, 401, "unauthorized",
-            "missing or wrong API token: send `Authorization: Bearer <token>` (SVD_API_TOKEN is set)",
-            **{"WWW-Authenticate": "Bearer"},
-        )
-
-    def _authorised(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(header, self.expected):
-            return True
-        if scope["method"] != "GET":
-            return False
-        if scope["path"] in self.public:
-            return True
-        if scope["path"] not in self.pages:
-            return False
-        query = re.search(rb"(?:^|&)token=([^&]*)", scope.get("query_string", b""))
-        return bool(query) and hmac.compare_digest(query.group(1), self.token)
 
 
 class UploadGuard:
@@ -113,7 +59,7 @@ class UploadGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                await _refuse(
+                await refuse(
                     scope, receive, send, 408, "upload_timeout",
                     f"the upload did not arrive whole within {self.timeout:g} s (SVD_UPLOAD_TIMEOUT); "
                     f"{len(body)} bytes came",
@@ -129,7 +75,7 @@ class UploadGuard:
         content_type = headers.get(b"content-type", b"")
         if content_type.lower().startswith(b"multipart/form-data") and not BOUNDARY.search(content_type):
             # BentoML's parser would fail on it with a 500.
-            await _refuse(
+            await refuse(
                 scope, receive, send, 400, "bad_upload",
                 "Content-Type multipart/form-data needs its boundary (multipart/form-data; boundary=...): "
                 "send the body as a form upload, as curl -F or a browser does.",
@@ -148,13 +94,13 @@ class UploadGuard:
             sent = await _sent_fields(scope, bytes(body), content_type)
         except _Unreadable as exc:
             # BentoML's parser would fail on it too, with a 500.
-            await _refuse(scope, receive, send, 400, "bad_upload", str(exc))
+            await refuse(scope, receive, send, 400, "bad_upload", str(exc))
             return
         if problem := _problem(sent):
-            await _refuse(scope, receive, send, 400, "bad_upload", problem)
+            await refuse(scope, receive, send, 400, "bad_upload", problem)
             return
         if field := next((name for name, filename in sent if name in FILE_FIELDS and filename is None), None):
-            await _refuse(
+            await refuse(
                 scope, receive, send, 400, "url_not_file",
                 f"`{field}` must be an uploaded file (a multipart file part with a filename); this "
                 "service never downloads URLs: fetch the image yourself and upload it.",
@@ -162,7 +108,7 @@ class UploadGuard:
             return
         accepted = self.fields.get(scope["path"])
         if accepted and (unknown := [name for name, _ in sent if name not in accepted]):
-            await _refuse(
+            await refuse(
                 scope, receive, send, 400, "unknown_field",
                 f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(f'`{name}`' for name in unknown)}; "
                 f"{scope['path']} accepts: {', '.join(accepted)}.",
@@ -171,7 +117,7 @@ class UploadGuard:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _refuse(
+        await refuse(
             scope, receive, send, 413, "too_large",
             f"the upload is larger than {self.max_bytes / 1e6:g} MB (SVD_MAX_UPLOAD_BYTES); send a smaller image",
         )

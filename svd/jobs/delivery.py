@@ -1,4 +1,4 @@
-"""Webhooks: a job calls back when it starts and when it ends, signed as Standard Webhooks says.
+"""Webhook delivery: a job calls back when it starts and when it ends, signed as Standard Webhooks says.
 
 A delivery is kept in the job store from the moment its event happens until the receiver
 answers 2xx or the tries run out, so a restart loses none. Each worker runs a Deliverer
@@ -7,39 +7,29 @@ own, so a slow or dead receiver never holds the GPU or a request thread. Every t
 signed anew (`webhook-id` stays, `webhook-timestamp` is the try's) with the Standard
 Webhooks library, so receivers verify with any Standard Webhooks implementation.
 
-Outbound requests are dangerous: a URL is called only when every address its host
-resolves to is public (or allowed by SVD_WEBHOOK_HOSTS), checked at submit and again at
-every try, and the request goes to the address checked, with no redirects followed.
+Outbound requests are dangerous: every try goes only to an address svd/jobs/addresses.py
+admits, checked anew, with no redirects followed. The bodies are svd/jobs/events.py's.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from standardwebhooks import Webhook
 
 from svd.base.errors import BadInput
+from svd.jobs.addresses import Allowed, checked_address
+from svd.jobs.model import Delivery
+from svd.jobs.store import JobStore
 
-if TYPE_CHECKING:
-    from svd.jobs.model import Delivery, JobStore
+logger = logging.getLogger(f"bentoml.{__name__}")
 
-logger = logging.getLogger("bentoml.svd")
-
-START = "start"
-COMPLETED = "completed"
-# `completed` is the end event, sent whether the job completed, failed or was cancelled.
-EVENTS = (START, COMPLETED)
 # Tries of one delivery, and the wait before the second; each later wait doubles, up to a
 # cap: 2, 4, 8 ... seconds, about nine minutes in all.
 TRIES = 9
@@ -50,65 +40,6 @@ TIMEOUT_SECONDS = 10.0
 SENDING_LEASE_SECONDS = 2 * TIMEOUT_SECONDS
 SENDERS = 4
 IDLE_POLL_SECONDS = 0.5
-
-
-@dataclass(frozen=True)
-class Allowed:
-    """SVD_WEBHOOK_HOSTS: host names and networks called although not public."""
-
-    hosts: frozenset[str] = frozenset()
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> Allowed:
-        hosts, networks = set(), []
-        for item in filter(None, (part.strip().lower() for part in text.split(","))):
-            try:
-                networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                hosts.add(item)
-        return cls(frozenset(hosts), tuple(networks))
-
-    def admits(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return address.is_global or host in self.hosts or any(address in network for network in self.networks)
-
-
-def checked_address(url: str, allowed: Allowed) -> str:
-    """The address to call `url` at; BadInput naming `webhook` and why when it may not be called."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise BadInput(f"`webhook` must be an http or https URL, got scheme {parts.scheme or 'none'!r}")
-    if not parts.hostname:
-        raise BadInput("`webhook` has no host: send a full URL such as https://example.com/hook")
-    host = parts.hostname.lower()
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"`webhook` host {host!r} does not resolve: {exc}") from None
-    addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in found]
-    refused = [str(address) for address in addresses if not allowed.admits(host, address)]
-    if refused:
-        raise BadInput(
-            f"`webhook` host {host!r} resolves to {', '.join(refused)}, not a public address: the service calls "
-            "only public addresses, unless SVD_WEBHOOK_HOSTS allows the host or its network"
-        )
-    return str(addresses[0])
-
-
-def event_body(event: str, job: dict[str, Any]) -> bytes:
-    """The JSON a receiver gets, in Standard Webhooks' envelope: type, timestamp and data."""
-    envelope = {"type": f"task.{event}", "timestamp": datetime.now(timezone.utc).isoformat(), "data": job}
-    return json.dumps(envelope, separators=(",", ":")).encode()
-
-
-def started_body(job_id: str, attempt: int) -> bytes:
-    return event_body(START, {"task_id": job_id, "status": "in_progress", "attempt": attempt})
-
-
-def ended_body(job_id: str, status: str, error: str | None, attempt: int, **details: Any) -> bytes:
-    """The end event: how the job ended and, for a video, where it is and how it was made."""
-    return event_body(COMPLETED, {"task_id": job_id, "status": status, "error": error, "attempt": attempt, **details})
 
 
 def retry_delay(tries: int) -> float:

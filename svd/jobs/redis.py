@@ -30,14 +30,28 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from svd.jobs.model import CANCELED, FAILED, Claim, Delivery, Hook
-from svd.jobs.model import Job, QueueDepth, QueueFull, StoreUnavailable, UnknownJob, new_delivery_id
-from svd.jobs.sqlite import QUEUED, RETENTION_SECONDS
-from svd.storage.outputs import new_id
+from svd.base.ids import new_id
 from svd.base.progress import Progress
-from svd.jobs.delivery import COMPLETED, ended_body
+from svd.jobs.events import END, ended_body
+from svd.jobs.model import (
+    CANCELED,
+    FAILED,
+    PENDING,
+    QUEUED,
+    RETENTION_SECONDS,
+    Claim,
+    Delivery,
+    Hook,
+    Job,
+    JobStatus,
+    QueueDepth,
+    QueueFull,
+    StoreUnavailable,
+    UnknownJob,
+    new_delivery_id,
+)
 
-logger = logging.getLogger("bentoml.svd")
+logger = logging.getLogger(f"bentoml.{__name__}")
 
 STREAM = "svd:queue"
 GROUP = "workers"
@@ -231,7 +245,7 @@ class RedisJobs:
 
     @_reaching
     def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
-        job = Job(new_id(), "pending", time.time(), progress=Progress())
+        job = Job(new_id(), PENDING, time.time(), progress=Progress())
         refused = self._submit(
             keys=[STREAM, WAITING, RUNNING, JOB + job.id, LAST_SECONDS],
             args=[
@@ -256,7 +270,7 @@ class RedisJobs:
                 "SVD job %s failed on %s, attempt %d, after %.1f s: %s",
                 given_up.decode(), holder.decode(), attempt, now - float(started), error.decode(),
             )
-            self.notify(given_up.decode(), COMPLETED, ended_body(given_up.decode(), FAILED, error.decode(), attempt))
+            self.notify(given_up.decode(), END, ended_body(given_up.decode(), FAILED, error.decode(), attempt))
         if not job_id:
             return None
         attempt, image, image_name, controls = claimed
@@ -286,7 +300,7 @@ class RedisJobs:
         if outcome == -1 or job is None:
             raise UnknownJob(job_id)
         if outcome == 1:
-            self.notify(job_id, COMPLETED, ended_body(job_id, CANCELED, None, job.attempt))
+            self.notify(job_id, END, ended_body(job_id, CANCELED, None, job.attempt))
         return job, outcome == 1
 
     @_reaching
@@ -298,7 +312,7 @@ class RedisJobs:
             return None
         return Job(
             job_id,
-            status.decode(),
+            JobStatus(status.decode()),
             float(created),
             started and float(started),
             finished and float(finished),

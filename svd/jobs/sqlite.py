@@ -19,17 +19,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from svd.jobs.model import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Delivery
-from svd.jobs.model import Hook, Job, QueueDepth, QueueFull, UnknownJob, new_delivery_id, wants
-from svd.storage.outputs import new_id
+from svd.base.ids import new_id
 from svd.base.progress import Progress
-from svd.jobs.delivery import ended_body
+from svd.jobs.events import END, ended_body, wants
+from svd.jobs.model import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    IN_PROGRESS,
+    PENDING,
+    QUEUED,
+    RETENTION_SECONDS,
+    Claim,
+    Delivery,
+    Hook,
+    Job,
+    JobStatus,
+    QueueDepth,
+    QueueFull,
+    UnknownJob,
+    new_delivery_id,
+)
 
-logger = logging.getLogger("bentoml.svd")
-# Finished jobs' records, their input included so that /retry can run them again, are kept
-# this long (as BentoML kept its task results); a completed job's video stays in the output
-# folder for as long as SVD_OUTPUT_KEEP allows.
-RETENTION_SECONDS = 24 * 3600
+logger = logging.getLogger(f"bentoml.{__name__}")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -67,7 +79,6 @@ LAPSED = f"status = '{IN_PROGRESS}' AND lease_until < :now"
 # Only the worker holding the current attempt may act for a job.
 HELD = f"id = :id AND attempt = :attempt AND status = '{IN_PROGRESS}'"
 # Where a job is until it reports: waiting its turn.
-QUEUED = json.dumps(asdict(Progress()))
 
 
 class SQLiteJobs:
@@ -155,7 +166,7 @@ class SQLiteJobs:
                 logger.warning(
                     "SVD job %s failed on %s, attempt %d, after %.1f s: %s", job_id, holder, attempt, now - started, error
                 )
-                self._keep_delivery(db, job_id, COMPLETED, ended_body(job_id, FAILED, error, attempt))
+                self._keep_delivery(db, job_id, END, ended_body(job_id, FAILED, error, attempt))
             row = db.execute(
                 f"SELECT id, attempt, image, image_name, controls FROM jobs WHERE status = '{PENDING}'"
                 f" OR ({LAPSED}) ORDER BY seq LIMIT 1",
@@ -222,7 +233,7 @@ class SQLiteJobs:
                 f"UPDATE jobs SET status = '{CANCELED}', finished = ?, lease_until = NULL WHERE id = ?",
                 (time.time(), job_id),
             )
-            self._keep_delivery(db, job_id, COMPLETED, ended_body(job_id, CANCELED, None, job.attempt))
+            self._keep_delivery(db, job_id, END, ended_body(job_id, CANCELED, None, job.attempt))
             return _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
     def get(self, job_id: str) -> Job | None:
@@ -286,5 +297,5 @@ def _job(row: tuple | None) -> Job | None:
         return None
     job_id, status, created, started, finished, attempt, progress, error, error_status = row
     return Job(
-        job_id, status, created, started, finished, attempt, Progress(**json.loads(progress)) if progress else None, error, error_status
+        job_id, JobStatus(status), created, started, finished, attempt, Progress(**json.loads(progress)) if progress else None, error, error_status
     )

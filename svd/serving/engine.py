@@ -40,7 +40,7 @@ from svd.core.preview import Previewer
 from svd.base.progress import ProgressCallback
 from svd.serving.gpu_turns import Turns
 
-logger = logging.getLogger("bentoml.svd")
+logger = logging.getLogger(f"bentoml.{__name__}")
 
 # Below this, the GPU memory other processes hold is CUDA's own context, not a
 # neighbour that may free enough for a retry.

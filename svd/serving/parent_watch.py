@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-logger = logging.getLogger("bentoml.svd")
+logger = logging.getLogger(f"bentoml.{__name__}")
 
 PR_SET_PDEATHSIG = 1
 POLL_SECONDS = 0.5

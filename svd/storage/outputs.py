@@ -9,57 +9,25 @@ oldest are pruned beyond SVD_OUTPUT_KEEP.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import tempfile
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from svd.base.errors import Refused
+from svd.base.ids import ID
+from svd.base.retention import Keep
 
-if TYPE_CHECKING:
-    from svd.base.settings import Settings
-    from svd.core.generate import Generation
-
-logger = logging.getLogger("bentoml.svd")
-# 128 random bits, as hex: the ids this service hands out, BentoML's task ids included.
-ID = re.compile(r"[0-9a-f]{32}")
+logger = logging.getLogger(f"bentoml.{__name__}")
 SIDECAR = ".json"
 
 
 class DiskFull(OSError):
     """The output folder's disk is full; nothing of the video was left there."""
-
-
-def new_id() -> str:
-    return secrets.token_hex(16)
-
-
-@dataclass(frozen=True)
-class Keep:
-    """How much the folder keeps: the newest `count` videos, or the newest that fit in `bytes`."""
-
-    count: int | None = None
-    bytes: int | None = None
-
-
-def parse_keep(text: str) -> Keep:
-    """`500` keeps 500 videos; `10GB` (KB, MB, GB, TB) keeps the newest that fit in 10 GB."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]B)?\s*", text, re.IGNORECASE)
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"{text!r} is neither a count (500) nor a size (10GB)")
-    number, unit = int(match.group(1)), (match.group(2) or "").upper()
-    if not unit:
-        return Keep(count=number)
-    return Keep(bytes=number * 1000 ** ("KMGT".index(unit[0]) + 1))
 
 
 class Outputs:
@@ -165,35 +133,3 @@ def write_atomically(path: Path, content: Path | bytes) -> None:
     except BaseException:
         Path(part).unlink(missing_ok=True)
         raise
-
-
-def headers_of(output_id: str, record: dict[str, Any]) -> dict[str, str]:
-    """What a caller needs to reproduce or report a video, without guessing defaults."""
-    return {
-        "Content-Type": record["content_type"],
-        "X-Seed": str(record["seed"]),
-        "X-Settings": json.dumps(record["settings"], separators=(",", ":")),
-        # Milliseconds, as the standard wants.
-        "Server-Timing": ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in record["stage_seconds"].items()),
-        "X-Worker": str(record["worker"]),
-        "X-Output-Id": output_id,
-    }
-
-
-def record_of(result: Generation, image: Path, settings: Settings) -> dict[str, Any]:
-    """What a kept video's sidecar says: enough to reproduce it, or to tell where it came from."""
-    digest = hashlib.sha256()
-    with image.open("rb") as source:
-        for block in iter(lambda: source.read(1 << 20), b""):
-            digest.update(block)
-    return {
-        "content_type": result.content_type,
-        "seed": result.params.seed,
-        "settings": result.params.__dict__,
-        "stage_seconds": {stage: round(seconds, 4) for stage, seconds in result.times.seconds.items()},
-        "model": settings.model_id,
-        "revision": settings.revision if settings.is_hub_model else None,
-        "image_sha256": digest.hexdigest(),
-        "worker": settings.worker,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
