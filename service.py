@@ -18,28 +18,28 @@ from bentoml.validators import ContentType
 from pydantic import Field
 from starlette.responses import Response
 
-from svd.base.settings import ConfigError, Settings
 from svd.base.errors import Refused
-from svd.http.answers import answer
-from svd.http.request_fields import JOB_ONLY, GenerateInput, JobInput
-from svd.http.auth import OPEN_PATHS, BearerAuth
-from svd.http.upload_guard import UploadGuard
-from svd.serving.hub import hub_reference
-from svd.jobs.model import IN_PROGRESS, StoreUnavailable
-from svd.jobs.open import open_store
-from svd.http.task_routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
-from svd.http.outputs_routes import library_app
 from svd.base.ids import ID, new_id
-from svd.serving.records import headers_of, record_of
-from svd.storage.outputs import Outputs
 from svd.base.params import GenerationParams
-from svd.storage.previews import previews_of
 from svd.base.progress import Progress
+from svd.base.settings import ConfigError, Settings
+from svd.http.answers import answer
+from svd.http.auth import OPEN_PATHS, BearerAuth
+from svd.http.outputs_routes import library_app
+from svd.http.page import PUBLIC_FILES, ui_app
 from svd.http.published_schema import PublishedSchema
 from svd.http.readable_refusals import ReadableRefusals
+from svd.http.request_fields import JOB_ONLY, GenerateInput, JobInput
 from svd.http.served_by import ServedBy
-from svd.http.page import PUBLIC_FILES, ui_app
+from svd.http.task_routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
+from svd.http.upload_guard import UploadGuard
 from svd.jobs.addresses import Allowed
+from svd.jobs.model import IN_PROGRESS, StoreUnavailable
+from svd.jobs.open import open_store
+from svd.serving.hub import hub_reference
+from svd.serving.records import headers_of, record_of
+from svd.storage.outputs import Outputs
+from svd.storage.previews import previews_of
 
 try:
     SETTINGS = Settings.from_env()
@@ -118,8 +118,8 @@ class StableDiffusionVideo:
             end_with_parent()
         quiet_library_noise()  # before the imports below, which already warn
 
-        from svd.serving.engine import Engine
         from svd.jobs.runner import JobRunner
+        from svd.serving.engine import Engine
 
         settings = replace(SETTINGS, worker=bentoml.server_context.worker_index or 1)
         # Loads and warms up in the background: /livez answers at once, /readyz once warm.
@@ -153,7 +153,9 @@ class StableDiffusionVideo:
         return self.engine.alive
 
     @bentoml.api(input_spec=GenerateInput)
-    def generate(self, context: bentoml.Context, image: Path, **controls: Any) -> Annotated[Path, ContentType("video/*")]:
+    def generate(
+        self, context: bentoml.Context, image: Path, **controls: Any
+    ) -> Annotated[Path, ContentType("video/*")]:
         """Turn a still image into a short video (25 frames at 1024x576 by default).
 
         The seed actually used comes back in the X-Seed header, every effective
@@ -181,7 +183,9 @@ class StableDiffusionVideo:
 
     @bentoml.api
     def progress(
-        self, context: bentoml.Context, task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")]
+        self,
+        context: bentoml.Context,
+        task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")],
     ) -> dict[str, Any]:
         """Where a generate_task job is: its status, its stage (queued, encode, denoise, decode, interpolate,
         video, done), its step and its segment, and `preview`: where its latest live preview is served
@@ -219,7 +223,10 @@ StableDiffusionVideo.add_asgi_middleware(
     timeout=SETTINGS.upload_timeout,
     # Each POST route's fields, as the signatures above declare them; a task is submitted at ROUTE/submit.
     fields={
-        f"{api.route}/submit" if api.is_task else api.route: [*api.input_spec.model_fields, *(JOB_ONLY if api.is_task else ())]
+        f"{api.route}/submit" if api.is_task else api.route: [
+            *api.input_spec.model_fields,
+            *(JOB_ONLY if api.is_task else ()),
+        ]
         for api in StableDiffusionVideo.apis.values()
     },
 )

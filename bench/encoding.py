@@ -1,4 +1,5 @@
-"""Video encoding: our encoder (svd.media.video.VideoWriter, frames down ffmpeg's stdin) against diffusers' export_to_video.
+"""Video encoding: our encoder (svd.media.video.VideoWriter, frames down ffmpeg's stdin) against diffusers'
+export_to_video.
 
 Both get the same frames: a slow sub-pixel pan across a real photo, so the
 encoders see video-like motion rather than noise (which no encoder compresses).

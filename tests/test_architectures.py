@@ -26,7 +26,12 @@ def test_full_size_architectures_have_the_published_sizes(name: str, frames: int
     assert pipe.unet.config.cross_attention_dim == 1024
     assert pipe.vae.config.block_out_channels == (128, 256, 512, 512) and pipe.vae_scale_factor == 8
     vision = pipe.image_encoder.config
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.projection_dim) == (1280, 32, 14, 1024)
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.projection_dim) == (
+        1280,
+        32,
+        14,
+        1024,
+    )
     assert pipe.feature_extractor.crop_size == {"height": 224, "width": 224}
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.use_karras_sigmas
     assert all(parameter.is_meta for parameter in pipe.unet.parameters()), "shapes only, no memory"

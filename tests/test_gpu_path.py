@@ -81,9 +81,9 @@ def test_out_of_memory_while_other_processes_hold_the_gpu_is_a_503_with_retry_af
 def test_encode_out_of_memory_leaves_the_float16_vae_in_float16(tmp_path):
     """diffusers upcasts a float16 VAE with force_upcast to float32 for the image encode and casts
     it back afterwards; an out-of-memory in between used to leave it float32 for good."""
+    from svd.base.params import GenerationParams
     from svd.core.faults import Faults
     from svd.core.generate import OutOfMemory, generate
-    from svd.base.params import GenerationParams
 
     model = load_pipeline(Settings(model_id="tiny", device="cpu", dtype="float16"))
     assert model.pipe.vae.config.force_upcast and model.pipe.vae.dtype == torch.float16
@@ -197,9 +197,9 @@ def test_compiled_unet_is_warmed_at_the_default_shapes_and_stops_recompiling(tmp
     compiling inside its deadline."""
     from torch._dynamo.utils import counters
 
-    from svd.serving.engine import Engine
-    from svd.core.generate import denoise, generate
     from svd.base.params import GenerationParams
+    from svd.core.generate import denoise, generate
+    from svd.serving.engine import Engine
 
     counters.clear()
     engine = Engine(Settings(model_id="tiny", device="cpu", compile="aot_eager"))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from svd.core.architectures import build_pipeline
 from svd.base.settings import DEFAULT_MODEL_ID, ConfigError, Settings
+from svd.core.architectures import build_pipeline
 from svd.core.loading import ModelLoadError, load_pipeline
 
 

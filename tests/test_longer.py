@@ -97,15 +97,22 @@ def test_everything_together_counts_out(call_service):
 
 def test_progress_names_the_segment_and_the_gpu_is_free_while_encoding(service, tmp_path):
     """The next request gets the GPU while this one interpolates and encodes."""
-    from svd.core.generate import generate
     from svd.base.params import GenerationParams
+    from svd.core.generate import generate
 
     gpu = threading.Lock()
     seen: list[tuple[str, int, int, bool]] = []
     model = service.engine.model
     params = GenerationParams(**BASE, segments=2, interpolate=2).resolve(model.max_frames)
     image = Image.open(PHOTO).convert("RGB").resize((128, 64))
-    generate(model, image, params, tmp_path, report=lambda p: seen.append((p.stage, p.segment, p.segments, gpu.locked())), gpu=gpu)
+    generate(
+        model,
+        image,
+        params,
+        tmp_path,
+        report=lambda p: seen.append((p.stage, p.segment, p.segments, gpu.locked())),
+        gpu=gpu,
+    )
     stages = [(stage, segment) for stage, segment, _, _ in seen]
     assert ("denoise", 1) in stages and ("denoise", 2) in stages and ("decode", 2) in stages
     assert all(segments == 2 for _, _, segments, _ in seen)

@@ -51,7 +51,10 @@ def test_a_full_disk_is_a_507_and_leaves_nothing_half_written(call_service, monk
     monkeypatch.setattr(outputs.shutil, "copyfileobj", full)
     refused, _ = call_service(image=PHOTO, **TINY)
     assert refused.status_code == 507
-    assert "SVD_OUTPUT_DIR" in json.loads(refused.body)["error"] and "nothing was kept" in json.loads(refused.body)["error"]
+    assert (
+        "SVD_OUTPUT_DIR" in json.loads(refused.body)["error"]
+        and "nothing was kept" in json.loads(refused.body)["error"]
+    )
     assert set(folder.iterdir()) == before
 
 
@@ -165,7 +168,8 @@ def test_the_listing_pages_to_a_null_next_offset(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    ("value", "keep"), [("500", Keep(count=500)), ("2GB", Keep(bytes=2 * 1000**3)), ("750 mb", Keep(bytes=750 * 1000**2))]
+    ("value", "keep"),
+    [("500", Keep(count=500)), ("2GB", Keep(bytes=2 * 1000**3)), ("750 mb", Keep(bytes=750 * 1000**2))],
 )
 def test_svd_output_keep_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str, keep: Keep):
     from svd.base.settings import Settings

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from harness import ROOT
-from svd.tools.batch import build_parser
-from svd.http.request_fields import JOB_ONLY
 from svd.base.params import CONTROLS, Range
+from svd.http.request_fields import JOB_ONLY
+from svd.tools.batch import build_parser
 
 
 def _readme_controls() -> dict[str, tuple[str, str]]:

@@ -1,1 +1,3 @@
-"""The bottom layer: settings, ids, retention, errors, the generation controls and progress; imports nothing of svd above it."""
+"""The bottom layer: settings, ids, retention, errors, the generation controls and progress.
+
+It imports nothing of svd above it."""

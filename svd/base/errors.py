@@ -50,6 +50,7 @@ class Refused(Exception):
 def validation_message(errors: list[dict[str, Any]]) -> str:
     """Pydantic's errors as one line that names each field and what was wrong with it."""
     return "; ".join(
-        f"{'.'.join(map(str, error.get('loc', ()))) or 'the body'}: {str(error.get('msg')).removeprefix('Value error, ')}"
+        f"{'.'.join(map(str, error.get('loc', ()))) or 'the body'}: "
+        f"{str(error.get('msg')).removeprefix('Value error, ')}"
         for error in errors
     )

@@ -72,7 +72,9 @@ def control(
     default: Any, description: str, allowed: Range | None = None, *, empty: str = "", **look: Any
 ) -> Any:
     """A field of GenerationParams: `empty` says what leaving it out means when the default is None."""
-    return field(default=default, metadata={"description": description, "allowed": allowed, "empty": empty, "look": Look(**look)})
+    return field(
+        default=default, metadata={"description": description, "allowed": allowed, "empty": empty, "look": Look(**look)}
+    )
 
 
 SIDE = Range(64, 1024, 64)
@@ -84,10 +86,18 @@ class GenerationParams:
     """A request's controls, in the tutorial's order; `num_frames` and `seed` are filled in by `resolve`."""
 
     decode_chunk_size: int = control(
-        2, "Frames decoded at once; lower uses less GPU memory but may flicker.", Range(1, 64), label="Decode chunk", advanced=True
+        2,
+        "Frames decoded at once; lower uses less GPU memory but may flicker.",
+        Range(1, 64),
+        label="Decode chunk",
+        advanced=True,
     )
     seed: int | None = control(
-        None, "Random seed; empty or null draws one, reported back in X-Seed.", Range(0, MAX_SEED), empty="random", label="Seed"
+        None,
+        "Random seed; empty or null draws one, reported back in X-Seed.",
+        Range(0, MAX_SEED),
+        empty="random",
+        label="Seed",
     )
     width: int = control(1024, "Video width in pixels.", SIDE, label="Width (px)", advanced=True)
     height: int = control(576, "Video height in pixels.", SIDE, label="Height (px)", advanced=True)
@@ -109,13 +119,27 @@ class GenerationParams:
         label="Cache interval",
         advanced=True,
     )
-    fps: int = control(7, "Frame rate the model is conditioned on and the video plays at.", Range(1, 60), label="Frame rate (fps)")
-    motion_bucket_id: int = control(127, "Amount of motion; higher moves more.", Range(0, 255), label="Motion", slider=True)
+    fps: int = control(
+        7, "Frame rate the model is conditioned on and the video plays at.", Range(1, 60), label="Frame rate (fps)"
+    )
+    motion_bucket_id: int = control(
+        127, "Amount of motion; higher moves more.", Range(0, 255), label="Motion", slider=True
+    )
     noise_aug_strength: float = control(
-        0.02, "Noise added to the conditioning image; higher drifts further from it.", Range(0, 1), label="Noise", advanced=True, step=0.01
+        0.02,
+        "Noise added to the conditioning image; higher drifts further from it.",
+        Range(0, 1),
+        label="Noise",
+        advanced=True,
+        step=0.01,
     )
     min_guidance_scale: float = control(
-        1.0, "Guidance for the first frame; 1 or less turns guidance off.", GUIDANCE, label="Min guidance", advanced=True, step=0.1
+        1.0,
+        "Guidance for the first frame; 1 or less turns guidance off.",
+        GUIDANCE,
+        label="Min guidance",
+        advanced=True,
+        step=0.1,
     )
     max_guidance_scale: float = control(
         3.0,
@@ -226,7 +250,11 @@ class Control:
         """What the web page builds its form field from."""
         allowed = self.allowed
         limits = (
-            {"min": allowed.low, "max": allowed.high, "step": allowed.step if self.kind is int else self.look.step or "any"}
+            {
+                "min": allowed.low,
+                "max": allowed.high,
+                "step": allowed.step if self.kind is int else self.look.step or "any",
+            }
             if isinstance(allowed, Range)
             else {"options": [[choice, self.look.options.get(choice, str(choice))] for choice in allowed]}
         )

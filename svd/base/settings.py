@@ -156,7 +156,9 @@ class Settings:
     @property
     def is_hub_model(self) -> bool:
         """A hub id rather than a built-in model or a local directory."""
-        return not self.is_built_in and not os.path.isdir(self.model_id) and not self.model_id.startswith((".", "/", "~"))
+        return (
+            not self.is_built_in and not os.path.isdir(self.model_id) and not self.model_id.startswith((".", "/", "~"))
+        )
 
     def __post_init__(self) -> None:
         if self.compile and self.memory != "full":

@@ -88,7 +88,14 @@ def _layer_modules(block: torch.nn.Module, index: int) -> list[torch.nn.Module]:
     return [block.resnets[index], *([attentions[index]] if attentions is not None else [])]
 
 
-def _layer(block: torch.nn.Module, index: int, hidden: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+def _layer(
+    block: torch.nn.Module,
+    index: int,
+    hidden: torch.Tensor,
+    emb: torch.Tensor,
+    context: torch.Tensor,
+    indicator: torch.Tensor,
+) -> torch.Tensor:
     resnet, *attention = _layer_modules(block, index)
     hidden = resnet(hidden, emb, image_only_indicator=indicator)
     for attn in attention:

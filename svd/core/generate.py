@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from svd.core.deepcache import deep_cache
-from svd.media.interpolate import interpolate, pingpong
-from svd.core.loading import LoadedModel
 from svd.base.params import GenerationParams
-from svd.core.preview import Previewer
 from svd.base.progress import Progress, ProgressCallback
+from svd.core.deepcache import deep_cache
+from svd.core.loading import LoadedModel
+from svd.core.preview import Previewer
+from svd.media.interpolate import interpolate, pingpong
 from svd.media.video import CODECS, VideoWriter
 
 logger = logging.getLogger(f"bentoml.{__name__}")
@@ -120,7 +120,7 @@ def generate(
     report: ProgressCallback | None = None,
     deadline: float | None = None,
     on_decode_retry: Callable[[], None] = lambda: None,
-    gpu: AbstractContextManager[object] = nullcontext(),
+    gpu: AbstractContextManager[object] = nullcontext(),  # noqa: B008 (stateless and reusable)
     stop: threading.Event | None = None,
     preview: Previewer | None = None,
 ) -> Generation:
@@ -167,7 +167,13 @@ def render(
             # Handed straight over, the latents live only inside _decode: they are gone
             # by the time memory is released.
             frames, chunk = _decode(
-                model, denoise(model, image, seeded, times, in_segment, checkpoint, preview), chunk, times, in_segment, checkpoint, on_decode_retry
+                model,
+                denoise(model, image, seeded, times, in_segment, checkpoint, preview),
+                chunk,
+                times,
+                in_segment,
+                checkpoint,
+                on_decode_retry,
             )
             parts.append(frames if segment == 0 else frames[1:])
             image = Image.fromarray(frames[-1])
@@ -178,7 +184,9 @@ def _in_segment(report: ProgressCallback, segment: int, segments: int) -> Progre
     return lambda progress: report(replace(progress, segment=segment, segments=segments))
 
 
-def write_video(path: Path, frames: np.ndarray, params: GenerationParams, times: StageTimes, report: ProgressCallback) -> None:
+def write_video(
+    path: Path, frames: np.ndarray, params: GenerationParams, times: StageTimes, report: ProgressCallback
+) -> None:
     """Interpolate, loop and encode the frames into the file at `path`."""
     if params.interpolate > 1:
         report(Progress("interpolate"))

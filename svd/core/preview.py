@@ -72,7 +72,14 @@ def encode(frames: np.ndarray, fps: int) -> bytes:
     images = [Image.fromarray(frame) for frame in frames]
     out = io.BytesIO()
     images[0].save(
-        out, "WEBP", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, quality=QUALITY, method=0
+        out,
+        "WEBP",
+        save_all=True,
+        append_images=images[1:],
+        duration=round(1000 / fps),
+        loop=0,
+        quality=QUALITY,
+        method=0,
     )
     return out.getvalue()
 
@@ -153,6 +160,8 @@ class Previewer:
         except OSError as exc:
             # A preview is for watching: a full or missing disk must not fail the generation.
             self._failed = True
-            logger.warning("SVD could not write a preview to %s, and makes no more for this generation: %s", self.path, exc)
+            logger.warning(
+                "SVD could not write a preview to %s, and makes no more for this generation: %s", self.path, exc
+            )
             return
         self.pace.record(start, self.clock())

@@ -27,7 +27,9 @@ def answer(refused: Refused) -> JSONResponse:
     return error_response(refused.status, str(refused), headers)
 
 
-async def refuse(scope: Scope, receive: Receive, send: Send, status: int, reason: str, message: str, **headers: str) -> None:
+async def refuse(
+    scope: Scope, receive: Receive, send: Send, status: int, reason: str, message: str, **headers: str
+) -> None:
     """Answer a request the middleware turns away, counted by `reason` in svd_requests_refused."""
     metrics.REFUSED.labels(reason=reason).inc()
     await error_response(status, message, headers or None)(scope, receive, send)

@@ -31,7 +31,7 @@ class BearerAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorised(scope):
             await self.app(scope, receive, send)
             return
-        await _refuse(
+        await refuse(
             scope, receive, send, 401, "unauthorized",
             "missing or wrong API token: send `Authorization: Bearer <token>` (SVD_API_TOKEN is set)",
             **{"WWW-Authenticate": "Bearer"},

@@ -34,7 +34,12 @@ def library_app(outputs: Outputs) -> Starlette:
         records = await run_in_threadpool(outputs.recent, limit + 1, offset)
         more = len(records) > limit
         return JSONResponse(
-            {"outputs": records[:limit], "offset": offset, "limit": limit, "next_offset": offset + limit if more else None}
+            {
+                "outputs": records[:limit],
+                "offset": offset,
+                "limit": limit,
+                "next_offset": offset + limit if more else None,
+            }
         )
 
     async def one(request: Request) -> Response:
@@ -53,5 +58,9 @@ def serve_output(output_id: str, video: Path, record: dict[str, Any]) -> FileRes
     """A kept video with the headers it was made with."""
     headers = headers_of(output_id, record)
     return FileResponse(
-        video, media_type=headers.pop("Content-Type"), headers=headers, filename=video.name, content_disposition_type="inline"
+        video,
+        media_type=headers.pop("Content-Type"),
+        headers=headers,
+        filename=video.name,
+        content_disposition_type="inline",
     )

@@ -10,14 +10,13 @@ with the JSON every refusal has.
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 from starlette.responses import JSONResponse
 
+from svd.base.ids import ID
 from svd.http.asgi import App, Receive, Scope, Send
 from svd.jobs.model import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING
-from svd.base.ids import ID
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -69,7 +68,11 @@ TASK_STATUS = {
         "created_at": _TIME,
         "executed_at": {**_TIME, "description": "When the job's latest attempt started."},
         "completed_at": _TIME,
-        "attempt": {"type": "integer", "minimum": 0, "description": "Starts so far: more than 1 after its worker died."},
+        "attempt": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Starts so far: more than 1 after its worker died.",
+        },
         "error": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "Why a failed job failed."},
     },
 }
@@ -155,7 +158,10 @@ def _refusal(code: int) -> dict[str, Any]:
     }
     if code in RETRY_AFTER:
         response["headers"] = {
-            "Retry-After": {"description": "Seconds to wait before retrying, where retrying helps.", "schema": {"type": "integer"}}
+            "Retry-After": {
+                "description": "Seconds to wait before retrying, where retrying helps.",
+                "schema": {"type": "integer"},
+            }
         }
     return response
 

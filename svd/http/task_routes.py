@@ -24,17 +24,17 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from svd.serving import metrics
 from svd.base.errors import InputError, validation_message
+from svd.base.ids import ID
+from svd.base.params import GenerationParams
 from svd.http.answers import error_response
+from svd.http.asgi import App, Receive, Scope, Send
+from svd.http.outputs_routes import serve_output
+from svd.jobs.addresses import Allowed, checked_address
 from svd.jobs.model import CANCELED, COMPLETED, FAILED, FINISHED, Hook, Job, QueueFull, StoreUnavailable, UnknownJob
 from svd.jobs.store import JobStore
-from svd.http.outputs_routes import serve_output
-from svd.base.ids import ID
+from svd.serving import metrics
 from svd.storage.outputs import Outputs
-from svd.base.params import GenerationParams
-from svd.jobs.addresses import Allowed, checked_address
-from svd.http.asgi import App, Receive, Scope, Send
 from svd.storage.previews import CONTENT_TYPE, previews_of
 
 logger = logging.getLogger(f"bentoml.{__name__}")
@@ -121,7 +121,9 @@ class JobRoutes:
         try:
             form = await request.form(max_files=1, max_fields=len(self.fields.model_fields))
         except Exception as exc:  # python-multipart and Starlette raise several kinds for a body that does not parse
-            return error_response(400, f"the body could not be read as multipart/form-data: {exc or type(exc).__name__}")
+            return error_response(
+                400, f"the body could not be read as multipart/form-data: {exc or type(exc).__name__}"
+            )
         try:
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
@@ -132,7 +134,10 @@ class JobRoutes:
             GenerationParams(**controls).check()
             if webhook is not None:
                 if self.webhook_hosts is None:
-                    return error_response(400, "`webhook`: this server sends no webhooks; its operator turns them on with SVD_WEBHOOK_SECRET")
+                    return error_response(
+                        400,
+                        "`webhook`: this server sends no webhooks; its operator turns them on with SVD_WEBHOOK_SECRET",
+                    )
                 # Resolves the host: not on the event loop.
                 await run_in_threadpool(checked_address, webhook, self.webhook_hosts)
             image = await upload.read()
@@ -144,9 +149,13 @@ class JobRoutes:
             return error_response(exc.status, str(exc))
         finally:
             await form.close()
-        return await self._submit(image, upload.filename or "image", controls, Hook(webhook, events) if webhook else None)
+        return await self._submit(
+            image, upload.filename or "image", controls, Hook(webhook, events) if webhook else None
+        )
 
-    async def _submit(self, image: bytes, image_name: str, controls: dict[str, Any], hook: Hook | None = None) -> Response:
+    async def _submit(
+        self, image: bytes, image_name: str, controls: dict[str, Any], hook: Hook | None = None
+    ) -> Response:
         try:
             job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, hook)
         except QueueFull as full:
@@ -213,7 +222,9 @@ class JobRoutes:
         image = await run_in_threadpool(self.previews.read, job_id)
         if image is None:
             return error_response(
-                404, f"task {job_id} has no preview now: a running job has one from its first denoising steps until its video is made"
+                404,
+                f"task {job_id} has no preview now: a running job has one from its first denoising steps "
+                "until its video is made",
             )
         return Response(image, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
 

@@ -103,12 +103,19 @@ class Deliverer:
             logger.info("SVD webhook %s for job %s delivered, try %d", delivery.id, delivery.job_id, tries)
         elif tries >= TRIES:
             self.store.delivered(delivery.id)
-            logger.warning("SVD webhook %s for job %s given up after %d tries: %s", delivery.id, delivery.job_id, tries, answer)
+            logger.warning(
+                "SVD webhook %s for job %s given up after %d tries: %s", delivery.id, delivery.job_id, tries, answer
+            )
         else:
             delay = retry_delay(tries)
             self.store.retry_delivery(delivery.id, tries, time.time() + delay)
             logger.info(
-                "SVD webhook %s for job %s: try %d answered %s; next try in %.0f s", delivery.id, delivery.job_id, tries, answer, delay
+                "SVD webhook %s for job %s: try %d answered %s; next try in %.0f s",
+                delivery.id,
+                delivery.job_id,
+                tries,
+                answer,
+                delay,
             )
 
     def post(self, delivery: Delivery) -> int:

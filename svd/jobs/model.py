@@ -22,7 +22,6 @@ from svd.base.ids import new_id
 from svd.base.progress import Progress
 
 
-
 class JobStatus(StrEnum):
     """A job's status: BentoML's words, stored and answered as these strings."""
 

@@ -24,19 +24,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from svd.serving.engine import Engine
 from svd.base.errors import Refused
+from svd.base.params import GenerationParams
+from svd.base.progress import Progress, ProgressCallback
 from svd.core.generate import Stopped
+from svd.core.preview import Previewer
 from svd.jobs import events
 from svd.jobs.model import CANCELED, COMPLETED, FAILED, Claim, StoreUnavailable
 from svd.jobs.store import JobStore
+from svd.serving.engine import Engine
+from svd.serving.gpu_turns import HandedTurn
 from svd.serving.records import record_of
 from svd.storage.outputs import Outputs
-from svd.base.params import GenerationParams
-from svd.core.preview import Previewer
 from svd.storage.previews import previews_of
-from svd.base.progress import Progress, ProgressCallback
-from svd.serving.gpu_turns import HandedTurn
 
 logger = logging.getLogger(f"bentoml.{__name__}")
 
@@ -149,21 +149,43 @@ class JobRunner:
                 status = "the store is unreachable"
             seconds = time.perf_counter() - start
             if status == CANCELED:
-                logger.info("SVD job %s canceled on worker %d, attempt %d, after %.1f s", claim.id, worker, claim.attempt, seconds)
+                logger.info(
+                    "SVD job %s canceled on worker %d, attempt %d, after %.1f s",
+                    claim.id,
+                    worker,
+                    claim.attempt,
+                    seconds,
+                )
             else:
-                logger.warning("SVD job %s stopped on worker %d, attempt %d: its lease was lost (%s)", claim.id, worker, claim.attempt, status)
+                logger.warning(
+                    "SVD job %s stopped on worker %d, attempt %d: its lease was lost (%s)",
+                    claim.id,
+                    worker,
+                    claim.attempt,
+                    status,
+                )
         except Refused as refused:
             if refused.reason == "device_failure":
                 # As if the worker had died: the lease lapses and a live worker runs the job again,
                 # within SVD_JOB_ATTEMPTS, should the job itself be what breaks the GPU.
-                logger.error("SVD job %s: the GPU of worker %d failed; the job runs again once its lease lapses", claim.id, worker)
+                logger.error(
+                    "SVD job %s: the GPU of worker %d failed; the job runs again once its lease lapses",
+                    claim.id,
+                    worker,
+                )
             else:
                 self._fail(claim, str(refused), refused.status, start)
         except Exception as exc:
             logger.exception("SVD job %s failed on worker %d", claim.id, worker)
             self._fail(claim, f"the generation failed: {exc}", 500, start)
         else:
-            logger.info("SVD job %s completed on worker %d, attempt %d, in %.1f s", claim.id, worker, claim.attempt, time.perf_counter() - start)
+            logger.info(
+                "SVD job %s completed on worker %d, attempt %d, in %.1f s",
+                claim.id,
+                worker,
+                claim.attempt,
+                time.perf_counter() - start,
+            )
         finally:
             turn.give_back()
             ended.set()
@@ -176,7 +198,9 @@ class JobRunner:
             # A generation's denoising and decoding end by SVD_TIMEOUT: an older preview is a dead worker's.
             previewer = Previewer(self.previews.start(claim.id, self.engine.settings.timeout))
             try:
-                result = self.engine.run(image, GenerationParams(**claim.controls), Path(folder), report, stop, turn, previewer)
+                result = self.engine.run(
+                    image, GenerationParams(**claim.controls), Path(folder), report, stop, turn, previewer
+                )
             finally:
                 self.previews.remove(claim.id)
             # A job cancelled while its video was being written ends cancelled, with nothing kept.

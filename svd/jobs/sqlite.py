@@ -123,7 +123,9 @@ class SQLiteJobs:
         with self._lock:
             return self._db.execute(sql, values).rowcount > 0
 
-    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
+    def submit(
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None
+    ) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
         limit = per_worker * self.workers
         with self._transaction() as db:
@@ -138,7 +140,16 @@ class SQLiteJobs:
             db.execute(
                 "INSERT INTO jobs (id, status, created, image, image_name, controls, progress, webhook, webhook_events)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.status, job.created, image, image_name, json.dumps(controls), QUEUED, *_hook_columns(hook)),
+                (
+                    job.id,
+                    job.status,
+                    job.created,
+                    image,
+                    image_name,
+                    json.dumps(controls),
+                    QUEUED,
+                    *_hook_columns(hook),
+                ),
             )
         return job
 
@@ -159,12 +170,18 @@ class SQLiteJobs:
                     "restarted); it is not tried again"
                 )
                 db.execute(
-                    f"UPDATE jobs SET status = '{FAILED}', finished = ?, lease_until = NULL, error_status = 500, error = ?"
+                    f"UPDATE jobs SET status = '{FAILED}', finished = ?, lease_until = NULL, error_status = 500,"
+                    " error = ?"
                     " WHERE id = ?",
                     (now, error, job_id),
                 )
                 logger.warning(
-                    "SVD job %s failed on %s, attempt %d, after %.1f s: %s", job_id, holder, attempt, now - started, error
+                    "SVD job %s failed on %s, attempt %d, after %.1f s: %s",
+                    job_id,
+                    holder,
+                    attempt,
+                    now - started,
+                    error,
                 )
                 self._keep_delivery(db, job_id, END, ended_body(job_id, FAILED, error, attempt))
             row = db.execute(
@@ -246,7 +263,8 @@ class SQLiteJobs:
     def depth(self) -> QueueDepth:
         waiting, running, oldest = self._one(
             f"SELECT COUNT(*) FILTER (WHERE status = '{PENDING}'), COUNT(*) FILTER (WHERE status = '{IN_PROGRESS}'),"
-            f" MIN(created) FILTER (WHERE status = '{PENDING}') FROM jobs WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
+            f" MIN(created) FILTER (WHERE status = '{PENDING}') FROM jobs"
+            f" WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
         )
         return QueueDepth(waiting, running, 0.0 if oldest is None else max(0.0, time.time() - oldest))
 
@@ -282,7 +300,9 @@ class SQLiteJobs:
         return Delivery(row[0], row[1], row[2], bytes(row[3]), row[4])
 
     def retry_delivery(self, delivery_id: str, tries: int, due: float) -> None:
-        self._update("UPDATE deliveries SET tries = :tries, due = :due WHERE id = :id", tries=tries, due=due, id=delivery_id)
+        self._update(
+            "UPDATE deliveries SET tries = :tries, due = :due WHERE id = :id", tries=tries, due=due, id=delivery_id
+        )
 
     def delivered(self, delivery_id: str) -> None:
         self._update("DELETE FROM deliveries WHERE id = :id", id=delivery_id)
@@ -297,5 +317,13 @@ def _job(row: tuple | None) -> Job | None:
         return None
     job_id, status, created, started, finished, attempt, progress, error, error_status = row
     return Job(
-        job_id, JobStatus(status), created, started, finished, attempt, Progress(**json.loads(progress)) if progress else None, error, error_status
+        job_id,
+        JobStatus(status),
+        created,
+        started,
+        finished,
+        attempt,
+        Progress(**json.loads(progress)) if progress else None,
+        error,
+        error_status,
     )

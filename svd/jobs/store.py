@@ -22,7 +22,9 @@ class JobStore(Protocol):
     worker took it. Any method may raise StoreUnavailable.
     """
 
-    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
+    def submit(
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None
+    ) -> Job:
         """Queue a job, which calls `hook` back; QueueFull when `per_worker` jobs for each worker
         taking jobs are already pending or in progress."""
         ...

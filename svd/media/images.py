@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -24,7 +25,9 @@ def open_image(path: Path, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise TooLarge(f"`image` is too large to decode: {exc}") from None
     except (UnidentifiedImageError, OSError):
-        raise UnsupportedImage(f"`image` is not an image this service can read; accepted formats: {accepted}.") from None
+        raise UnsupportedImage(
+            f"`image` is not an image this service can read; accepted formats: {accepted}."
+        ) from None
     if image.format not in ACCEPTED_FORMATS:
         raise UnsupportedImage(f"`image` is a {image.format} image; accepted formats: {accepted}.")
     width, height = image.size

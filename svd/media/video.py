@@ -45,7 +45,12 @@ CODECS: dict[str, Codec] = {
         "image/gif",
         "gif",
         "pal8",
-        ("-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=sierra2_4a", "-loop", "0"),
+        (
+            "-filter_complex",
+            "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=sierra2_4a",
+            "-loop",
+            "0",
+        ),
     ),
 }
 
@@ -72,7 +77,10 @@ class VideoWriter:
 
     def write(self, frames: np.ndarray) -> None:
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self._size[1], self._size[0], 3):
-            raise ValueError(f"expected uint8 frames of shape (n, {self._size[1]}, {self._size[0]}, 3), got {frames.dtype} {frames.shape}")
+            raise ValueError(
+                f"expected uint8 frames of shape (n, {self._size[1]}, {self._size[0]}, 3), "
+                f"got {frames.dtype} {frames.shape}"
+            )
         for frame in np.ascontiguousarray(frames):
             self._writer.send(frame)
 

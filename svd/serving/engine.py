@@ -18,9 +18,10 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Literal
 
-from svd.serving import metrics
-from svd.base.settings import Settings
 from svd.base.errors import InputError, Refused
+from svd.base.params import GenerationParams
+from svd.base.progress import ProgressCallback
+from svd.base.settings import Settings
 from svd.core.faults import Faults
 from svd.core.generate import (
     DeadlineExceeded,
@@ -33,11 +34,10 @@ from svd.core.generate import (
     warm_up,
     warm_up_params,
 )
-from svd.media.images import prepare_image
 from svd.core.loading import LoadedModel, load_pipeline, resolve_device
-from svd.base.params import GenerationParams
 from svd.core.preview import Previewer
-from svd.base.progress import ProgressCallback
+from svd.media.images import prepare_image
+from svd.serving import metrics
 from svd.serving.gpu_turns import Turns
 
 logger = logging.getLogger(f"bentoml.{__name__}")

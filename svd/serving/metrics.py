@@ -30,7 +30,8 @@ OOM_RETRIES = bentoml.metrics.Counter(
 )
 REFUSED = bentoml.metrics.Counter(
     name="svd_requests_refused",
-    documentation="Requests refused before generating, by reason: busy, not_ready, too_large, unauthorized, url_not_file, "
+    documentation="Requests refused before generating, by reason: busy, not_ready, too_large, unauthorized, "
+    "url_not_file, "
     "unknown_field.",
     labelnames=["reason"],
 )

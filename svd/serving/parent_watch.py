@@ -34,7 +34,9 @@ def end_with_parent() -> None:
             if os.getppid() != parent:
                 os._exit(1)
             return
-        logger.warning("SVD could not ask to end with the server (prctl: errno %d); watching it instead", ctypes.get_errno())
+        logger.warning(
+            "SVD could not ask to end with the server (prctl: errno %d); watching it instead", ctypes.get_errno()
+        )
     threading.Thread(target=_watch, args=(parent,), name="svd-lifeline", daemon=True).start()
 
 

@@ -38,7 +38,9 @@ class _DropRefusals(logging.Filter):
         from pydantic import ValidationError
 
         exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, ValidationError) or (isinstance(exc, BentoMLException) and exc.error_code.value < 500))
+        return not (
+            isinstance(exc, ValidationError) or (isinstance(exc, BentoMLException) and exc.error_code.value < 500)
+        )
 
 
 def quiet_library_noise() -> None:

@@ -21,7 +21,9 @@ def headers_of(output_id: str, record: dict[str, Any]) -> dict[str, str]:
         "X-Seed": str(record["seed"]),
         "X-Settings": json.dumps(record["settings"], separators=(",", ":")),
         # Milliseconds, as the standard wants.
-        "Server-Timing": ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in record["stage_seconds"].items()),
+        "Server-Timing": ", ".join(
+            f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in record["stage_seconds"].items()
+        ),
         "X-Worker": str(record["worker"]),
         "X-Output-Id": output_id,
     }

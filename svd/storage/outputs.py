@@ -47,7 +47,9 @@ class Outputs:
         except OSError as exc:
             (self.folder / record["file"]).unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(exc.errno, f"the disk of SVD_OUTPUT_DIR ({self.folder}) is full: {exc.strerror}") from None
+                raise DiskFull(
+                    exc.errno, f"the disk of SVD_OUTPUT_DIR ({self.folder}) is full: {exc.strerror}"
+                ) from None
             raise
         self.prune()
         return record

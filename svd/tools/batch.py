@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--timeout", type=float, default=900, metavar="SECONDS", help="to wait for one video (default: 900)")
     add("--retries", type=at_least(0), default=5, metavar="N", help="on 429, 503, dropped connections (default: 5)")
     options = parser.add_argument_group(
-        "generation options", "The same for every image; each left out takes the server's default (a seed: a random one each)."
+        "generation options",
+        "The same for every image; each left out takes the server's default (a seed: a random one each).",
     )
     for control in CONTROLS:
         choices = control.choices or None

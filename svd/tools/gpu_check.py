@@ -1,6 +1,7 @@
 """Run once on a GPU machine: load the configured model, make one default video, report.
 
-    python -m svd.tools.gpu_check [--json results.json] [--full] [--width W --height H --num-frames N --num-inference-steps S]
+    python -m svd.tools.gpu_check [--json results.json] [--full]
+        [--width W --height H --num-frames N --num-inference-steps S]
                             [--cache-interval K]
 
 Prints the device, dtype, each network's parameters, the seconds of each stage,
@@ -26,12 +27,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from svd.core.architectures import parameter_count
-from svd.base.settings import Settings
-from svd.core.generate import StageTimes, generate
-from svd.media.images import fit
-from svd.core.loading import load_pipeline
 from svd.base.params import GenerationParams
+from svd.base.settings import Settings
+from svd.core.architectures import parameter_count
+from svd.core.generate import StageTimes, generate
+from svd.core.loading import load_pipeline
+from svd.media.images import fit
 
 PHOTO = Path(__file__).resolve().parents[2] / "assets" / "rocket.jpg"
 SMALL = GenerationParams(width=256, height=128, num_frames=8, num_inference_steps=2, seed=0)
