@@ -230,7 +230,7 @@ def _reaching(method: Callable[..., T]) -> Callable[..., T]:
 
 
 class RedisJobs:
-    """svd.jobs.JobStore on the Redis at `url` (redis://, rediss:// or unix://); `lease` in seconds."""
+    """svd.jobs.store.JobStore on the Redis at `url` (redis://, rediss:// or unix://); `lease` in seconds."""
 
     def __init__(self, url: str, lease: float = 30, attempts: int = 2):
         self.lease = lease

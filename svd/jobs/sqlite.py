@@ -82,7 +82,7 @@ HELD = f"id = :id AND attempt = :attempt AND status = '{IN_PROGRESS}'"
 
 
 class SQLiteJobs:
-    """svd.jobs.JobStore on an SQLite file for the `workers` of one server; `lease` is in seconds."""
+    """svd.jobs.store.JobStore on an SQLite file for the `workers` of one server; `lease` is in seconds."""
 
     def __init__(self, path: Path, lease: float = 30, attempts: int = 2, workers: int = 1):
         path.parent.mkdir(parents=True, exist_ok=True)
