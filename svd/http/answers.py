@@ -16,9 +16,9 @@ from svd.http.asgi import Receive, Scope, Send
 from svd.serving import metrics
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    """`{..extra, "error": message}` with `status` and `headers`."""
-    return JSONResponse({**extra, "error": message}, status_code=status, headers=headers)
+def error_response(code: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """`{..extra, "error": message}` with the status `code` and `headers`; `extra` may hold a `status`."""
+    return JSONResponse({**extra, "error": message}, status_code=code, headers=headers)
 
 
 def answer(refused: Refused) -> JSONResponse:
