@@ -170,7 +170,11 @@ def _ready(url: str, process: subprocess.Popen, log: Path) -> bool:
 
 @contextmanager
 def serve(
-    tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 180, wait_ready: bool = True, bento: Path | None = None
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    wait_ready: bool = True,
+    bento: Path | None = None,
 ) -> Iterator[Server]:
     """A real `bentoml serve` on 127.0.0.1 and a free port, stopped on exit: of this checkout, or of
     a built Bento as its container runs it (below).
@@ -195,7 +199,9 @@ def serve(
         command, cwd = bento_command(bento, address, full_env)
     full_env.update(env or {})
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=cwd, env=full_env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=cwd, env=full_env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         if wait_ready:
             wait_until(lambda: _ready(url, process, log), timeout, 0.5, "server ready")
@@ -268,7 +274,9 @@ class Redis:
 
         def answers() -> bool:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}: see {self.folder / 'redis.log'}")
+                raise RuntimeError(
+                    f"redis-server exited with {self.process.returncode}: see {self.folder / 'redis.log'}"
+                )
             try:
                 return bool(client.ping())
             except (redis.ConnectionError, redis.BusyLoadingError):

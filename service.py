@@ -1,7 +1,8 @@
 """Stable Video Diffusion XT as a BentoML service: a still image in, a short video out.
 
 Serve it with `bentoml serve` and open http://localhost:3000 for the Swagger UI.
-Configuration is read from the environment once, in svd/config.py.
+Configuration is read from the environment once, in svd/base/settings.py. This file is the
+only place that wires the layers of svd/ together (README: Files).
 """
 
 from __future__ import annotations
@@ -17,22 +18,28 @@ from bentoml.validators import ContentType
 from pydantic import Field
 from starlette.responses import Response
 
-from svd.config import ConfigError, Settings
-from svd.errors import Refused
-from svd.fields import JOB_ONLY, GenerateInput, JobInput
-from svd.guards import OPEN_PATHS, BearerAuth, UploadGuard
-from svd.hub import hub_reference
-from svd.jobs import IN_PROGRESS, StoreUnavailable, open_store
-from svd.jobs.routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
-from svd.library import library_app
-from svd.outputs import ID, Outputs, headers_of, new_id, record_of
-from svd.params import GenerationParams
-from svd.preview import previews_of
-from svd.progress import Progress
-from svd.schema import PublishedSchema, ReadableRefusals
-from svd.served_by import ServedBy
-from svd.ui import PUBLIC_FILES, ui_app
-from svd.webhooks import Allowed
+from svd.base.errors import Refused
+from svd.base.ids import ID, new_id
+from svd.base.params import GenerationParams
+from svd.base.progress import Progress
+from svd.base.settings import ConfigError, Settings
+from svd.http.answers import answer
+from svd.http.auth import OPEN_PATHS, BearerAuth
+from svd.http.outputs_routes import library_app
+from svd.http.page import PUBLIC_FILES, ui_app
+from svd.http.published_schema import PublishedSchema
+from svd.http.readable_refusals import ReadableRefusals
+from svd.http.request_fields import JOB_ONLY, GenerateInput, JobInput
+from svd.http.served_by import ServedBy
+from svd.http.task_routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
+from svd.http.upload_guard import UploadGuard
+from svd.jobs.addresses import Allowed
+from svd.jobs.model import IN_PROGRESS, StoreUnavailable
+from svd.jobs.open import open_store
+from svd.serving.hub import hub_reference
+from svd.serving.records import headers_of, record_of
+from svd.storage.outputs import Outputs
+from svd.storage.previews import previews_of
 
 try:
     SETTINGS = Settings.from_env()
@@ -104,15 +111,15 @@ class StableDiffusionVideo:
     def __init__(self) -> None:
         # Here, not above: `bentoml serve` imports this file in a process that never runs
         # the model, and torch, diffusers and transformers take seconds and hundreds of MiB.
-        from svd.lifeline import end_with_parent
-        from svd.logs import quiet_library_noise
+        from svd.serving.parent_watch import end_with_parent
+        from svd.serving.quiet_logs import quiet_library_noise
 
         if bentoml.server_context.worker_index is not None:
             end_with_parent()
         quiet_library_noise()  # before the imports below, which already warn
 
-        from svd.engine import Engine
         from svd.jobs.runner import JobRunner
+        from svd.serving.engine import Engine
 
         settings = replace(SETTINGS, worker=bentoml.server_context.worker_index or 1)
         # Loads and warms up in the background: /livez answers at once, /readyz once warm.
@@ -123,7 +130,7 @@ class StableDiffusionVideo:
         self.runner.start()
         self.deliverer = None
         if WEBHOOK_HOSTS is not None:
-            from svd.webhooks import Deliverer
+            from svd.jobs.delivery import Deliverer
 
             # Sends the jobs' webhooks kept in the store, whichever worker's job they are.
             self.deliverer = Deliverer(self.jobs, settings.webhook_secret, WEBHOOK_HOSTS)
@@ -146,7 +153,9 @@ class StableDiffusionVideo:
         return self.engine.alive
 
     @bentoml.api(input_spec=GenerateInput)
-    def generate(self, context: bentoml.Context, image: Path, **controls: Any) -> Annotated[Path, ContentType("video/*")]:
+    def generate(
+        self, context: bentoml.Context, image: Path, **controls: Any
+    ) -> Annotated[Path, ContentType("video/*")]:
         """Turn a still image into a short video (25 frames at 1024x576 by default).
 
         The seed actually used comes back in the X-Seed header, every effective
@@ -168,13 +177,15 @@ class StableDiffusionVideo:
 
     # The same generation as a job. Swagger and BentoML's clients learn the task routes
     # (ROUTE/submit, /status, /get, /cancel, /retry) from this declaration; the job store
-    # answers them (svd/jobs/routes.py) and the runners run the jobs.
+    # answers them (svd/http/task_routes.py) and the runners run the jobs.
     generate_task = bentoml.task(generate.func, route="/generate_task", input_spec=GenerateInput)
     generate_task.name = "generate_task"  # bentoml.task ignores its name argument (1.4.39)
 
     @bentoml.api
     def progress(
-        self, context: bentoml.Context, task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")]
+        self,
+        context: bentoml.Context,
+        task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")],
     ) -> dict[str, Any]:
         """Where a generate_task job is: its status, its stage (queued, encode, denoise, decode, interpolate,
         video, done), its step and its segment, and `preview`: where its latest live preview is served
@@ -212,7 +223,10 @@ StableDiffusionVideo.add_asgi_middleware(
     timeout=SETTINGS.upload_timeout,
     # Each POST route's fields, as the signatures above declare them; a task is submitted at ROUTE/submit.
     fields={
-        f"{api.route}/submit" if api.is_task else api.route: [*api.input_spec.model_fields, *(JOB_ONLY if api.is_task else ())]
+        f"{api.route}/submit" if api.is_task else api.route: [
+            *api.input_spec.model_fields,
+            *(JOB_ONLY if api.is_task else ()),
+        ]
         for api in StableDiffusionVideo.apis.values()
     },
 )
@@ -240,4 +254,4 @@ StableDiffusionVideo.add_asgi_middleware(
 def refuse(context: bentoml.Context, refused: Refused) -> Response:
     # BentoML answers with the context's status code, whatever the response says.
     context.response.status_code = refused.status
-    return refused.response()
+    return answer(refused)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.report import Section, machine, table, write_json
 from harness import PHOTO, ROOT
-from svd.params import CONTROLS
+from svd.base.params import CONTROLS
 
 SECTIONS = ("encoding", "interpolation", "jobs", "preview", "replicas", "coldstart", "memory", "serving", "load")
 # The sections that share one server; replicas starts its own.
@@ -26,7 +26,7 @@ QUICK = {
     "encode_size": "256x144",
     "encode_frames": 5,
     "encode_repeats": 1,
-    "imports": "svd.config",
+    "imports": "svd.base.settings",
     "presets": "ultrafast",
     "crfs": "23",
     "runs": 1,
@@ -47,7 +47,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, from: " + ", ".join(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and counts: checks the bench runs, no figures")
     parser.add_argument(
-        "--gpu", action="store_true", help="the configured model on CUDA instead: stages, end to end, VRAM (needs no BentoML)"
+        "--gpu",
+        action="store_true",
+        help="the configured model on CUDA instead: stages, end to end, VRAM (needs no BentoML)",
     )
     parser.add_argument(
         "--out", type=Path, help="JSON output (default: bench/results/latest.json; with --gpu, gpu-<device>.json)"
@@ -70,7 +72,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--factors", default="2,4", help="interpolation factors to measure")
     group = parser.add_argument_group("jobs (in-process, the tiny model and the service's job store and runner)")
     group.add_argument("--jobs", type=int, default=8, help="jobs queued and run one after another")
-    group = parser.add_argument_group("preview (in-process, the tiny model: generations with and without live previews)")
+    group = parser.add_argument_group(
+        "preview (in-process, the tiny model: generations with and without live previews)"
+    )
     group.add_argument("--preview-runs", type=int, default=5, help="generations each way, alternating")
     group.add_argument("--preview-steps", type=int, default=50, help="denoising steps of each generation")
     group = parser.add_argument_group("replicas (one and two `bentoml serve` replicas on one redis-server queue)")
@@ -143,7 +147,10 @@ def run_cpu(args: argparse.Namespace) -> list[Section]:
         done(jobs.run(request, args.jobs, args.torch_threads), start)
     if "preview" in args.sections:
         start = time.perf_counter()
-        done(preview.run({**request, "num_inference_steps": args.preview_steps}, args.preview_runs, args.torch_threads), start)
+        done(
+            preview.run({**request, "num_inference_steps": args.preview_steps}, args.preview_runs, args.torch_threads),
+            start,
+        )
     if "replicas" in args.sections:
         start = time.perf_counter()
         replica_request = {**request, "num_inference_steps": args.replica_steps}
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.gpu:
         from bench import gpu
-        from svd.config import Settings
+        from svd.base.settings import Settings
 
         sections = [gpu.run(args.cache_interval)]
         out = args.out or gpu.results_path(Settings.from_env())

@@ -1,4 +1,5 @@
-"""Video encoding: our encoder (svd.video.VideoWriter, frames down ffmpeg's stdin) against diffusers' export_to_video.
+"""Video encoding: our encoder (svd.media.video.VideoWriter, frames down ffmpeg's stdin) against diffusers'
+export_to_video.
 
 Both get the same frames: a slow sub-pixel pan across a real photo, so the
 encoders see video-like motion rather than noise (which no encoder compresses).
@@ -20,7 +21,7 @@ from PIL import Image
 
 from bench.report import Row, Section, median
 from harness import decode_video, top_level_boxes
-from svd.video import CODECS, VideoWriter
+from svd.media.video import CODECS, VideoWriter
 
 FPS = 7
 PAN_PIXELS_PER_FRAME = 3.5

@@ -23,11 +23,11 @@ import torch
 
 from bench.report import Row, Section
 from harness import PHOTO
-from svd.config import Settings
-from svd.generate import StageTimes, generate, warm_up, warm_up_params
-from svd.images import prepare_image
-from svd.loading import LoadedModel, load_pipeline
-from svd.params import GenerationParams
+from svd.base.params import GenerationParams
+from svd.base.settings import Settings
+from svd.core.generate import StageTimes, generate, warm_up, warm_up_params
+from svd.core.loading import LoadedModel, load_pipeline
+from svd.media.images import prepare_image
 
 GIB = 2**30
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,7 +86,14 @@ def run(cache_intervals: Sequence[int] = CACHE_INTERVALS) -> Section:
             _measure(section, name, model, case, settings, Path(tmp))
         intervals = [interval for interval in cache_intervals if interval != 1]
         for interval in intervals:
-            _measure(section, f"cache_interval {interval}", model, replace(DEFAULT, cache_interval=interval), settings, Path(tmp))
+            _measure(
+                section,
+                f"cache_interval {interval}",
+                model,
+                replace(DEFAULT, cache_interval=interval),
+                settings,
+                Path(tmp),
+            )
         _compare_intervals(section, intervals)
         _measure(section, "2 steps, CUDA cache kept", model, SHORT, settings, Path(tmp))
         torch.cuda.empty_cache()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from svd.config import TINY_MODEL_ID, Settings
-from svd.engine import Engine
+from svd.base.settings import TINY_MODEL_ID, Settings
+from svd.serving.engine import Engine
 
 
 @contextmanager

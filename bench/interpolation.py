@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.encoding import FPS, pan_frames, psnr
 from bench.report import Row, Section
-from svd.interpolate import MINTERPOLATE, interpolate
+from svd.media.interpolate import MINTERPOLATE, interpolate
 
 MODES = {
     "dup (repeat the frame before, the floor)": "format=yuv444p,minterpolate=fps={fps}:mi_mode=dup",

@@ -13,16 +13,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-
 from bench.inprocess import tiny_engine
 from bench.report import Row, Section, median
 from harness import PHOTO, wait_until
-from svd.engine import Engine
-from svd.jobs import COMPLETED, Claim
+from svd.base.progress import Progress
+from svd.base.retention import Keep
+from svd.jobs.model import COMPLETED, Claim
 from svd.jobs.runner import JobRunner
 from svd.jobs.sqlite import SQLiteJobs
-from svd.outputs import Keep, Outputs
-from svd.progress import Progress
+from svd.serving.engine import Engine
+from svd.storage.outputs import Outputs
 
 MAX_START_SECONDS = 0.2
 

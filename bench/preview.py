@@ -1,4 +1,4 @@
-"""Preview: what the live preview (svd/preview.py) costs a generation.
+"""Preview: what the live preview (svd/core/preview.py) costs a generation.
 
 In-process, on the tiny model, through the engine as a job runner calls it: the same request
 with previews and without, alternating, each generation timed whole and the previews' own
@@ -17,10 +17,10 @@ from PIL import Image
 from bench.inprocess import tiny_engine
 from bench.report import Row, Section, median
 from harness import PHOTO
-from svd.engine import Engine
-from svd.params import GenerationParams
-from svd.outputs import write_atomically
-from svd.preview import LATENT_RGB, SHARE, Previewer, encode, latents_to_rgb
+from svd.base.params import GenerationParams
+from svd.core.preview import LATENT_RGB, SHARE, Previewer, encode, latents_to_rgb
+from svd.serving.engine import Engine
+from svd.storage.outputs import write_atomically
 
 MAX_SHARE = 0.03  # the issue's bound, of a generation's time
 # A default video's latents: 25 frames of 1024x576, one latent per 8x8 pixels.
@@ -70,7 +70,8 @@ def _measure(engine: Engine, tmp: Path, request: dict[str, int], runs: int) -> S
                 f"{median(plain):.2f} / {median(previewed):.2f} s ({slower:+.1%})",
             ),
             Row(
-                f"one preview of a default video ({DEFAULT_LATENTS[0]} frames of {DEFAULT_LATENTS[3]}x{DEFAULT_LATENTS[2]} "
+                f"one preview of a default video ({DEFAULT_LATENTS[0]} frames of "
+                f"{DEFAULT_LATENTS[3]}x{DEFAULT_LATENTS[2]} "
                 f"latents), on the CPU: to float32, project, encode, write; median of {ONE_PREVIEW_REPEATS}, "
                 "latents of a photo pan / of noise",
                 f"{one['photo'] * 1000:.1f} / {one['noise'] * 1000:.1f} ms: at a {SHARE:.0%} share, one preview per "

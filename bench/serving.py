@@ -16,11 +16,11 @@ import torch
 from bench.report import Row, Section, median
 from bench.server import REQUEST_TIMEOUT
 from harness import PHOTO, Server
-from svd.config import TINY_MODEL_ID, Settings
-from svd.generate import generate
-from svd.images import prepare_image
-from svd.loading import load_pipeline
-from svd.params import GenerationParams
+from svd.base.params import GenerationParams
+from svd.base.settings import TINY_MODEL_ID, Settings
+from svd.core.generate import generate
+from svd.core.loading import load_pipeline
+from svd.media.images import prepare_image
 
 MAX_RATIO = 1.05
 

@@ -17,4 +17,6 @@ python3 -m venv .venv
 # The CPU build of PyTorch first: otherwise pip pulls a multi-GB CUDA build.
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -r requirements-test.txt
+# The linter (pyproject.toml: pyflakes, pycodestyle, isort, bugbear) before the tests.
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness import ROOT
-from svd.architectures import build_empty_pipeline, build_pipeline, parameter_count
+from svd.core.architectures import build_empty_pipeline, build_pipeline, parameter_count
 
 
 @pytest.mark.parametrize(("name", "frames"), [("random-svd-xt", 25), ("random-svd", 14)])
@@ -26,7 +26,12 @@ def test_full_size_architectures_have_the_published_sizes(name: str, frames: int
     assert pipe.unet.config.cross_attention_dim == 1024
     assert pipe.vae.config.block_out_channels == (128, 256, 512, 512) and pipe.vae_scale_factor == 8
     vision = pipe.image_encoder.config
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.projection_dim) == (1280, 32, 14, 1024)
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.projection_dim) == (
+        1280,
+        32,
+        14,
+        1024,
+    )
     assert pipe.feature_extractor.crop_size == {"height": 224, "width": 224}
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.use_karras_sigmas
     assert all(parameter.is_meta for parameter in pipe.unet.parameters()), "shapes only, no memory"
@@ -50,7 +55,7 @@ def test_gpu_check_runs_the_full_size_architecture_on_the_cpu(name: str, tmp_pat
     env = {**os.environ, "SVD_MODEL_ID": name, "SVD_DEVICE": "cpu"}
     command = ["--width", "64", "--height", "64", "--num-frames", "2", "--num-inference-steps", "1"]
     result = subprocess.run(
-        [sys.executable, "-m", "svd.gpu_check", *command, "--json", str(report_path)],
+        [sys.executable, "-m", "svd.tools.gpu_check", *command, "--json", str(report_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

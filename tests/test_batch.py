@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from harness import ASSETS, PHOTO, SMALL, Server, decode_video, serve
-from svd import batch
-from svd.video import VideoWriter
+from svd.media.video import VideoWriter
+from svd.tools import batch
 
 SMALL_OPTIONS = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL.items()]
 

@@ -44,4 +44,6 @@ def test_the_benchmarks_import_nothing_of_the_tests():
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
-            assert not any(name == "tests" or name.startswith("tests.") for name in names), f"{path.name} imports {names}"
+            assert not any(name == "tests" or name.startswith("tests.") for name in names), (
+                f"{path.name} imports {names}"
+            )

@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from harness import PHOTO, ROOT, SMALL, Server, assert_browser_safe_mp4, bento_command, decode_video, serve, wait_until
-from svd.gpu_check import PHOTO as GPU_CHECK_PHOTO
-from svd.ui import STATIC
+from svd.http.page import STATIC
+from svd.tools.gpu_check import PHOTO as GPU_CHECK_PHOTO
 
 # Where the image keeps the Bento (BENTO_PATH) and whom it runs as; see env/docker/Dockerfile.
 IMAGE_BENTO_PATH = "/home/bentoml/bento"
@@ -32,12 +32,16 @@ PIN = re.compile(r"^([A-Za-z0-9_.-]+)==([^\s;]+)", re.MULTILINE)
 
 
 def _files(folder: Path) -> set[str]:
-    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and "__pycache__" not in path.parts}
+    return {
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
 
 
 def test_the_bento_holds_the_whole_package_the_files_it_opens_and_nothing_else(bento: Path):
     package = {f"svd/{name}" for name in _files(ROOT / "svd")}
-    # Files the package opens by path at run time: the page, and the photo of svd.gpu_check.
+    # Files the package opens by path at run time: the page, and the photo of svd.tools.gpu_check.
     opened = {path.relative_to(ROOT).as_posix() for path in [*STATIC.iterdir(), GPU_CHECK_PHOTO]}
     assert opened - package == {"assets/rocket.jpg"}, "the page's files are in the package"
     shipped = _files(bento / "src")
@@ -109,7 +113,9 @@ def test_the_served_bento_runs_a_job_from_submit_to_get(served: Server, tmp_path
     task_id = submitted.json()["task_id"]
 
     def finished() -> str | None:
-        status = httpx.get(f"{served.url}/generate_task/status", params={"task_id": task_id}, timeout=30).json()["status"]
+        status = httpx.get(f"{served.url}/generate_task/status", params={"task_id": task_id}, timeout=30).json()[
+            "status"
+        ]
         return None if status in ("pending", "in_progress") else status
 
     assert wait_until(finished, 300, 0.5, "the job finished") == "completed"
@@ -137,12 +143,12 @@ def test_the_served_bento_publishes_its_schema_page_and_metrics(served: Server):
 
 
 def test_the_bento_s_gpu_check_runs_from_the_bento_alone(bento: Path, tmp_path: Path):
-    """`python -m svd.gpu_check` inside the image checks its GPU; here, without one, the tiny model."""
+    """`python -m svd.tools.gpu_check` inside the image checks its GPU; here, without one, the tiny model."""
     env = {**os.environ}
     bento_command(bento, [], env)
     report = tmp_path / "gpu_check.json"
     result = subprocess.run(
-        [sys.executable, "-m", "svd.gpu_check", "--json", str(report)],
+        [sys.executable, "-m", "svd.tools.gpu_check", "--json", str(report)],
         cwd=bento / "src",
         env={**env, "SVD_DEVICE": "auto"},
         capture_output=True,

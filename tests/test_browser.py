@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness import PHOTO, SMALL, Server, assert_browser_safe_mp4, decode_video, serve
-from svd.params import CONTROLS, Range
+from svd.base.params import CONTROLS, Range
 
 # Found as scripts/test.sh finds it, which installs it where it is missing.
 CHROMIUM = shutil.which("chromium")
@@ -131,7 +131,14 @@ def test_the_page_generates_a_video_and_shows_its_seed_and_settings(page, server
         assert video.evaluate(f"v => v.{attribute}"), attribute
     assert video.evaluate("v => [v.videoWidth, v.videoHeight]") == [256, 128]
     settings = page.locator("#settings").inner_text()
-    for row in ("width\t256", "height\t128", "num_frames\t8", "num_inference_steps\t24", "format\tmp4", "sizing\tstretch"):
+    for row in (
+        "width\t256",
+        "height\t128",
+        "num_frames\t8",
+        "num_inference_steps\t24",
+        "format\tmp4",
+        "sizing\tstretch",
+    ):
         assert row in settings, settings
 
     with page.expect_download() as download:
@@ -212,7 +219,9 @@ def test_cancel_beside_the_progress_bar_stops_the_job(page, server):
     with page.expect_response(re.compile(r".*/generate_task/submit$")) as submitted:
         page.get_by_role("button", name="Generate").click()
     task_id = submitted.value.json()["task_id"]
-    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Denoising step \d+ of 100"), timeout=GENERATION_MS)
+    expect(page.locator("#progress-text")).to_have_text(
+        re.compile(r"^Denoising step \d+ of 100"), timeout=GENERATION_MS
+    )
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("#error")).to_contain_text(
         "Cancelled: the service stopped the job and made no video", timeout=GENERATION_MS

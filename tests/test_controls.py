@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from harness import PHOTO, SMALL, assert_browser_safe_mp4, decode_video
-from svd.architectures import build_pipeline
-from svd.config import Settings
-from svd.errors import BadInput
-from svd.loading import load_pipeline
-from svd.params import GenerationParams
+from svd.base.errors import BadInput
+from svd.base.params import GenerationParams
+from svd.base.settings import Settings
+from svd.core.architectures import build_pipeline
+from svd.core.loading import load_pipeline
 
 TINY = {"width": 128, "height": 64, "num_frames": 4, "num_inference_steps": 2, "seed": 11}
 

@@ -1,4 +1,4 @@
-"""cache_interval (svd/deepcache.py): the cached steps compute what the UNet would from the kept
+"""cache_interval (svd/core/deepcache.py): the cached steps compute what the UNet would from the kept
 features, only every n-th step runs the whole UNet, and nothing of the cache outlives its denoising."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from diffusers import UNetSpatioTemporalConditionModel
 from PIL import Image
 
 from harness import PHOTO, decode_video
-from svd.config import Settings
-from svd.deepcache import HOOK, _layer_modules, outer_layers
-from svd.generate import OutOfMemory, Stopped, denoise, generate, seeded
-from svd.loading import LoadedModel, load_pipeline
-from svd.params import GenerationParams
-from svd.progress import Progress
+from svd.base.params import GenerationParams
+from svd.base.progress import Progress
+from svd.base.settings import Settings
+from svd.core.deepcache import HOOK, _layer_modules, outer_layers
+from svd.core.generate import OutOfMemory, Stopped, denoise, generate, seeded
+from svd.core.loading import LoadedModel, load_pipeline
 
 PARAMS = GenerationParams(width=128, height=64, num_frames=4, num_inference_steps=7, seed=5).resolve(25)
 
@@ -125,7 +125,7 @@ def _assert_released(model: LoadedModel, refs: list[weakref.ref]) -> None:
     unet = model.pipe.unet
     gc.collect()
     assert refs and all(ref() is None for ref in refs), "a deep feature outlived its denoising"
-    assert HOOK not in getattr(unet, "_diffusers_hook").hooks
+    assert HOOK not in unet._diffusers_hook.hooks
     assert len(_layer_modules(unet.up_blocks[-1], 0)[-1]._forward_hooks) == 0
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from harness import ROOT
-from svd.config import Settings
+from svd.base.settings import Settings
 
 KUBERNETES = "1.30.0"
 MANIFESTS = sorted((ROOT / "deploy").glob("*.yaml"))
@@ -29,7 +29,9 @@ def test_each_manifest_is_valid_in_strict_mode(path: Path):
 
 def test_strict_mode_refuses_a_misspelt_field():
     deployment = _load("deployment.yaml")
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/readyz", "port": 3000}}
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {
+        "httpGet": {"path": "/readyz", "port": 3000}
+    }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES, strict=True)
 
@@ -71,16 +73,22 @@ def test_every_replica_shares_the_redis_of_deploy_with_persistence():
     options = dict(zip(redis["args"][::2], redis["args"][1::2]))
     assert options["--appendonly"] == "yes" and options["--maxmemory-policy"] == "noeviction"
     (mount,) = redis["volumeMounts"]
-    assert mount["mountPath"] == "/data" and mount["name"] == statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    assert (
+        mount["mountPath"] == "/data"
+        and mount["name"] == statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    )
 
 
 def test_the_autoscaler_scales_the_deployment_on_the_queue():
-    from svd import metrics
+    from svd.serving import metrics
 
     hpa = _load("hpa.yaml")
     assert hpa["spec"]["scaleTargetRef"]["name"] == _load("deployment.yaml")["metadata"]["name"]
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "External" and metric["external"]["target"] == {"type": "AverageValue", "averageValue": "1"}
+    assert metric["type"] == "External" and metric["external"]["target"] == {
+        "type": "AverageValue",
+        "averageValue": "1",
+    }
     # The adapter rule in the file's comment makes that metric out of the gauges the service exports.
     rule = (ROOT / "deploy" / "hpa.yaml").read_text().split("rules:", 1)[1].split("\n#\n", 1)[0]
     assert f"name: {{as: {metric['external']['metric']['name']}}}" in rule

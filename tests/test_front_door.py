@@ -44,8 +44,9 @@ def test_gpu_check_runs_where_bentoml_cannot_be_imported(tmp_path: Path):
         "import sys\n"
         "for name in ('bentoml', 'pydantic', 'starlette'):\n"
         "    sys.modules[name] = None  # import of it fails, as where it is not installed\n"
-        "from svd import gpu_check\n"
-        f"sys.exit(gpu_check.main(['--width', '64', '--height', '64', '--num-frames', '2', '--json', {str(report)!r}]))\n"
+        "from svd.tools import gpu_check\n"
+        "sys.exit(gpu_check.main(['--width', '64', '--height', '64', '--num-frames', '2', "
+        f"'--json', {str(report)!r}]))\n"
     )
     result = _python(code, SVD_MODEL_ID="tiny", SVD_DEVICE="cpu")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -49,7 +49,9 @@ def test_no_request_the_schema_calls_wrong_gets_a_server_error(server: Server, t
     # on them in negative mode (jsonschema_rs: "Unsupported type: 'Binary'", while it checks that
     # a mutated form is invalid). Its coverage phase sends them the wrong values, types and
     # missing fields, and the stateful phase sequences of them.
-    report = _fuzz(server, tmp_path, *NEGATIVE, "--include-path-regex", GENERATING, "--phases", "examples,coverage,stateful")
+    report = _fuzz(
+        server, tmp_path, *NEGATIVE, "--include-path-regex", GENERATING, "--phases", "examples,coverage,stateful"
+    )
     assert "3 selected / 13 total" in report
     log = server.log_text()[logged_before:]
     assert "Traceback" not in log, "a refused request logs its access line, not a traceback"
@@ -97,7 +99,12 @@ MALFORMED = {
     "JSON that does not parse": ("/progress", "application/json", b"{bad", "the body: Invalid JSON"),
     "a wrong type": ("/progress", "application/json", b'{"task_id": 5}', "task_id: Input should be a valid string"),
     "no body": ("/progress", "application/json", b"", "task_id: Field required"),
-    "Latin-1 in a JSON body": ("/progress", "application/json; charset=latin-1", b'{"task_id": "\xe9"}', "the body: Invalid JSON"),
+    "Latin-1 in a JSON body": (
+        "/progress",
+        "application/json; charset=latin-1",
+        b'{"task_id": "\xe9"}',
+        "the body: Invalid JSON",
+    ),
     "text instead of a form": ("/generate", "text/plain", b"hello", "the body: Invalid JSON"),
     "JSON without the image": ("/generate", "application/json", b'{"seed": 1}', "image: Field required"),
 }

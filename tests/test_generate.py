@@ -41,10 +41,10 @@ def test_omitted_seed_is_drawn_and_reported(call_service):
 
 def test_frames_match_what_the_diffusers_pipeline_returns(service):
     """Decoding chunk by chunk gives exactly diffusers' own uint8 frames."""
-    from svd.params import GenerationParams
+    from svd.base.params import GenerationParams
 
     image = Image.open(PHOTO).convert("RGB").resize((256, 128))
-    from svd.generate import decode_frames, denoise
+    from svd.core.generate import decode_frames, denoise
 
     model = service.engine.model
     params = GenerationParams(**SMALL, seed=5, decode_chunk_size=3).resolve(model.max_frames)

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from harness import PHOTO, assert_browser_safe_mp4, decode_video
-from svd.config import Settings
-from svd.faults import Faults
-from svd.generate import OutOfMemory, StageTimes, denoise, generate, warm_up, warm_up_params
-from svd.loading import LoadedModel, load_pipeline
-from svd.params import GenerationParams
+from svd.base.params import GenerationParams
+from svd.base.settings import Settings
+from svd.core.faults import Faults
+from svd.core.generate import OutOfMemory, StageTimes, denoise, generate, warm_up, warm_up_params
+from svd.core.loading import LoadedModel, load_pipeline
 
 pytestmark = pytest.mark.gpu
 

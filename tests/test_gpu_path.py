@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from harness import PHOTO, decode_video
-from svd.config import Settings
-from svd.loading import load_pipeline
+from svd.base.settings import Settings
+from svd.core.loading import load_pipeline
 
 TINY = {"width": 128, "height": 64, "num_frames": 8, "num_inference_steps": 3, "seed": 3}
 
@@ -69,7 +69,7 @@ def test_out_of_memory_while_other_processes_hold_the_gpu_is_a_503_with_retry_af
     call_service, faults, monkeypatch: pytest.MonkeyPatch
 ):
     """Another process holding gigabytes may free them: worth a retry, as the batch client does on 503."""
-    from svd import generate
+    from svd.core import generate
 
     monkeypatch.setattr(generate, "memory_held_elsewhere", lambda device: 6 * 2**30)
     faults.inject("denoise", 1)
@@ -81,9 +81,9 @@ def test_out_of_memory_while_other_processes_hold_the_gpu_is_a_503_with_retry_af
 def test_encode_out_of_memory_leaves_the_float16_vae_in_float16(tmp_path):
     """diffusers upcasts a float16 VAE with force_upcast to float32 for the image encode and casts
     it back afterwards; an out-of-memory in between used to leave it float32 for good."""
-    from svd.faults import Faults
-    from svd.generate import OutOfMemory, generate
-    from svd.params import GenerationParams
+    from svd.base.params import GenerationParams
+    from svd.core.faults import Faults
+    from svd.core.generate import OutOfMemory, generate
 
     model = load_pipeline(Settings(model_id="tiny", device="cpu", dtype="float16"))
     assert model.pipe.vae.config.force_upcast and model.pipe.vae.dtype == torch.float16
@@ -99,7 +99,7 @@ def test_memory_is_released_only_once_the_failed_call_s_tensors_are_dropped(
 ):
     """A failure's traceback holds the activations of the call that failed: releasing inside the
     except block freed nothing. At each release only the weights and the latents may be alive."""
-    from svd import generate
+    from svd.core import generate
 
     weights = _weights(service.engine.model.pipe)
     release = generate.release_memory
@@ -197,9 +197,9 @@ def test_compiled_unet_is_warmed_at_the_default_shapes_and_stops_recompiling(tmp
     compiling inside its deadline."""
     from torch._dynamo.utils import counters
 
-    from svd.engine import Engine
-    from svd.generate import denoise, generate
-    from svd.params import GenerationParams
+    from svd.base.params import GenerationParams
+    from svd.core.generate import denoise, generate
+    from svd.serving.engine import Engine
 
     counters.clear()
     engine = Engine(Settings(model_id="tiny", device="cpu", compile="aot_eager"))
@@ -226,7 +226,7 @@ def test_compiled_unet_is_warmed_at_the_default_shapes_and_stops_recompiling(tmp
 
 
 def test_gpu_check_without_a_gpu_runs_the_tiny_model_and_says_so(tmp_path, capsys, monkeypatch):
-    from svd import gpu_check
+    from svd.tools import gpu_check
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("SVD_MODEL_ID", raising=False)

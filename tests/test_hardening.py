@@ -36,7 +36,9 @@ def png_header(width: int, height: int) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def tiff_header(width: int, height: int) -> bytes:
@@ -83,7 +85,12 @@ BAD_INPUTS = {
     "a tiff claiming 60000x60000": (photo("bomb.tif", tiff_header(60_000, 60_000)), {}, 413, "too large"),
     "a 300-byte file name": (photo("a" * 296 + ".jpg"), {}, 400, "the limit is 200"),
     "two images": ([("image", ("a.jpg", PHOTO.read_bytes(), "image/jpeg"))] * 2, {}, 400, "sent more than once"),
-    "5000 extra fields": (photo(), {f"field{index}": "1" for index in range(5000)}, 400, "Maximum number of fields is 1000"),
+    "5000 extra fields": (
+        photo(),
+        {f"field{index}": "1" for index in range(5000)},
+        400,
+        "Maximum number of fields is 1000",
+    ),
 }
 
 
@@ -152,7 +159,7 @@ def _animation(frames: int) -> bytes:
 def test_an_animation_of_two_thousand_frames_uses_its_first_frame_only(server, monkeypatch: pytest.MonkeyPatch):
     from PIL import GifImagePlugin
 
-    from svd.images import prepare_image
+    from svd.media.images import prepare_image
 
     gif = _animation(2000)
     assert Image.open(io.BytesIO(gif)).n_frames == 2000
@@ -161,7 +168,9 @@ def test_an_animation_of_two_thousand_frames_uses_its_first_frame_only(server, m
     # The same preparation in-process: no frame past the first is ever read.
     seeks: list[int] = []
     real_seek = GifImagePlugin.GifImageFile.seek
-    monkeypatch.setattr(GifImagePlugin.GifImageFile, "seek", lambda self, frame: (seeks.append(frame), real_seek(self, frame))[1])
+    monkeypatch.setattr(
+        GifImagePlugin.GifImageFile, "seek", lambda self, frame: (seeks.append(frame), real_seek(self, frame))[1]
+    )
     path = Path(tempfile.mkdtemp()) / "many.gif"
     path.write_bytes(gif)
     assert prepare_image(path, 64, 64, "stretch", 40_000_000).size == (64, 64)
@@ -201,7 +210,10 @@ def test_a_body_streamed_without_content_length_is_cut_at_the_limit(server):
 @pytest.mark.parametrize("route", ["/generate", "/generate_task", "/generate_task/submit", "/progress"])
 def test_a_multipart_body_without_its_boundary_is_400_not_500(server, route: str):
     response = httpx.post(
-        f"{server.url}{route}", headers={"Content-Type": "multipart/form-data"}, content=b"--x\r\n\r\n--x--\r\n", timeout=30
+        f"{server.url}{route}",
+        headers={"Content-Type": "multipart/form-data"},
+        content=b"--x\r\n\r\n--x--\r\n",
+        timeout=30,
     )
     assert response.status_code == 400 and "needs its boundary" in response.json()["error"]
     assert "KeyError" not in server.log_text()
@@ -211,7 +223,9 @@ def test_a_multipart_body_without_its_boundary_is_400_not_500(server, route: str
 def test_a_multipart_body_that_does_not_parse_is_400_before_any_work(server, route: str):
     """A boundary, then a part with no headers and no closing delimiter: BentoML's parser failed on it with a 500."""
     headers = {"Content-Type": "multipart/form-data; boundary=x"}
-    response = httpx.post(f"{server.url}{route}", headers=headers, content=b"--x\r\ngarbage without headers", timeout=30)
+    response = httpx.post(
+        f"{server.url}{route}", headers=headers, content=b"--x\r\ngarbage without headers", timeout=30
+    )
     assert response.status_code == 400, response.text
     assert "could not be read as multipart/form-data" in response.json()["error"]
     assert "MultipartParseError" not in server.log_text()
@@ -326,7 +340,10 @@ def test_metrics_count_generations_refusals_frames_and_stages(server):
         f"{server.url}/generate_task/submit", files=photo(), data={**SMALL, "num_inference_steps": 100}, timeout=30
     ).json()["task_id"]
     wait_until(
-        lambda: httpx.post(f"{server.url}/progress", json={"task_id": task_id}, timeout=60).json()["stage"] == "denoise", 60
+        lambda: (
+            httpx.post(f"{server.url}/progress", json={"task_id": task_id}, timeout=60).json()["stage"] == "denoise"
+        ),
+        60,
     )
     assert httpx.put(f"{server.url}/generate_task/cancel", params={"task_id": task_id}, timeout=60).status_code == 200
     canceled = 'svd_generations_total{outcome="canceled"}'
@@ -449,18 +466,20 @@ def test_a_generation_past_its_deadline_stops_at_the_next_step_or_chunk(
     The generation's clock jumps past the deadline when it reports its third step or chunk of
     the stage, so where it must stop does not depend on how fast this machine is.
     """
-    import svd.generate
-    from svd.config import Settings
-    from svd.engine import Engine
-    from svd.errors import Refused
-    from svd.params import GenerationParams
+    import svd.core.generate
+    from svd.base.errors import Refused
+    from svd.base.params import GenerationParams
+    from svd.base.settings import Settings
+    from svd.serving.engine import Engine
 
     engine = Engine(Settings(model_id="tiny", device="cpu"))
     assert engine.wait_ready(120)
     late = threading.Event()
     timeout = engine.settings.timeout
-    clock = SimpleNamespace(monotonic=lambda: time.monotonic() + (2 * timeout if late.is_set() else 0), perf_counter=time.perf_counter)
-    monkeypatch.setattr(svd.generate, "time", clock)
+    clock = SimpleNamespace(
+        monotonic=lambda: time.monotonic() + (2 * timeout if late.is_set() else 0), perf_counter=time.perf_counter
+    )
+    monkeypatch.setattr(svd.core.generate, "time", clock)
     reports: list[tuple[bool, str, int]] = []
 
     def report(progress) -> None:

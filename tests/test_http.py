@@ -156,7 +156,7 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
     from datetime import datetime
 
     from harness import wait_until
-    from svd.client import SyncHTTPClient
+    from svd.tools.client import SyncHTTPClient
 
     def stages(response: httpx.Response) -> dict[str, float]:
         timing = response.headers["server-timing"].split(", ")
@@ -169,7 +169,10 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
     with SyncHTTPClient(server.url, timeout=600) as client:
         tasks = [client.generate_task.submit(image=PHOTO, seed=seed, **params) for seed in (1, 2, 3)]
         wait_until(
-            lambda: any(client.progress(task_id=task.id)["stage"] == "denoise" for task in tasks), 120, 0.02, "a job denoising"
+            lambda: any(client.progress(task_id=task.id)["stage"] == "denoise" for task in tasks),
+            120,
+            0.02,
+            "a job denoising",
         )
         synchronous: list[tuple[float, httpx.Response, float]] = []
 
@@ -182,7 +185,10 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
         sync = threading.Thread(target=generate)
         sync.start()
         wait_until(
-            lambda: all(task.get_status().value not in ("pending", "in_progress") for task in tasks), 300, 0.2, "jobs finished"
+            lambda: all(task.get_status().value not in ("pending", "in_progress") for task in tasks),
+            300,
+            0.2,
+            "jobs finished",
         )
         sync.join(300)
         on_gpu = []
@@ -202,7 +208,9 @@ def test_jobs_through_the_python_client_run_one_at_a_time(server, tmp_path):
     (tmp_path / "sync.mp4").write_bytes(response.content)
     assert len(decode_video(tmp_path / "sync.mp4").frames) == 8, "the synchronous request was served"
     on_gpu.sort()
-    assert all(later[0] >= earlier[1] - rounding for earlier, later in zip(on_gpu, on_gpu[1:])), f"jobs overlapped: {on_gpu}"
+    assert all(later[0] >= earlier[1] - rounding for earlier, later in zip(on_gpu, on_gpu[1:])), (
+        f"jobs overlapped: {on_gpu}"
+    )
     # It was sent while a job was on the GPU: if it had not waited its turn, the jobs would have
     # covered its whole span but for the moments between them.
     assert on_gpu[0][0] < sent, (on_gpu, sent)

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from harness import PHOTO
-from svd.errors import BadInput, TooLarge, UnsupportedImage
-from svd.images import fit, open_image, prepare_image, to_rgb
+from svd.base.errors import BadInput, TooLarge, UnsupportedImage
+from svd.media.images import fit, open_image, prepare_image, to_rgb
 
 MAX_PIXELS = 40_000_000
 

@@ -21,11 +21,23 @@ import httpx
 import pytest
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Hook, JobStore, QueueDepth, QueueFull, StoreUnavailable, UnknownJob
+from svd.base.progress import Progress
+from svd.jobs.model import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    IN_PROGRESS,
+    PENDING,
+    Hook,
+    QueueDepth,
+    QueueFull,
+    StoreUnavailable,
+    UnknownJob,
+)
 from svd.jobs.redis import RedisJobs
 from svd.jobs.sqlite import SQLiteJobs
-from svd.progress import Progress
-from svd.turns import Turns
+from svd.jobs.store import JobStore
+from svd.serving.gpu_turns import Turns
 
 # Long enough in denoising (about 5 s on two cores) to act while it runs.
 SLOW = {**SMALL, "num_inference_steps": 100}
@@ -102,7 +114,9 @@ def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(stores,
     # The worker died: nobody renews. Once the lease lapses, the job is taken again.
     second = wait_until(lambda: store.claim("lives"), 30, 0.05, "the lapsed job taken again")
     assert (second.id, second.attempt) == (job_id, 2)
-    assert not store.renew(first) and not store.report(first, Progress("denoise", 3, 25)), "the dead worker's claim is void"
+    assert not store.renew(first) and not store.report(first, Progress("denoise", 3, 25)), (
+        "the dead worker's claim is void"
+    )
     assert not store.finish(first, COMPLETED)
     assert store.renew(second) and _holder(store, job_id) == "lives"
     behind = store.submit(b"x", "b.png", {}, per_worker=10).id
@@ -167,7 +181,12 @@ def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is
     assert not store.notify(hooked, "start", b"start"), "filtered out"
     assert store.notify(hooked, "completed", b"end")
     delivery = store.next_delivery(lease=SHORT_LEASE)
-    assert (delivery.job_id, delivery.url, delivery.body, delivery.tries) == (hooked, "https://example.com/h", b"end", 0)
+    assert (delivery.job_id, delivery.url, delivery.body, delivery.tries) == (
+        hooked,
+        "https://example.com/h",
+        b"end",
+        0,
+    )
     assert store.next_delivery(lease=30) is None, "held while it is tried"
     # Its worker died mid-try: once the hold lapses, another takes it.
     again = wait_until(lambda: store.next_delivery(lease=30), 30, 0.05, "the delivery due again")
@@ -250,10 +269,11 @@ def test_gpu_turns_are_granted_in_the_order_asked(tmp_path: Path):
 
 def test_a_job_whose_gpu_fails_is_left_to_another_worker_not_failed(tmp_path: Path):
     """A poisoned CUDA context (injected) ends the worker's use, not the job: its lease lapses."""
-    from svd.config import Settings
-    from svd.engine import Engine
+    from svd.base.retention import Keep
+    from svd.base.settings import Settings
     from svd.jobs.runner import JobRunner
-    from svd.outputs import Keep, Outputs
+    from svd.serving.engine import Engine
+    from svd.storage.outputs import Outputs
 
     engine = Engine(Settings(model_id="tiny", device="cpu"))
     assert engine.wait_ready(120), engine.state.message
@@ -391,7 +411,10 @@ def test_a_server_killed_with_jobs_waiting_runs_them_after_a_restart_and_leaves_
 
     with serve(tmp_path, env={"SVD_JOB_LEASE": LEASE}) as second:
         for task_id in (running, *waiting):
-            assert wait_until(lambda: _finished(second, task_id), 180, 0.2, "a job finished after the restart") == COMPLETED
+            assert (
+                wait_until(lambda: _finished(second, task_id), 180, 0.2, "a job finished after the restart")
+                == COMPLETED
+            )
         again = _fetch(second, done, tmp_path / "again.mp4")
         assert again.content == kept.content, "a job finished before the crash is fetched as it was"
         assert httpx.get(f"{second.url}/outputs/{done}", timeout=30).content == kept.content
@@ -474,8 +497,14 @@ def test_get_of_an_unfinished_job_is_400_naming_its_status(server: Server):
 
 def test_a_submit_that_cannot_run_is_refused_at_once(server: Server):
     files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
-    bad_field = httpx.post(f"{server.url}/generate_task/submit", files=files, data={**SMALL, "width": "1000"}, timeout=30)
-    assert bad_field.status_code == 400 and "width" in bad_field.json()["error"] and "multiple of 64" in bad_field.json()["error"]
+    bad_field = httpx.post(
+        f"{server.url}/generate_task/submit", files=files, data={**SMALL, "width": "1000"}, timeout=30
+    )
+    assert (
+        bad_field.status_code == 400
+        and "width" in bad_field.json()["error"]
+        and "multiple of 64" in bad_field.json()["error"]
+    )
     both = {**SMALL, "min_guidance_scale": "5", "max_guidance_scale": "2"}
     guidance = httpx.post(f"{server.url}/generate_task/submit", files=files, data=both, timeout=30)
     assert guidance.status_code == 400 and "must not be above" in guidance.json()["error"]

@@ -45,7 +45,10 @@ def test_a_real_model_without_a_gpu_refuses_to_start_with_one_clear_paragraph(tm
 def test_a_bad_setting_or_a_model_that_cannot_be_found_refuses_in_one_paragraph(tmp_path: Path):
     cases = {
         "SVD_DTYPE=float8": ({"SVD_MODEL_ID": "tiny", "SVD_DTYPE": "float8"}, "SVD_DTYPE='float8' is not allowed"),
-        "no such model": ({"SVD_MODEL_ID": "nobody-here/no-such-model", "SVD_DEVICE": "cpu"}, "nobody-here/no-such-model"),
+        "no such model": (
+            {"SVD_MODEL_ID": "nobody-here/no-such-model", "SVD_DEVICE": "cpu"},
+            "nobody-here/no-such-model",
+        ),
     }
     for name, (settings, message) in cases.items():
         env = {**os.environ, "BENTOML_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", **settings}
@@ -72,7 +75,8 @@ def test_readyz_turns_200_only_after_warm_up_while_livez_answers_throughout(tmp_
         assert (200, 503) in seen, f"never saw live-but-not-ready: {sorted(set(seen), key=str)}"
         log = server.log_text()
         assert (
-            "SVD ready: worker 1 of 1, model tiny (built in code, random weights), device cpu, dtype float32, memory full"
+            "SVD ready: worker 1 of 1, model tiny (built in code, random weights), device cpu, dtype float32, "
+            "memory full"
             in log
         )
         assert "loaded in" in log and "warmed up in" in log
@@ -80,10 +84,11 @@ def test_readyz_turns_200_only_after_warm_up_while_livez_answers_throughout(tmp_
 
 def test_while_the_model_loads_a_request_gets_503_with_retry_after(monkeypatch):
     """In-process, with loading held until the refusal is seen: no race with a fast tiny model."""
-    from svd import engine as module
-    from svd.config import Settings
-    from svd.errors import Refused
-    from svd.params import GenerationParams
+    from svd.base.errors import Refused
+    from svd.base.params import GenerationParams
+    from svd.base.settings import Settings
+    from svd.http.answers import answer
+    from svd.serving import engine as module
 
     release = threading.Event()
     real_load = module.load_pipeline
@@ -93,7 +98,7 @@ def test_while_the_model_loads_a_request_gets_503_with_retry_after(monkeypatch):
     try:
         engine.run(PHOTO, params, Path(tempfile.mkdtemp()))
     except Refused as refused:
-        response = refused.response()
+        response = answer(refused)
     finally:
         release.set()
     assert response.status_code == 503 and response.headers["retry-after"] == "10"
@@ -130,10 +135,14 @@ def test_probes_and_job_routes_answer_while_generating(server):
     from harness import SMALL
 
     files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
-    job = httpx.post(f"{server.url}/generate_task/submit", files=files, data={**SMALL, "num_inference_steps": 100}, timeout=60)
+    job = httpx.post(
+        f"{server.url}/generate_task/submit", files=files, data={**SMALL, "num_inference_steps": 100}, timeout=60
+    )
     task_id = job.json()["task_id"]
     synchronous = threading.Thread(
-        target=lambda: httpx.post(f"{server.url}/generate", files=files, data={**SMALL, "num_inference_steps": 6}, timeout=300)
+        target=lambda: httpx.post(
+            f"{server.url}/generate", files=files, data={**SMALL, "num_inference_steps": 6}, timeout=300
+        )
     )
     synchronous.start()
 

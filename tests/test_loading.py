@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from svd.architectures import build_pipeline
-from svd.config import DEFAULT_MODEL_ID, ConfigError, Settings
-from svd.loading import ModelLoadError, load_pipeline
+from svd.base.settings import DEFAULT_MODEL_ID, ConfigError, Settings
+from svd.core.architectures import build_pipeline
+from svd.core.loading import ModelLoadError, load_pipeline
 
 
 @pytest.fixture(scope="module")

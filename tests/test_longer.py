@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from harness import PHOTO, assert_browser_safe_mp4, decode_video
-from svd.interpolate import interpolate, pingpong
+from svd.media.interpolate import interpolate, pingpong
 
 # 8 frames at 7 fps, small and quick.
 BASE = {"width": 128, "height": 64, "num_frames": 8, "num_inference_steps": 2, "seed": 21}
@@ -49,7 +49,7 @@ def test_interpolated_frames_follow_the_motion():
 
 
 def test_segments_chain_from_the_last_frame_with_the_next_seeds(call_service, monkeypatch: pytest.MonkeyPatch):
-    from svd import generate
+    from svd.core import generate
 
     seen: list[tuple[int, np.ndarray]] = []
     denoise = generate.denoise
@@ -97,15 +97,22 @@ def test_everything_together_counts_out(call_service):
 
 def test_progress_names_the_segment_and_the_gpu_is_free_while_encoding(service, tmp_path):
     """The next request gets the GPU while this one interpolates and encodes."""
-    from svd.generate import generate
-    from svd.params import GenerationParams
+    from svd.base.params import GenerationParams
+    from svd.core.generate import generate
 
     gpu = threading.Lock()
     seen: list[tuple[str, int, int, bool]] = []
     model = service.engine.model
     params = GenerationParams(**BASE, segments=2, interpolate=2).resolve(model.max_frames)
     image = Image.open(PHOTO).convert("RGB").resize((128, 64))
-    generate(model, image, params, tmp_path, report=lambda p: seen.append((p.stage, p.segment, p.segments, gpu.locked())), gpu=gpu)
+    generate(
+        model,
+        image,
+        params,
+        tmp_path,
+        report=lambda p: seen.append((p.stage, p.segment, p.segments, gpu.locked())),
+        gpu=gpu,
+    )
     stages = [(stage, segment) for stage, segment, _, _ in seen]
     assert ("denoise", 1) in stages and ("denoise", 2) in stages and ("decode", 2) in stages
     assert all(segments == 2 for _, _, segments, _ in seen)

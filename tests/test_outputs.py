@@ -12,7 +12,9 @@ import httpx
 import pytest
 
 from harness import PHOTO, ROOT, SMALL, decode_video, serve, wait_until
-from svd.outputs import ID, Keep, Outputs
+from svd.base.ids import ID
+from svd.base.retention import Keep
+from svd.storage.outputs import Outputs
 
 TINY = {**SMALL, "num_frames": 4}
 
@@ -37,7 +39,7 @@ def test_every_video_is_kept_with_how_it_was_made(call_service):
 
 
 def test_a_full_disk_is_a_507_and_leaves_nothing_half_written(call_service, monkeypatch: pytest.MonkeyPatch):
-    from svd import outputs
+    from svd.storage import outputs
 
     folder = Path(os.environ["SVD_OUTPUT_DIR"])
     before = set(folder.iterdir())
@@ -49,7 +51,10 @@ def test_a_full_disk_is_a_507_and_leaves_nothing_half_written(call_service, monk
     monkeypatch.setattr(outputs.shutil, "copyfileobj", full)
     refused, _ = call_service(image=PHOTO, **TINY)
     assert refused.status_code == 507
-    assert "SVD_OUTPUT_DIR" in json.loads(refused.body)["error"] and "nothing was kept" in json.loads(refused.body)["error"]
+    assert (
+        "SVD_OUTPUT_DIR" in json.loads(refused.body)["error"]
+        and "nothing was kept" in json.loads(refused.body)["error"]
+    )
     assert set(folder.iterdir()) == before
 
 
@@ -127,7 +132,7 @@ def test_the_folder_keeps_the_newest_by_count_or_by_size(tmp_path: Path):
 
 
 def test_a_sidecar_that_cannot_be_written_takes_its_video_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from svd import outputs as module
+    from svd.storage import outputs as module
 
     outputs = Outputs(tmp_path / "out", Keep(count=10))
     writes: list[Path] = []
@@ -151,7 +156,7 @@ def test_a_sidecar_that_cannot_be_written_takes_its_video_with_it(tmp_path: Path
 def test_the_listing_pages_to_a_null_next_offset(tmp_path: Path):
     from starlette.testclient import TestClient
 
-    from svd.library import library_app
+    from svd.http.outputs_routes import library_app
 
     outputs = Outputs(tmp_path / "out", Keep(count=10))
     ids = [_fake_output(outputs, tmp_path, index, 10) for index in range(1, 4)]
@@ -163,17 +168,18 @@ def test_the_listing_pages_to_a_null_next_offset(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    ("value", "keep"), [("500", Keep(count=500)), ("2GB", Keep(bytes=2 * 1000**3)), ("750 mb", Keep(bytes=750 * 1000**2))]
+    ("value", "keep"),
+    [("500", Keep(count=500)), ("2GB", Keep(bytes=2 * 1000**3)), ("750 mb", Keep(bytes=750 * 1000**2))],
 )
 def test_svd_output_keep_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str, keep: Keep):
-    from svd.config import Settings
+    from svd.base.settings import Settings
 
     monkeypatch.setenv("SVD_OUTPUT_KEEP", value)
     assert Settings.from_env().output_keep == keep
 
 
 def test_a_bad_svd_output_keep_stops_the_start_naming_it(monkeypatch: pytest.MonkeyPatch):
-    from svd.config import ConfigError, Settings
+    from svd.base.settings import ConfigError, Settings
 
     monkeypatch.setenv("SVD_OUTPUT_KEEP", "lots")
     with pytest.raises(ConfigError, match="SVD_OUTPUT_KEEP: 'lots' is neither a count"):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from harness import PHOTO, ROOT, assert_browser_safe_mp4, decode_video, serve
-from svd.config import ConfigError, Settings
-from svd.loading import resolve_dtype
+from svd.base.settings import ConfigError, Settings
+from svd.core.loading import resolve_dtype
 
 
 def test_svd_dtype_comes_from_the_environment_and_auto_is_float16_only_on_cuda(monkeypatch: pytest.MonkeyPatch):
@@ -28,7 +28,11 @@ def test_svd_dtype_comes_from_the_environment_and_auto_is_float16_only_on_cuda(m
     for name in ("float16", "bfloat16", "float32"):
         monkeypatch.setenv("SVD_DTYPE", name.upper())
         settings = Settings.from_env()
-        assert resolve_dtype(settings, torch.device("cpu")) == resolve_dtype(settings, torch.device("cuda")) == getattr(torch, name)
+        assert (
+            resolve_dtype(settings, torch.device("cpu"))
+            == resolve_dtype(settings, torch.device("cuda"))
+            == getattr(torch, name)
+        )
     monkeypatch.setenv("SVD_DTYPE", "half")
     with pytest.raises(ConfigError, match="SVD_DTYPE='half'.*auto, float16, bfloat16, float32"):
         Settings.from_env()
@@ -64,4 +68,6 @@ def test_a_bad_dtype_stops_the_start_naming_the_variable(tmp_path: Path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode != 0
-    assert "SVD_DTYPE='fp8' is not allowed; use one of: auto, float16, bfloat16, float32." in result.stdout + result.stderr
+    assert (
+        "SVD_DTYPE='fp8' is not allowed; use one of: auto, float16, bfloat16, float32." in result.stdout + result.stderr
+    )

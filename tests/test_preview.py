@@ -1,4 +1,4 @@
-"""The live preview (svd/preview.py): the projection, the file, its pacing, a generation that makes
+"""The live preview (svd/core/preview.py): the projection, the file, its pacing, a generation that makes
 previews, and /progress and GET /generate_task/preview on a real `bentoml serve` with a token."""
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import torch
 from PIL import Image
 
 from harness import PHOTO, SMALL, Server, decode_video, serve, wait_until
-from svd.outputs import write_atomically
-from svd.preview import (
+from svd.core.preview import (
     FIRST_COST,
     LATENT_RGB,
     MIN_INTERVAL,
     SHARE,
     Pace,
     Previewer,
-    Previews,
     encode,
     latents_to_rgb,
 )
+from svd.storage.outputs import write_atomically
+from svd.storage.previews import Previews
 
 TOKEN = "preview-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -105,7 +105,13 @@ def test_a_preview_is_an_animated_webp_of_every_frame_at_the_video_s_rate():
     frames = np.stack([np.full((16, 32, 3), level, np.uint8) for level in levels])
     data = encode(frames, fps=7)
     image = Image.open(io.BytesIO(data))
-    assert (image.format, image.size, image.n_frames, image.is_animated, image.info["loop"]) == ("WEBP", (32, 16), 4, True, 0)
+    assert (image.format, image.size, image.n_frames, image.is_animated, image.info["loop"]) == (
+        "WEBP",
+        (32, 16),
+        4,
+        True,
+        0,
+    )
     timed = _timed_frames(data)
     assert [duration for _, duration in timed] == [143] * 4, "1/7 s each, in milliseconds"
     assert [round(frame.mean()) for frame, _ in timed] == pytest.approx(levels, abs=3)
@@ -218,17 +224,17 @@ def test_the_previews_folder_links_each_new_preview_and_forgets_old_ones(tmp_pat
     for path in (stale, stale_part):
         path.write_bytes(b"a killed worker's")
         os.utime(path, (time.time() - 3600, time.time() - 3600))
-    previews.previewer("ef" * 16, max_age=600)
+    previews.start("ef" * 16, max_age=600)
     assert sorted(path.name for path in previews.folder.iterdir()) == [f"{job}.webp"], "only the stale ones swept"
     previews.remove(job)
     assert previews.read(job) is None and previews.link(job, "/generate_task") is None
 
 
 def test_a_generation_with_previews_makes_the_same_video_and_previews_its_frames(tmp_path: Path):
-    from svd.config import Settings
-    from svd.generate import generate
-    from svd.loading import load_pipeline
-    from svd.params import GenerationParams
+    from svd.base.params import GenerationParams
+    from svd.base.settings import Settings
+    from svd.core.generate import generate
+    from svd.core.loading import load_pipeline
 
     model = load_pipeline(Settings(model_id="tiny", device="cpu"))
     params = GenerationParams(width=128, height=64, num_frames=4, num_inference_steps=5, seed=3).resolve(25)
@@ -304,7 +310,9 @@ def test_progress_points_to_a_live_preview_that_needs_the_token_and_goes_when_th
 def test_the_preview_route_names_what_is_wrong_with_a_task_id(locked: Server):
     unknown = httpx.get(f"{locked.url}/generate_task/preview", params={"task_id": "0" * 32}, headers=AUTH, timeout=30)
     assert unknown.status_code == 404 and "has no preview now" in unknown.json()["error"]
-    malformed = httpx.get(f"{locked.url}/generate_task/preview", params={"task_id": "../jobs"}, headers=AUTH, timeout=30)
+    malformed = httpx.get(
+        f"{locked.url}/generate_task/preview", params={"task_id": "../jobs"}, headers=AUTH, timeout=30
+    )
     assert malformed.status_code == 400 and "not a task id" in malformed.json()["error"]
     missing = httpx.get(f"{locked.url}/generate_task/preview", headers=AUTH, timeout=30)
     assert missing.status_code == 400 and "task_id is required" in missing.json()["error"]

@@ -19,13 +19,17 @@ import httpx
 import pytest
 
 from harness import PHOTO, SMALL, Redis, Server, _ready, decode_video, redis_server, serve, wait_until
-from svd.jobs import COMPLETED, IN_PROGRESS
+from svd.jobs.model import COMPLETED, IN_PROGRESS
 
 # Found as scripts/test.sh finds it, which installs it where it is missing.
 if shutil.which("redis-server") is None:
     if os.environ.get("CI"):
-        pytest.fail("no redis-server on PATH: scripts/test.sh installs it (apt-get install redis-server)", pytrace=False)
-    pytest.skip("no redis-server on PATH (apt-get install redis-server, or run scripts/test.sh)", allow_module_level=True)
+        pytest.fail(
+            "no redis-server on PATH: scripts/test.sh installs it (apt-get install redis-server)", pytrace=False
+        )
+    pytest.skip(
+        "no redis-server on PATH (apt-get install redis-server, or run scripts/test.sh)", allow_module_level=True
+    )
 
 # Long enough in denoising (seconds on two cores) to act while it runs.
 SLOW = {**SMALL, "num_inference_steps": 40}
@@ -68,7 +72,9 @@ def _status(server: Server, task_id: str) -> dict:
 
 def _ran_on(cluster: Cluster, task_id: str) -> list[int]:
     """Which replicas' logs say they started the job, by index."""
-    return [index for index, replica in enumerate(cluster.replicas) if f"SVD job {task_id} started" in replica.log_text()]
+    return [
+        index for index, replica in enumerate(cluster.replicas) if f"SVD job {task_id} started" in replica.log_text()
+    ]
 
 
 def _video(server: Server, task_id: str, path: Path) -> None:
@@ -95,8 +101,13 @@ def test_jobs_submitted_to_one_replica_run_on_both_and_either_answers_for_any(cl
     assert _metric(b, "svd_jobs_oldest_waiting_seconds") > 0
     # Progress and status from the replica the job was not submitted to, whichever runs it.
     progress = wait_until(
-        lambda: (p := httpx.post(f"{b.url}/progress", json={"task_id": jobs[0]}, timeout=30).json())["stage"] == "denoise" and p,
-        60, 0.1, "progress seen from the other replica",
+        lambda: (
+            (p := httpx.post(f"{b.url}/progress", json={"task_id": jobs[0]}, timeout=30).json())["stage"] == "denoise"
+            and p
+        ),
+        60,
+        0.1,
+        "progress seen from the other replica",
     )
     assert progress["status"] == IN_PROGRESS and progress["steps"] == SLOW["num_inference_steps"]
     for job in jobs:
@@ -122,7 +133,10 @@ def test_redis_stopped_refuses_jobs_keeps_generating_and_loses_nothing(cluster: 
     cluster.redis.stop()
 
     refused = httpx.post(
-        f"{a.url}/generate_task/submit", files={"image": ("r.jpg", PHOTO.read_bytes(), "image/jpeg")}, data=SMALL, timeout=60
+        f"{a.url}/generate_task/submit",
+        files={"image": ("r.jpg", PHOTO.read_bytes(), "image/jpeg")},
+        data=SMALL,
+        timeout=60,
     )
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
     assert f"Redis at 127.0.0.1:{cluster.redis.port}/0, is unreachable" in refused.json()["error"]
@@ -137,7 +151,9 @@ def test_redis_stopped_refuses_jobs_keeps_generating_and_loses_nothing(cluster: 
     assert len(decode_video(tmp_path / "sync.mp4").frames) == SMALL["num_frames"]
 
     cluster.redis.start()
-    wait_until(lambda: all(httpx.get(f"{r.url}/readyz", timeout=30).status_code == 200 for r in (a, b)), 30, 0.2, "ready")
+    wait_until(
+        lambda: all(httpx.get(f"{r.url}/readyz", timeout=30).status_code == 200 for r in (a, b)), 30, 0.2, "ready"
+    )
     for job in [*running, waiting]:
         wait_until(lambda: _status(a, job)["status"] == COMPLETED, 120, 0.2, "job completed after Redis came back")
     # The jobs that ran through the outage ended on their first attempt: their videos were kept.
@@ -155,7 +171,10 @@ def test_a_replica_killed_mid_job_leaves_its_job_to_the_other(cluster: Cluster, 
     behind = _submit(a, seed="5")
     wait_until(lambda: _ran_on(cluster, job), 30, 0.1, "the job started")
     wait_until(
-        lambda: httpx.post(f"{a.url}/progress", json={"task_id": job}, timeout=30).json()["step"] >= 2, 60, 0.1, "denoising"
+        lambda: httpx.post(f"{a.url}/progress", json={"task_id": job}, timeout=30).json()["step"] >= 2,
+        60,
+        0.1,
+        "denoising",
     )
     (holder,) = _ran_on(cluster, job)
     dead, alive = cluster.replicas[holder], cluster.replicas[1 - holder]
@@ -165,6 +184,8 @@ def test_a_replica_killed_mid_job_leaves_its_job_to_the_other(cluster: Cluster, 
 
     wait_until(lambda: _status(alive, job)["status"] == COMPLETED, 120, 0.2, "the job completed on the other replica")
     assert _status(alive, job)["attempt"] == 2
-    assert f"SVD job {job} started on worker 1, attempt 2, retried after its worker stopped 1 time(s)" in alive.log_text()
+    assert (
+        f"SVD job {job} started on worker 1, attempt 2, retried after its worker stopped 1 time(s)" in alive.log_text()
+    )
     wait_until(lambda: _status(alive, behind)["status"] == COMPLETED, 120, 0.2, "the job behind completed")
     _video(alive, job, tmp_path / "retried.mp4")

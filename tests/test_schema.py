@@ -1,4 +1,4 @@
-"""One declaration of the controls (GenerationParams in svd/params.py), and everything that shows
+"""One declaration of the controls (GenerationParams in svd/base/params.py), and everything that shows
 them agrees with it: Swagger's schema, the batch client's flags and the README's table.
 The web page's form is checked in a real browser (tests/test_browser.py)."""
 
@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from harness import ROOT
-from svd.batch import build_parser
-from svd.fields import JOB_ONLY
-from svd.params import CONTROLS, Range
+from svd.base.params import CONTROLS, Range
+from svd.http.request_fields import JOB_ONLY
+from svd.tools.batch import build_parser
 
 
 def _readme_controls() -> dict[str, tuple[str, str]]:

@@ -21,8 +21,9 @@ import pytest
 from standardwebhooks import Webhook
 
 from harness import PHOTO, SMALL, Server, decode_video, free_port, serve, wait_until
-from svd.errors import BadInput
-from svd.webhooks import Allowed, checked_address, retry_delay
+from svd.base.errors import BadInput
+from svd.jobs.addresses import Allowed, checked_address
+from svd.jobs.delivery import retry_delay
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes, long!").decode()
 
@@ -92,7 +93,9 @@ def _submit(server: Server, **data: str) -> httpx.Response:
 
 
 def _events(receiver: Receiver, task_id: str) -> list[tuple[str, dict]]:
-    return [(delivery_id, payload) for delivery_id, payload in receiver.verified() if payload["data"]["task_id"] == task_id]
+    return [
+        (delivery_id, payload) for delivery_id, payload in receiver.verified() if payload["data"]["task_id"] == task_id
+    ]
 
 
 @pytest.mark.parametrize(
@@ -122,7 +125,9 @@ def test_a_job_calls_its_webhook_signed_at_start_and_end_and_a_failed_try_is_ret
         submitted = _submit(server, webhook=receiver.url, seed="7")
         assert submitted.status_code == 200, submitted.text
         task_id = submitted.json()["task_id"]
-        events = wait_until(lambda: len(_events(receiver, task_id)) >= 3 and _events(receiver, task_id), 120, 0.2, "deliveries")
+        events = wait_until(
+            lambda: len(_events(receiver, task_id)) >= 3 and _events(receiver, task_id), 120, 0.2, "deliveries"
+        )
         starts = [(delivery_id, payload) for delivery_id, payload in events if payload["type"] == "task.start"]
         ends = [(delivery_id, payload) for delivery_id, payload in events if payload["type"] == "task.completed"]
         # The first try was answered 500: the same delivery came again, with the same id.
@@ -161,7 +166,11 @@ def test_the_end_event_alone_when_filtered_and_refused_urls_are_400_naming_the_f
             ("file:///etc/passwd", "http or https"),
         ]:
             refused = _submit(server, webhook=url)
-            assert refused.status_code == 400 and refused.json()["error"].startswith("`webhook`") and why in refused.json()["error"]
+            assert (
+                refused.status_code == 400
+                and refused.json()["error"].startswith("`webhook`")
+                and why in refused.json()["error"]
+            )
         wrong = _submit(server, webhook=receiver.url, webhook_events_filter="stop")
         assert wrong.status_code == 400 and "webhook_events_filter" in wrong.json()["error"]
 
@@ -174,9 +183,13 @@ def test_a_delivery_pending_when_the_server_stops_is_sent_after_it_starts_again(
         os.killpg(server.process.pid, signal.SIGTERM)
         server.process.wait(120)
     with receiving(port) as receiver, serve(tmp_path, ENV):
-        events = wait_until(lambda: len(_events(receiver, task_id)) >= 2 and _events(receiver, task_id), 60, 0.2, "kept deliveries")
+        events = wait_until(
+            lambda: len(_events(receiver, task_id)) >= 2 and _events(receiver, task_id), 60, 0.2, "kept deliveries"
+        )
         by_type = {payload["type"]: payload["data"] for _, payload in events}
-        assert sorted(by_type) == ["task.completed", "task.start"] and by_type["task.completed"]["status"] == "completed"
+        assert (
+            sorted(by_type) == ["task.completed", "task.start"] and by_type["task.completed"]["status"] == "completed"
+        )
 
 
 def test_without_a_secret_the_server_sends_no_webhooks_and_says_so(server: Server):

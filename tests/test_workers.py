@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from harness import PHOTO, SMALL, Server, decode_video, serve, wait_until
-from svd.config import ConfigError, Settings
+from svd.base.settings import ConfigError, Settings
 
 REQUEST = {**SMALL, "num_frames": 4}
 
@@ -96,7 +96,7 @@ def test_each_worker_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch):
     """BentoML shows every worker all the GPUs (CUDA_VISIBLE_DEVICES=0,1): worker N takes cuda:N-1."""
     import torch
 
-    from svd.loading import resolve_device
+    from svd.core.loading import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

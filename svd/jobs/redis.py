@@ -30,14 +30,28 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from svd.jobs import CANCELED, FAILED, Claim, Delivery, Hook
-from svd.jobs import Job, QueueDepth, QueueFull, StoreUnavailable, UnknownJob, new_delivery_id
-from svd.jobs.sqlite import QUEUED, RETENTION_SECONDS
-from svd.outputs import new_id
-from svd.progress import Progress
-from svd.webhooks import COMPLETED, ended_body
+from svd.base.ids import new_id
+from svd.base.progress import Progress
+from svd.jobs.events import END, ended_body
+from svd.jobs.model import (
+    CANCELED,
+    FAILED,
+    PENDING,
+    QUEUED,
+    RETENTION_SECONDS,
+    Claim,
+    Delivery,
+    Hook,
+    Job,
+    JobStatus,
+    QueueDepth,
+    QueueFull,
+    StoreUnavailable,
+    UnknownJob,
+    new_delivery_id,
+)
 
-logger = logging.getLogger("bentoml.svd")
+logger = logging.getLogger(f"bentoml.{__name__}")
 
 STREAM = "svd:queue"
 GROUP = "workers"
@@ -132,7 +146,8 @@ end
 
 # Only the worker holding the current attempt may act for a job.
 HELD = """
-local status, attempt, worker, entry, started = unpack(redis.call('HMGET', KEYS[2], 'status', 'attempt', 'worker', 'entry', 'started'))
+local status, attempt, worker, entry, started = unpack(
+  redis.call('HMGET', KEYS[2], 'status', 'attempt', 'worker', 'entry', 'started'))
 if status ~= 'in_progress' or attempt ~= ARGV[2] then return 0 end
 """
 
@@ -179,7 +194,8 @@ KEEP_DELIVERY = """
 -- KEYS: job, deliveries; ARGV: delivery id, event, body, now, delivery key prefix, job id
 local webhook, events = unpack(redis.call('HMGET', KEYS[1], 'webhook', 'webhook_events'))
 if not webhook or webhook == '' then return 0 end
-if ARGV[2] ~= 'completed' and not string.find(',' .. (events or '') .. ',', ',' .. ARGV[2] .. ',', 1, true) then return 0 end
+if ARGV[2] ~= 'completed'
+  and not string.find(',' .. (events or '') .. ',', ',' .. ARGV[2] .. ',', 1, true) then return 0 end
 redis.call('HSET', ARGV[5] .. ARGV[1], 'job_id', ARGV[6], 'url', webhook, 'body', ARGV[3], 'tries', 0)
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return 1
@@ -206,13 +222,15 @@ def _reaching(method: Callable[..., T]) -> Callable[..., T]:
         try:
             return method(self, *args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"the job queue, Redis at {self.where}, is unreachable ({exc}); retry later") from exc
+            raise StoreUnavailable(
+                f"the job queue, Redis at {self.where}, is unreachable ({exc}); retry later"
+            ) from exc
 
     return call
 
 
 class RedisJobs:
-    """svd.jobs.JobStore on the Redis at `url` (redis://, rediss:// or unix://); `lease` in seconds."""
+    """svd.jobs.store.JobStore on the Redis at `url` (redis://, rediss:// or unix://); `lease` in seconds."""
 
     def __init__(self, url: str, lease: float = 30, attempts: int = 2):
         self.lease = lease
@@ -226,17 +244,30 @@ class RedisJobs:
         # Never the password: this goes into errors and logs.
         self.where = options.get("path") or f"{options.get('host')}:{options.get('port')}/{options.get('db', 0)}"
         self._submit, self._claim, self._renew, self._finish, self._cancel, self._keep, self._next = (
-            self._redis.register_script(script) for script in (SUBMIT, CLAIM, RENEW, FINISH, CANCEL, KEEP_DELIVERY, NEXT_DELIVERY)
+            self._redis.register_script(script)
+            for script in (SUBMIT, CLAIM, RENEW, FINISH, CANCEL, KEEP_DELIVERY, NEXT_DELIVERY)
         )
 
     @_reaching
-    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
-        job = Job(new_id(), "pending", time.time(), progress=Progress())
+    def submit(
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None
+    ) -> Job:
+        job = Job(new_id(), PENDING, time.time(), progress=Progress())
         refused = self._submit(
             keys=[STREAM, WAITING, RUNNING, JOB + job.id, LAST_SECONDS],
             args=[
-                GROUP, per_worker, int(self.lease * 1000), FORGET_WORKERS_MS,
-                job.id, repr(job.created), image, image_name, json.dumps(controls), QUEUED, hook.url if hook else "", ",".join(hook.events) if hook else "",
+                GROUP,
+                per_worker,
+                int(self.lease * 1000),
+                FORGET_WORKERS_MS,
+                job.id,
+                repr(job.created),
+                image,
+                image_name,
+                json.dumps(controls),
+                QUEUED,
+                hook.url if hook else "",
+                ",".join(hook.events) if hook else "",
             ],
         )
         if refused:
@@ -256,7 +287,7 @@ class RedisJobs:
                 "SVD job %s failed on %s, attempt %d, after %.1f s: %s",
                 given_up.decode(), holder.decode(), attempt, now - float(started), error.decode(),
             )
-            self.notify(given_up.decode(), COMPLETED, ended_body(given_up.decode(), FAILED, error.decode(), attempt))
+            self.notify(given_up.decode(), END, ended_body(given_up.decode(), FAILED, error.decode(), attempt))
         if not job_id:
             return None
         attempt, image, image_name, controls = claimed
@@ -268,13 +299,24 @@ class RedisJobs:
 
     @_reaching
     def report(self, claim: Claim, progress: Progress) -> bool:
-        return self._renew(keys=[STREAM, JOB + claim.id], args=[GROUP, claim.attempt, json.dumps(asdict(progress))]) == 1
+        return (
+            self._renew(keys=[STREAM, JOB + claim.id], args=[GROUP, claim.attempt, json.dumps(asdict(progress))]) == 1
+        )
 
     @_reaching
     def finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
         return 1 == self._finish(
             keys=[STREAM, JOB + claim.id, RUNNING, LAST_SECONDS],
-            args=[GROUP, claim.attempt, claim.id, status, repr(time.time()), RETENTION_SECONDS, error or "", error_status or 0],
+            args=[
+                GROUP,
+                claim.attempt,
+                claim.id,
+                status,
+                repr(time.time()),
+                RETENTION_SECONDS,
+                error or "",
+                error_status or 0,
+            ],
         )
 
     @_reaching
@@ -286,7 +328,7 @@ class RedisJobs:
         if outcome == -1 or job is None:
             raise UnknownJob(job_id)
         if outcome == 1:
-            self.notify(job_id, COMPLETED, ended_body(job_id, CANCELED, None, job.attempt))
+            self.notify(job_id, END, ended_body(job_id, CANCELED, None, job.attempt))
         return job, outcome == 1
 
     @_reaching
@@ -298,7 +340,7 @@ class RedisJobs:
             return None
         return Job(
             job_id,
-            status.decode(),
+            JobStatus(status.decode()),
             float(created),
             started and float(started),
             finished and float(finished),
@@ -316,7 +358,9 @@ class RedisJobs:
     @_reaching
     def depth(self) -> QueueDepth:
         with self._redis.pipeline(transaction=True) as pipe:
-            waiting, running, oldest = pipe.zcard(WAITING).zcard(RUNNING).zrange(WAITING, 0, 0, withscores=True).execute()
+            waiting, running, oldest = (
+                pipe.zcard(WAITING).zcard(RUNNING).zrange(WAITING, 0, 0, withscores=True).execute()
+            )
         return QueueDepth(waiting, running, max(0.0, time.time() - oldest[0][1]) if oldest else 0.0)
 
     @_reaching

@@ -24,18 +24,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from svd import webhooks
-from svd.engine import Engine
-from svd.errors import Refused
-from svd.generate import Stopped
-from svd.jobs import CANCELED, COMPLETED, FAILED, Claim, JobStore, StoreUnavailable
-from svd.outputs import Outputs, record_of
-from svd.params import GenerationParams
-from svd.preview import previews_of
-from svd.progress import Progress, ProgressCallback
-from svd.turns import HandedTurn
+from svd.base.errors import Refused
+from svd.base.params import GenerationParams
+from svd.base.progress import Progress, ProgressCallback
+from svd.core.generate import Stopped
+from svd.core.preview import Previewer
+from svd.jobs import events
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, Claim, StoreUnavailable
+from svd.jobs.store import JobStore
+from svd.serving.engine import Engine
+from svd.serving.gpu_turns import HandedTurn
+from svd.serving.records import record_of
+from svd.storage.outputs import Outputs
+from svd.storage.previews import previews_of
 
-logger = logging.getLogger("bentoml.svd")
+logger = logging.getLogger(f"bentoml.{__name__}")
 
 # How often an idle runner looks for work that another worker's route submitted.
 POLL_SECONDS = 0.2
@@ -119,7 +122,7 @@ class JobRunner:
         worker = self.engine.settings.worker
         retried = f", retried after its worker stopped {claim.attempt - 1} time(s)" if claim.attempt > 1 else ""
         logger.info("SVD job %s started on worker %d, attempt %d%s", claim.id, worker, claim.attempt, retried)
-        self._notify(claim.id, webhooks.START, webhooks.started_body(claim.id, claim.attempt))
+        self._notify(claim.id, events.START, events.started_body(claim.id, claim.attempt))
 
         def report(progress: Progress) -> None:
             try:
@@ -146,21 +149,43 @@ class JobRunner:
                 status = "the store is unreachable"
             seconds = time.perf_counter() - start
             if status == CANCELED:
-                logger.info("SVD job %s canceled on worker %d, attempt %d, after %.1f s", claim.id, worker, claim.attempt, seconds)
+                logger.info(
+                    "SVD job %s canceled on worker %d, attempt %d, after %.1f s",
+                    claim.id,
+                    worker,
+                    claim.attempt,
+                    seconds,
+                )
             else:
-                logger.warning("SVD job %s stopped on worker %d, attempt %d: its lease was lost (%s)", claim.id, worker, claim.attempt, status)
+                logger.warning(
+                    "SVD job %s stopped on worker %d, attempt %d: its lease was lost (%s)",
+                    claim.id,
+                    worker,
+                    claim.attempt,
+                    status,
+                )
         except Refused as refused:
             if refused.reason == "device_failure":
                 # As if the worker had died: the lease lapses and a live worker runs the job again,
                 # within SVD_JOB_ATTEMPTS, should the job itself be what breaks the GPU.
-                logger.error("SVD job %s: the GPU of worker %d failed; the job runs again once its lease lapses", claim.id, worker)
+                logger.error(
+                    "SVD job %s: the GPU of worker %d failed; the job runs again once its lease lapses",
+                    claim.id,
+                    worker,
+                )
             else:
                 self._fail(claim, str(refused), refused.status, start)
         except Exception as exc:
             logger.exception("SVD job %s failed on worker %d", claim.id, worker)
             self._fail(claim, f"the generation failed: {exc}", 500, start)
         else:
-            logger.info("SVD job %s completed on worker %d, attempt %d, in %.1f s", claim.id, worker, claim.attempt, time.perf_counter() - start)
+            logger.info(
+                "SVD job %s completed on worker %d, attempt %d, in %.1f s",
+                claim.id,
+                worker,
+                claim.attempt,
+                time.perf_counter() - start,
+            )
         finally:
             turn.give_back()
             ended.set()
@@ -171,9 +196,11 @@ class JobRunner:
             image = Path(folder) / f"image{Path(claim.image_name).suffix[:16]}"
             image.write_bytes(claim.image)
             # A generation's denoising and decoding end by SVD_TIMEOUT: an older preview is a dead worker's.
-            previewer = self.previews.previewer(claim.id, self.engine.settings.timeout)
+            previewer = Previewer(self.previews.start(claim.id, self.engine.settings.timeout))
             try:
-                result = self.engine.run(image, GenerationParams(**claim.controls), Path(folder), report, stop, turn, previewer)
+                result = self.engine.run(
+                    image, GenerationParams(**claim.controls), Path(folder), report, stop, turn, previewer
+                )
             finally:
                 self.previews.remove(claim.id)
             # A job cancelled while its video was being written ends cancelled, with nothing kept.
@@ -184,12 +211,12 @@ class JobRunner:
             if not self._finish(claim, COMPLETED):
                 self.outputs.remove(claim.id)
                 raise Stopped("the job was stopped while its video was kept")
-            ended = webhooks.ended_body(
+            ended = events.ended_body(
                 claim.id, COMPLETED, None, claim.attempt,
                 output_id=claim.id, output_path=f"/generate_task/get?task_id={claim.id}",
                 seed=record["seed"], settings=record["settings"], stage_seconds=record["stage_seconds"],
             )
-            self._notify(claim.id, webhooks.COMPLETED, ended)
+            self._notify(claim.id, events.END, ended)
 
     def _still_held(self, claim: Claim) -> bool:
         """Whether the claim is still this worker's; when the store cannot say, the end decides."""
@@ -233,7 +260,7 @@ class JobRunner:
 
     def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
         if self._finish(claim, FAILED, error=error, error_status=status):
-            self._notify(claim.id, webhooks.COMPLETED, webhooks.ended_body(claim.id, FAILED, error, claim.attempt))
+            self._notify(claim.id, events.END, events.ended_body(claim.id, FAILED, error, claim.attempt))
         logger.warning(
             "SVD job %s failed on worker %d, attempt %d, after %.1f s: %s",
             claim.id, self.engine.settings.worker, claim.attempt, time.perf_counter() - start, error,

@@ -19,17 +19,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from svd.jobs import CANCELED, COMPLETED, FAILED, IN_PROGRESS, PENDING, Claim, Delivery
-from svd.jobs import Hook, Job, QueueDepth, QueueFull, UnknownJob, new_delivery_id, wants
-from svd.outputs import new_id
-from svd.progress import Progress
-from svd.webhooks import ended_body
+from svd.base.ids import new_id
+from svd.base.progress import Progress
+from svd.jobs.events import END, ended_body, wants
+from svd.jobs.model import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    IN_PROGRESS,
+    PENDING,
+    QUEUED,
+    RETENTION_SECONDS,
+    Claim,
+    Delivery,
+    Hook,
+    Job,
+    JobStatus,
+    QueueDepth,
+    QueueFull,
+    UnknownJob,
+    new_delivery_id,
+)
 
-logger = logging.getLogger("bentoml.svd")
-# Finished jobs' records, their input included so that /retry can run them again, are kept
-# this long (as BentoML kept its task results); a completed job's video stays in the output
-# folder for as long as SVD_OUTPUT_KEEP allows.
-RETENTION_SECONDS = 24 * 3600
+logger = logging.getLogger(f"bentoml.{__name__}")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -67,11 +79,10 @@ LAPSED = f"status = '{IN_PROGRESS}' AND lease_until < :now"
 # Only the worker holding the current attempt may act for a job.
 HELD = f"id = :id AND attempt = :attempt AND status = '{IN_PROGRESS}'"
 # Where a job is until it reports: waiting its turn.
-QUEUED = json.dumps(asdict(Progress()))
 
 
 class SQLiteJobs:
-    """svd.jobs.JobStore on an SQLite file for the `workers` of one server; `lease` is in seconds."""
+    """svd.jobs.store.JobStore on an SQLite file for the `workers` of one server; `lease` is in seconds."""
 
     def __init__(self, path: Path, lease: float = 30, attempts: int = 2, workers: int = 1):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +123,9 @@ class SQLiteJobs:
         with self._lock:
             return self._db.execute(sql, values).rowcount > 0
 
-    def submit(self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None) -> Job:
+    def submit(
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None
+    ) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
         limit = per_worker * self.workers
         with self._transaction() as db:
@@ -127,7 +140,16 @@ class SQLiteJobs:
             db.execute(
                 "INSERT INTO jobs (id, status, created, image, image_name, controls, progress, webhook, webhook_events)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.status, job.created, image, image_name, json.dumps(controls), QUEUED, *_hook_columns(hook)),
+                (
+                    job.id,
+                    job.status,
+                    job.created,
+                    image,
+                    image_name,
+                    json.dumps(controls),
+                    QUEUED,
+                    *_hook_columns(hook),
+                ),
             )
         return job
 
@@ -148,14 +170,20 @@ class SQLiteJobs:
                     "restarted); it is not tried again"
                 )
                 db.execute(
-                    f"UPDATE jobs SET status = '{FAILED}', finished = ?, lease_until = NULL, error_status = 500, error = ?"
+                    f"UPDATE jobs SET status = '{FAILED}', finished = ?, lease_until = NULL, error_status = 500,"
+                    " error = ?"
                     " WHERE id = ?",
                     (now, error, job_id),
                 )
                 logger.warning(
-                    "SVD job %s failed on %s, attempt %d, after %.1f s: %s", job_id, holder, attempt, now - started, error
+                    "SVD job %s failed on %s, attempt %d, after %.1f s: %s",
+                    job_id,
+                    holder,
+                    attempt,
+                    now - started,
+                    error,
                 )
-                self._keep_delivery(db, job_id, COMPLETED, ended_body(job_id, FAILED, error, attempt))
+                self._keep_delivery(db, job_id, END, ended_body(job_id, FAILED, error, attempt))
             row = db.execute(
                 f"SELECT id, attempt, image, image_name, controls FROM jobs WHERE status = '{PENDING}'"
                 f" OR ({LAPSED}) ORDER BY seq LIMIT 1",
@@ -222,7 +250,7 @@ class SQLiteJobs:
                 f"UPDATE jobs SET status = '{CANCELED}', finished = ?, lease_until = NULL WHERE id = ?",
                 (time.time(), job_id),
             )
-            self._keep_delivery(db, job_id, COMPLETED, ended_body(job_id, CANCELED, None, job.attempt))
+            self._keep_delivery(db, job_id, END, ended_body(job_id, CANCELED, None, job.attempt))
             return _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
     def get(self, job_id: str) -> Job | None:
@@ -235,7 +263,8 @@ class SQLiteJobs:
     def depth(self) -> QueueDepth:
         waiting, running, oldest = self._one(
             f"SELECT COUNT(*) FILTER (WHERE status = '{PENDING}'), COUNT(*) FILTER (WHERE status = '{IN_PROGRESS}'),"
-            f" MIN(created) FILTER (WHERE status = '{PENDING}') FROM jobs WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
+            f" MIN(created) FILTER (WHERE status = '{PENDING}') FROM jobs"
+            f" WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
         )
         return QueueDepth(waiting, running, 0.0 if oldest is None else max(0.0, time.time() - oldest))
 
@@ -271,7 +300,9 @@ class SQLiteJobs:
         return Delivery(row[0], row[1], row[2], bytes(row[3]), row[4])
 
     def retry_delivery(self, delivery_id: str, tries: int, due: float) -> None:
-        self._update("UPDATE deliveries SET tries = :tries, due = :due WHERE id = :id", tries=tries, due=due, id=delivery_id)
+        self._update(
+            "UPDATE deliveries SET tries = :tries, due = :due WHERE id = :id", tries=tries, due=due, id=delivery_id
+        )
 
     def delivered(self, delivery_id: str) -> None:
         self._update("DELETE FROM deliveries WHERE id = :id", id=delivery_id)
@@ -286,5 +317,13 @@ def _job(row: tuple | None) -> Job | None:
         return None
     job_id, status, created, started, finished, attempt, progress, error, error_status = row
     return Job(
-        job_id, status, created, started, finished, attempt, Progress(**json.loads(progress)) if progress else None, error, error_status
+        job_id,
+        JobStatus(status),
+        created,
+        started,
+        finished,
+        attempt,
+        Progress(**json.loads(progress)) if progress else None,
+        error,
+        error_status,
     )

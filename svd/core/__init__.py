@@ -1,0 +1,1 @@
+"""The generation core: the only layer that imports torch, diffusers, transformers and accelerate."""

@@ -1,0 +1,1 @@
+"""The HTTP edge: middleware, the task and output routes, the published schema, the page."""

@@ -1,0 +1,280 @@
+"""The task routes of BentoML's task API, answered from the job store.
+
+BentoML runs a task in the process that took it, with no cancel and no recovery, and
+empties its store at every start. This ASGI middleware answers ROUTE/submit,
+/status, /get, /cancel and /retry itself, with BentoML's JSON and status words, so
+Swagger, `bentoml.SyncHTTPClient` and the web page work unchanged; the runners
+(svd/jobs/runner.py) do the work. It also serves ROUTE/preview, a running job's live
+preview (svd/storage/previews.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from svd.base.errors import InputError, validation_message
+from svd.base.ids import ID
+from svd.base.params import GenerationParams
+from svd.http.answers import error_response
+from svd.http.asgi import App, Receive, Scope, Send
+from svd.http.outputs_routes import serve_output
+from svd.jobs.addresses import Allowed, checked_address
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, FINISHED, Hook, Job, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs.store import JobStore
+from svd.serving import metrics
+from svd.storage.outputs import Outputs
+from svd.storage.previews import CONTENT_TYPE, previews_of
+
+logger = logging.getLogger(f"bentoml.{__name__}")
+
+Handler = Callable[["JobRoutes", Request], Awaitable[Response]]
+# Seconds a client waits before asking again when the store is unreachable.
+UNAVAILABLE_RETRY_AFTER = 5
+
+
+class JobRoutes:
+    """Answers the task routes under `route` from the store `open_store()` opens in this process.
+
+    `fields` validates a submitted job as the route's API would; `per_worker` bounds the jobs
+    waiting or running for each worker taking jobs; `outputs` is where jobs keep their videos;
+    `webhook_hosts` admits webhook URLs (None: the server sends no webhooks).
+    It also brings the queue's gauges up to date for each read of /metrics.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        route: str,
+        open_store: Callable[[], JobStore],
+        fields: type[BaseModel],
+        per_worker: int,
+        outputs: Outputs,
+        max_pixels: int,
+        webhook_hosts: Allowed | None = None,
+    ):
+        self.app = app
+        self.open_store = open_store
+        self.fields = fields
+        self.per_worker = per_worker
+        self.outputs = outputs
+        self.previews = previews_of(outputs)
+        self.max_pixels = max_pixels
+        self.webhook_hosts = webhook_hosts
+        self._store: JobStore | None = None
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("POST", f"{route}/submit"): JobRoutes.submit,
+            ("GET", f"{route}/status"): JobRoutes.status,
+            ("GET", f"{route}/get"): JobRoutes.get,
+            ("PUT", f"{route}/cancel"): JobRoutes.cancel,
+            ("POST", f"{route}/retry"): JobRoutes.retry,
+            ("GET", f"{route}/preview"): JobRoutes.preview,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = (scope.get("method", ""), scope.get("path", "")) if scope["type"] == "http" else None
+        handler = self.routes.get(route) if route else None
+        if handler is None:
+            if route == ("GET", "/metrics"):
+                await run_in_threadpool(self._measure_queue)
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = await handler(self, Request(scope, receive))
+        except StoreUnavailable as exc:
+            logger.warning("SVD answered %s %s with 503: %s", scope["method"], scope["path"], exc)
+            response = error_response(503, str(exc), headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
+        except Exception:
+            # BentoML's stack would leave the connection hanging without an answer.
+            logger.exception("SVD could not answer %s %s", scope["method"], scope["path"])
+            response = error_response(500, "the job store failed; the service's log says why")
+        await response(scope, receive, send)
+
+    def _measure_queue(self) -> None:
+        try:
+            depth = self.store.depth()
+        except StoreUnavailable:
+            return  # /readyz says so; the gauges keep their last values
+        metrics.JOBS_WAITING.set(depth.waiting)
+        metrics.JOBS_RUNNING.set(depth.running)
+        metrics.OLDEST_WAITING_SECONDS.set(depth.oldest_waiting_seconds)
+
+    @property
+    def store(self) -> JobStore:
+        # Opened in the worker that serves, at its first job request, never where it is only imported.
+        if self._store is None:
+            self._store = self.open_store()
+        return self._store
+
+    async def submit(self, request: Request) -> Response:
+        try:
+            form = await request.form(max_files=1, max_fields=len(self.fields.model_fields))
+        except Exception as exc:  # python-multipart and Starlette raise several kinds for a body that does not parse
+            return error_response(
+                400, f"the body could not be read as multipart/form-data: {exc or type(exc).__name__}"
+            )
+        try:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                return error_response(400, "`image` is required: upload the still image as a multipart file part.")
+            values = {name: _decoded(value) for name, value in form.multi_items() if name != "image"}
+            controls = self.fields.model_validate({"image": "upload", **values}).model_dump(exclude={"image"})
+            webhook, events = controls.pop("webhook"), tuple(controls.pop("webhook_events_filter"))
+            GenerationParams(**controls).check()
+            if webhook is not None:
+                if self.webhook_hosts is None:
+                    return error_response(
+                        400,
+                        "`webhook`: this server sends no webhooks; its operator turns them on with SVD_WEBHOOK_SECRET",
+                    )
+                # Resolves the host: not on the event loop.
+                await run_in_threadpool(checked_address, webhook, self.webhook_hosts)
+            image = await upload.read()
+            await run_in_threadpool(_check_image, image, self.max_pixels)
+        except ValidationError as exc:
+            errors = exc.errors(include_context=False, include_input=False)
+            return error_response(400, validation_message(errors), detail=errors)
+        except InputError as exc:
+            return error_response(exc.status, str(exc))
+        finally:
+            await form.close()
+        return await self._submit(
+            image, upload.filename or "image", controls, Hook(webhook, events) if webhook else None
+        )
+
+    async def _submit(
+        self, image: bytes, image_name: str, controls: dict[str, Any], hook: Hook | None = None
+    ) -> Response:
+        try:
+            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, hook)
+        except QueueFull as full:
+            metrics.REFUSED.labels(reason="busy").inc()
+            retry_after = max(1, round(full.retry_after or 1))
+            return error_response(
+                429,
+                f"{full.unfinished} jobs are already waiting or running ({full.limit} at most: SVD_MAX_QUEUE, "
+                f"{self.per_worker}, per worker taking jobs); retry later",
+                headers={"Retry-After": str(retry_after)},
+            )
+        logger.info("SVD job %s submitted", job.id)
+        return JSONResponse({"task_id": job.id, "status": job.status})
+
+    async def status(self, request: Request) -> Response:
+        job = await self._job(request)
+        return job if isinstance(job, Response) else JSONResponse(job.as_json())
+
+    async def get(self, request: Request) -> Response:
+        job = await self._job(request)
+        if isinstance(job, Response):
+            return job
+        if job.status == COMPLETED:
+            found = await run_in_threadpool(self.outputs.find, job.id)
+            if found is None:
+                return error_response(404, f"the video of task {job.id} is no longer kept (SVD_OUTPUT_KEEP pruned it)")
+            return serve_output(job.id, *found)
+        if job.status == FAILED:
+            return error_response(job.error_status or 500, job.error or "the job failed", status=job.status)
+        if job.status == CANCELED:
+            return error_response(409, f"task {job.id} was canceled; it made no video", status=job.status)
+        return error_response(400, f"task {job.id} is not completed yet: it is {job.status}", status=job.status)
+
+    async def cancel(self, request: Request) -> Response:
+        job_id = _task_id(request)
+        if isinstance(job_id, Response):
+            return job_id
+        try:
+            job, canceled = await run_in_threadpool(self.store.cancel, job_id)
+        except UnknownJob:
+            return _unknown(job_id)
+        if not canceled:
+            return error_response(409, f"task {job_id} already finished: it is {job.status}", **job.as_json())
+        logger.info("SVD job %s canceled by request", job_id)
+        return JSONResponse(job.as_json())
+
+    async def retry(self, request: Request) -> Response:
+        job = await self._job(request)
+        if isinstance(job, Response):
+            return job
+        if job.status not in FINISHED:
+            return error_response(400, f"task {job.id} is not finished yet: it is {job.status}", status=job.status)
+        kept = await run_in_threadpool(self.store.input, job.id)
+        if kept is None:
+            return error_response(404, f"the input of task {job.id} is no longer kept; submit it again")
+        return await self._submit(*kept)
+
+    async def preview(self, request: Request) -> Response:
+        """The latest preview of a running job (svd/storage/previews.py), from the folder every replica shares."""
+        job_id = _task_id(request)
+        if isinstance(job_id, Response):
+            return job_id
+        # Read whole, not streamed from the path: the next preview may replace the file meanwhile.
+        image = await run_in_threadpool(self.previews.read, job_id)
+        if image is None:
+            return error_response(
+                404,
+                f"task {job_id} has no preview now: a running job has one from its first denoising steps "
+                "until its video is made",
+            )
+        return Response(image, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+    async def _job(self, request: Request) -> Job | Response:
+        """The job the query's task_id names, or the response that says why there is none."""
+        job_id = _task_id(request)
+        if isinstance(job_id, Response):
+            return job_id
+        job = await run_in_threadpool(self.store.get, job_id)
+        if job is not None:
+            return job
+        # The store forgets finished jobs after a day; their videos are kept longer.
+        found = await run_in_threadpool(self.outputs.find, job_id)
+        if found is None:
+            return _unknown(job_id)
+        created = datetime.fromisoformat(found[1]["created"]).timestamp()
+        return Job(job_id, COMPLETED, created, created, created)
+
+
+def no_such_task(job_id: str) -> tuple[int, str]:
+    """The status and message for a task id that names no job: 400 when it is no id at all."""
+    if not ID.fullmatch(job_id):
+        return 400, f"not a task id: ids are 32 hex digits, got {job_id[:80]!r}"
+    return 404, f"no task {job_id}: never submitted here, or finished more than a day ago and its video pruned"
+
+
+def _task_id(request: Request) -> str | Response:
+    job_id = request.query_params.get("task_id")
+    if job_id is None:
+        return error_response(400, "task_id is required: ?task_id=<the id /generate_task/submit answered>")
+    return job_id if ID.fullmatch(job_id) else _unknown(job_id)
+
+
+def _unknown(job_id: str) -> JSONResponse:
+    return error_response(*no_such_task(job_id))
+
+
+def _decoded(value: Any) -> Any:
+    """A form field as BentoML reads one: JSON when it parses (`null`, `42`), else its text."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _check_image(image: bytes, max_pixels: int) -> None:
+    """Refuse at submit what the job would fail on: not an image, too large, too small, truncated."""
+    from svd.media.images import open_image
+
+    with tempfile.NamedTemporaryFile() as file:
+        file.write(image)
+        file.flush()
+        open_image(Path(file.name), max_pixels).close()

@@ -1,0 +1,59 @@
+"""Where a webhook may go: outbound requests are dangerous.
+
+A URL is called only when every address its host resolves to is public (or allowed by
+SVD_WEBHOOK_HOSTS), checked at submit and again at every try, and the request goes to the
+address checked (svd/jobs/delivery.py), with no redirects followed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from svd.base.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """SVD_WEBHOOK_HOSTS: host names and networks called although not public."""
+
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Allowed:
+        hosts, networks = set(), []
+        for item in filter(None, (part.strip().lower() for part in text.split(","))):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                hosts.add(item)
+        return cls(frozenset(hosts), tuple(networks))
+
+    def admits(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return address.is_global or host in self.hosts or any(address in network for network in self.networks)
+
+
+def checked_address(url: str, allowed: Allowed) -> str:
+    """The address to call `url` at; BadInput naming `webhook` and why when it may not be called."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise BadInput(f"`webhook` must be an http or https URL, got scheme {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise BadInput("`webhook` has no host: send a full URL such as https://example.com/hook")
+    host = parts.hostname.lower()
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"`webhook` host {host!r} does not resolve: {exc}") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in found]
+    refused = [str(address) for address in addresses if not allowed.admits(host, address)]
+    if refused:
+        raise BadInput(
+            f"`webhook` host {host!r} resolves to {', '.join(refused)}, not a public address: the service calls "
+            "only public addresses, unless SVD_WEBHOOK_HOSTS allows the host or its network"
+        )
+    return str(addresses[0])

@@ -1,0 +1,82 @@
+"""The interface every job store implements.
+
+Two stores implement it: an SQLite file shared by the workers of one machine
+(svd/jobs/sqlite.py, the default) and Redis, shared by every replica of the service
+(svd/jobs/redis.py, with SVD_QUEUE_URL); svd/jobs/open.py opens the one the settings name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from svd.base.progress import Progress
+from svd.jobs.model import Claim, Delivery, Hook, Job, QueueDepth
+
+
+class JobStore(Protocol):
+    """Submit, claim, renew, report, finish, cancel and look up jobs.
+
+    Every method is one atomic step in the store, so any worker of any process may call
+    any of them at any time. Methods that act for a claim return False once the claim is
+    no longer the worker's: the job was cancelled, or its lease lapsed and another
+    worker took it. Any method may raise StoreUnavailable.
+    """
+
+    def submit(
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None
+    ) -> Job:
+        """Queue a job, which calls `hook` back; QueueFull when `per_worker` jobs for each worker
+        taking jobs are already pending or in progress."""
+        ...
+
+    def claim(self, worker: str) -> Claim | None:
+        """The oldest pending job, or one whose lease lapsed, now leased to `worker`; None when
+        there is none. Jobs whose lease lapsed on their last attempt are failed on the way."""
+        ...
+
+    def renew(self, claim: Claim) -> bool:
+        """Extend the claim's lease."""
+        ...
+
+    def report(self, claim: Claim, progress: Progress) -> bool:
+        """Record where the claimed job is, renewing its lease."""
+        ...
+
+    def finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
+        """End the claimed job as completed (its video kept by id) or failed (with its error)."""
+        ...
+
+    def cancel(self, job_id: str) -> tuple[Job, bool]:
+        """Cancel a pending or running job; returns the job and whether this call cancelled it
+        (False: it had already finished). UnknownJob when there is no such job."""
+        ...
+
+    def get(self, job_id: str) -> Job | None:
+        ...
+
+    def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
+        """A job's image, its file name and its controls, kept with its record."""
+        ...
+
+    def depth(self) -> QueueDepth:
+        ...
+
+    def notify(self, job_id: str, event: str, body: bytes) -> bool:
+        """Keep a delivery of `body` to the job's webhook when it wants `event` (its end, always);
+        whether one was kept."""
+        ...
+
+    def next_delivery(self, lease: float) -> Delivery | None:
+        """The delivery due first, if one is due, held for `lease` seconds for its try."""
+        ...
+
+    def retry_delivery(self, delivery_id: str, tries: int, due: float) -> None:
+        ...
+
+    def delivered(self, delivery_id: str) -> None:
+        """Forget the delivery: sent, or given up."""
+        ...
+
+    def reachable(self) -> bool:
+        """Whether the store answers now; for the readiness probe."""
+        ...

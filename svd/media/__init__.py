@@ -1,0 +1,1 @@
+"""Images in, videos out: image preparation, video encoding, frame interpolation."""

@@ -1,0 +1,1 @@
+"""What the service keeps on disk: the kept outputs and the running jobs' previews."""
