@@ -33,7 +33,7 @@ from svd.http.request_fields import JOB_ONLY, GenerateInput, JobInput
 from svd.http.served_by import ServedBy
 from svd.http.task_routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
 from svd.http.upload_guard import UploadGuard
-from svd.jobs.addresses import Allowed
+from svd.jobs.addresses import WebhookHosts
 from svd.jobs.model import IN_PROGRESS, StoreUnavailable
 from svd.jobs.open import open_store
 from svd.serving.hub import hub_reference
@@ -55,7 +55,7 @@ JOB_OUTPUTS = OUTPUTS or Outputs(Path(SETTINGS.jobs_db).parent, SETTINGS.output_
 # The running jobs' live previews, beside their videos.
 JOB_PREVIEWS = previews_of(JOB_OUTPUTS)
 # Webhook URLs the service calls; None: it sends none (SVD_WEBHOOK_SECRET unset).
-WEBHOOK_HOSTS = Allowed.parse(SETTINGS.webhook_hosts) if SETTINGS.webhook_secret else None
+WEBHOOK_HOSTS = WebhookHosts.parse(SETTINGS.webhook_hosts) if SETTINGS.webhook_secret else None
 
 DESCRIPTION = """\
 Turns a still image into a short video with [Stable Video Diffusion XT](https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt):

@@ -17,7 +17,7 @@ from bench.inprocess import tiny_engine
 from bench.report import Row, Section, median
 from harness import PHOTO, wait_until
 from svd.base.progress import Progress
-from svd.base.retention import Keep
+from svd.base.retention import Retention
 from svd.jobs.model import COMPLETED, Claim
 from svd.jobs.runner import JobRunner
 from svd.jobs.sqlite import SQLiteJobs
@@ -70,7 +70,7 @@ def run(request: dict[str, int], jobs: int, torch_threads: int) -> Section:
 def _measure(engine: Engine, tmp: Path, request: dict[str, int], jobs: int) -> Section:
     store = TimedStore(SQLiteJobs(tmp / "jobs.db"))
     ids = [store.submit(PHOTO.read_bytes(), PHOTO.name, request, per_worker=jobs).id for _ in range(jobs)]
-    runner = JobRunner(engine, store, Outputs(tmp / "outputs", Keep(count=jobs)), lease=30)  # type: ignore[arg-type]
+    runner = JobRunner(engine, store, Outputs(tmp / "outputs", Retention(count=jobs)), lease=30)  # type: ignore[arg-type]
     start = time.perf_counter()
     runner.start()
     wait_until(lambda: len(store.finished) == jobs, 60 * jobs, 0.05, "every job finished")

@@ -28,11 +28,11 @@ from svd.jobs.model import (
     FAILED,
     IN_PROGRESS,
     PENDING,
-    Hook,
     QueueDepth,
     QueueFull,
     StoreUnavailable,
     UnknownJob,
+    Webhook,
 )
 from svd.jobs.redis import RedisJobs
 from svd.jobs.sqlite import SQLiteJobs
@@ -108,7 +108,7 @@ def test_a_shared_queue_is_bounded_per_worker_taking_jobs(tmp_path: Path):
 
 def test_a_lapsed_lease_is_taken_again_then_fails_after_the_last_attempt(stores, caplog: pytest.LogCaptureFixture):
     store = stores(lease=SHORT_LEASE, attempts=2)
-    job_id = store.submit(b"x", "a.png", {}, per_worker=10, hook=Hook("https://example.com/h")).id
+    job_id = store.submit(b"x", "a.png", {}, per_worker=10, hook=Webhook("https://example.com/h")).id
     first = store.claim("dies")
     assert store.claim("lives") is None, "leased"
     # The worker died: nobody renews. Once the lease lapses, the job is taken again.
@@ -176,7 +176,7 @@ def test_redis_restarted_keeps_the_jobs_and_gives_the_running_one_a_lease_to_ren
 def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is_tried(stores):
     store = stores()
     plain = store.submit(b"x", "a.png", {}, per_worker=10).id
-    hooked = store.submit(b"x", "b.png", {}, per_worker=10, hook=Hook("https://example.com/h", ("completed",))).id
+    hooked = store.submit(b"x", "b.png", {}, per_worker=10, hook=Webhook("https://example.com/h", ("completed",))).id
     assert not store.notify(plain, "completed", b"{}"), "no webhook, nothing kept"
     assert not store.notify(hooked, "start", b"start"), "filtered out"
     assert store.notify(hooked, "completed", b"end")
@@ -197,7 +197,7 @@ def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is
     store.delivered(retried.id)
     assert store.next_delivery(lease=30) is None
     # A cancel keeps the end event by itself, in the same step.
-    waiting = store.submit(b"x", "c.png", {}, per_worker=10, hook=Hook("https://example.com/h", ("start",))).id
+    waiting = store.submit(b"x", "c.png", {}, per_worker=10, hook=Webhook("https://example.com/h", ("start",))).id
     store.cancel(waiting)
     end = store.next_delivery(lease=30)
     assert end.job_id == waiting and json.loads(end.body)["data"]["status"] == CANCELED
@@ -227,7 +227,7 @@ def test_a_jobs_file_from_before_webhooks_is_brought_up_to_date_by_workers_openi
         worker.join(30)
     assert not failed and len(opened) == 4
     assert opened[0].claim("a").controls == {"seed": 1}, "the job made before is kept"
-    assert opened[1].submit(b"x", "b.png", {}, per_worker=10, hook=Hook("https://example.com/h")).id != job_id
+    assert opened[1].submit(b"x", "b.png", {}, per_worker=10, hook=Webhook("https://example.com/h")).id != job_id
 
 
 def test_cancel_stops_a_waiting_job_from_starting_and_a_running_one_at_its_next_report(stores):
@@ -269,7 +269,7 @@ def test_gpu_turns_are_granted_in_the_order_asked(tmp_path: Path):
 
 def test_a_job_whose_gpu_fails_is_left_to_another_worker_not_failed(tmp_path: Path):
     """A poisoned CUDA context (injected) ends the worker's use, not the job: its lease lapses."""
-    from svd.base.retention import Keep
+    from svd.base.retention import Retention
     from svd.base.settings import Settings
     from svd.jobs.runner import JobRunner
     from svd.serving.engine import Engine
@@ -280,7 +280,7 @@ def test_a_job_whose_gpu_fails_is_left_to_another_worker_not_failed(tmp_path: Pa
     engine.faults.inject("decode", 1, "device_error")
     store = SQLiteJobs(tmp_path / "jobs.db", lease=1)
     job_id = store.submit(PHOTO.read_bytes(), PHOTO.name, {**SMALL, "seed": 1}, per_worker=10).id
-    JobRunner(engine, store, Outputs(tmp_path / "outputs", Keep(count=10)), lease=1).start()
+    JobRunner(engine, store, Outputs(tmp_path / "outputs", Retention(count=10)), lease=1).start()
     wait_until(lambda: not engine.alive, 60, 0.05, "the GPU failed")
     assert store.get(job_id).status == IN_PROGRESS, "not failed: the job was not at fault"
     retaken = wait_until(lambda: store.claim("another worker"), 10, 0.1, "the job taken by another worker")

@@ -13,7 +13,7 @@ import pytest
 
 from harness import PHOTO, ROOT, SMALL, decode_video, serve, wait_until
 from svd.base.ids import ID
-from svd.base.retention import Keep
+from svd.base.retention import Retention
 from svd.storage.outputs import Outputs
 
 TINY = {**SMALL, "num_frames": 4}
@@ -117,11 +117,11 @@ def _fake_output(outputs: Outputs, tmp_path: Path, index: int, size: int) -> str
 
 
 def test_the_folder_keeps_the_newest_by_count_or_by_size(tmp_path: Path):
-    by_count = Outputs(tmp_path / "count", Keep(count=2))
+    by_count = Outputs(tmp_path / "count", Retention(count=2))
     ids = [_fake_output(by_count, tmp_path, index, 10) for index in range(1, 5)]
     by_count.prune()
     assert [by_count.find(output_id) is not None for output_id in ids] == [False, False, True, True]
-    by_size = Outputs(tmp_path / "size", Keep(bytes=2500))
+    by_size = Outputs(tmp_path / "size", Retention(bytes=2500))
     ids = [_fake_output(by_size, tmp_path, index, 1000) for index in range(1, 5)]
     # Named as write_atomically names a video it is writing: the id is in it.
     being_written = by_size.folder / f".{'0' * 31}9.mp4.k2v8q1.part"
@@ -134,7 +134,7 @@ def test_the_folder_keeps_the_newest_by_count_or_by_size(tmp_path: Path):
 def test_a_sidecar_that_cannot_be_written_takes_its_video_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from svd.storage import outputs as module
 
-    outputs = Outputs(tmp_path / "out", Keep(count=10))
+    outputs = Outputs(tmp_path / "out", Retention(count=10))
     writes: list[Path] = []
     real_write = module.write_atomically
 
@@ -158,7 +158,7 @@ def test_the_listing_pages_to_a_null_next_offset(tmp_path: Path):
 
     from svd.http.outputs_routes import library_app
 
-    outputs = Outputs(tmp_path / "out", Keep(count=10))
+    outputs = Outputs(tmp_path / "out", Retention(count=10))
     ids = [_fake_output(outputs, tmp_path, index, 10) for index in range(1, 4)]
     with TestClient(library_app(outputs)) as client:
         first = client.get("/", params={"limit": 2}).json()
@@ -169,9 +169,9 @@ def test_the_listing_pages_to_a_null_next_offset(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("value", "keep"),
-    [("500", Keep(count=500)), ("2GB", Keep(bytes=2 * 1000**3)), ("750 mb", Keep(bytes=750 * 1000**2))],
+    [("500", Retention(count=500)), ("2GB", Retention(bytes=2 * 1000**3)), ("750 mb", Retention(bytes=750 * 1000**2))],
 )
-def test_svd_output_keep_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str, keep: Keep):
+def test_svd_output_keep_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str, keep: Retention):
     from svd.base.settings import Settings
 
     monkeypatch.setenv("SVD_OUTPUT_KEEP", value)

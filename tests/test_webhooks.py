@@ -22,7 +22,7 @@ from standardwebhooks import Webhook
 
 from harness import PHOTO, SMALL, Server, decode_video, free_port, serve, wait_until
 from svd.base.errors import BadInput
-from svd.jobs.addresses import Allowed, checked_address
+from svd.jobs.addresses import WebhookHosts, checked_address
 from svd.jobs.delivery import retry_delay
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes, long!").decode()
@@ -103,17 +103,17 @@ def _events(receiver: Receiver, task_id: str) -> list[tuple[str, dict]]:
 )
 def test_loopback_private_and_link_local_addresses_are_refused_by_default(url: str):
     with pytest.raises(BadInput, match="not a public address"):
-        checked_address(url, Allowed())
+        checked_address(url, WebhookHosts())
 
 
 def test_only_http_and_https_and_the_allowed_hosts_and_networks_are_called():
-    assert checked_address("https://8.8.8.8/hook", Allowed()) == "8.8.8.8"
+    assert checked_address("https://8.8.8.8/hook", WebhookHosts()) == "8.8.8.8"
     with pytest.raises(BadInput, match="http or https"):
-        checked_address("ftp://8.8.8.8/", Allowed())
+        checked_address("ftp://8.8.8.8/", WebhookHosts())
     with pytest.raises(BadInput, match="does not resolve"):
-        checked_address("http://no-such-host.invalid/", Allowed())
-    assert checked_address("http://10.1.2.3/", Allowed.parse("10.0.0.0/8, hooks.internal")) == "10.1.2.3"
-    assert checked_address("http://localhost:8080/", Allowed.parse("localhost")) in ("127.0.0.1", "::1")
+        checked_address("http://no-such-host.invalid/", WebhookHosts())
+    assert checked_address("http://10.1.2.3/", WebhookHosts.parse("10.0.0.0/8, hooks.internal")) == "10.1.2.3"
+    assert checked_address("http://localhost:8080/", WebhookHosts.parse("localhost")) in ("127.0.0.1", "::1")
     assert [retry_delay(tries) for tries in (1, 2, 3)] == [2, 4, 8]
 
 

@@ -56,7 +56,7 @@ def _number(value: float) -> str:
 
 
 @dataclass(frozen=True)
-class Look:
+class Widget:
     """How the web page shows a control."""
 
     label: str
@@ -73,7 +73,8 @@ def control(
 ) -> Any:
     """A field of GenerationParams: `empty` says what leaving it out means when the default is None."""
     return field(
-        default=default, metadata={"description": description, "allowed": allowed, "empty": empty, "look": Look(**look)}
+        default=default,
+        metadata={"description": description, "allowed": allowed, "empty": empty, "look": Widget(**look)},
     )
 
 
@@ -216,7 +217,7 @@ class Control:
     allowed: Range | tuple[str, ...]
     nullable: bool
     empty: str
-    look: Look
+    look: Widget
 
     @property
     def choices(self) -> tuple[Any, ...]:

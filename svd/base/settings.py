@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
-from svd.base.retention import Keep, parse_keep
+from svd.base.retention import Retention, parse_retention
 
 DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
 TINY_MODEL_ID = "tiny"
@@ -81,9 +81,9 @@ def _workers(name: str) -> int:
     return count
 
 
-def _keep(name: str, default: str) -> Keep:
+def _keep(name: str, default: str) -> Retention:
     try:
-        return parse_keep(os.environ.get(name, "").strip() or default)
+        return parse_retention(os.environ.get(name, "").strip() or default)
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}; a count keeps that many videos, a size the newest that fit.") from None
 
@@ -132,7 +132,7 @@ class Settings:
     max_concurrency: int = 32
     workers: int = 1
     output_dir: str = "outputs"
-    output_keep: Keep = Keep(bytes=10 * 1000**3)
+    output_keep: Retention = Retention(bytes=10 * 1000**3)
     jobs_db: str = "outputs/jobs.db"
     queue_url: str = ""
     job_attempts: int = 2

@@ -98,7 +98,7 @@ class StageTimes:
 
 
 @dataclass
-class Generation:
+class GenerationResult:
     """What came out of one request: the file, the params that made it (with the decode chunk
     size finally used) and the time of each stage."""
 
@@ -123,7 +123,7 @@ def generate(
     gpu: AbstractContextManager[object] = nullcontext(),  # noqa: B008 (stateless and reusable)
     stop: threading.Event | None = None,
     preview: Previewer | None = None,
-) -> Generation:
+) -> GenerationResult:
     """Generate a video from a prepared image with resolved params (see GenerationParams.resolve).
 
     `gpu` is held while the model runs (svd/serving/engine.py passes its turn, so that requests take
@@ -143,7 +143,7 @@ def generate(
     finishing = _in_segment(report, params.segments, params.segments)
     write_video(path, frames, params, times, finishing)
     finishing(Progress("done"))
-    return Generation(path, params, times)
+    return GenerationResult(path, params, times)
 
 
 def render(

@@ -30,8 +30,8 @@ from svd.base.params import GenerationParams
 from svd.http.answers import error_response
 from svd.http.asgi import App, Receive, Scope, Send
 from svd.http.outputs_routes import serve_output
-from svd.jobs.addresses import Allowed, checked_address
-from svd.jobs.model import CANCELED, COMPLETED, FAILED, FINISHED, Hook, Job, QueueFull, StoreUnavailable, UnknownJob
+from svd.jobs.addresses import WebhookHosts, checked_address
+from svd.jobs.model import CANCELED, COMPLETED, FAILED, FINISHED, Job, QueueFull, StoreUnavailable, UnknownJob, Webhook
 from svd.jobs.store import JobStore
 from svd.serving import metrics
 from svd.storage.outputs import Outputs
@@ -62,7 +62,7 @@ class JobRoutes:
         per_worker: int,
         outputs: Outputs,
         max_pixels: int,
-        webhook_hosts: Allowed | None = None,
+        webhook_hosts: WebhookHosts | None = None,
     ):
         self.app = app
         self.open_store = open_store
@@ -150,11 +150,11 @@ class JobRoutes:
         finally:
             await form.close()
         return await self._submit(
-            image, upload.filename or "image", controls, Hook(webhook, events) if webhook else None
+            image, upload.filename or "image", controls, Webhook(webhook, events) if webhook else None
         )
 
     async def _submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], hook: Hook | None = None
+        self, image: bytes, image_name: str, controls: dict[str, Any], hook: Webhook | None = None
     ) -> Response:
         try:
             job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, hook)

@@ -16,14 +16,14 @@ from svd.base.errors import BadInput
 
 
 @dataclass(frozen=True)
-class Allowed:
+class WebhookHosts:
     """SVD_WEBHOOK_HOSTS: host names and networks called although not public."""
 
     hosts: frozenset[str] = frozenset()
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> Allowed:
+    def parse(cls, text: str) -> WebhookHosts:
         hosts, networks = set(), []
         for item in filter(None, (part.strip().lower() for part in text.split(","))):
             try:
@@ -36,7 +36,7 @@ class Allowed:
         return address.is_global or host in self.hosts or any(address in network for network in self.networks)
 
 
-def checked_address(url: str, allowed: Allowed) -> str:
+def checked_address(url: str, allowed: WebhookHosts) -> str:
     """The address to call `url` at; BadInput naming `webhook` and why when it may not be called."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):

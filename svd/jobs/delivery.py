@@ -24,7 +24,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from svd.base.errors import BadInput
-from svd.jobs.addresses import Allowed, checked_address
+from svd.jobs.addresses import WebhookHosts, checked_address
 from svd.jobs.model import Delivery
 from svd.jobs.store import JobStore
 
@@ -50,7 +50,7 @@ def retry_delay(tries: int) -> float:
 class Deliverer:
     """Takes due deliveries from `store` and posts them, signed with `secret`, until told to stop."""
 
-    def __init__(self, store: JobStore, secret: str, allowed: Allowed):
+    def __init__(self, store: JobStore, secret: str, allowed: WebhookHosts):
         self.store = store
         self.signer = Webhook(secret)
         self.allowed = allowed

@@ -105,7 +105,7 @@ class Job:
 
 
 @dataclass(frozen=True)
-class Hook:
+class Webhook:
     """Where a job calls back, its webhook's URL, and at which of its events."""
 
     url: str

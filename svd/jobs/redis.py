@@ -41,13 +41,13 @@ from svd.jobs.model import (
     RETENTION_SECONDS,
     Claim,
     Delivery,
-    Hook,
     Job,
     JobStatus,
     QueueDepth,
     QueueFull,
     StoreUnavailable,
     UnknownJob,
+    Webhook,
     new_delivery_id,
 )
 
@@ -250,7 +250,7 @@ class RedisJobs:
 
     @_reaching
     def submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None
     ) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
         refused = self._submit(

@@ -32,12 +32,12 @@ from svd.jobs.model import (
     RETENTION_SECONDS,
     Claim,
     Delivery,
-    Hook,
     Job,
     JobStatus,
     QueueDepth,
     QueueFull,
     UnknownJob,
+    Webhook,
     new_delivery_id,
 )
 
@@ -124,7 +124,7 @@ class SQLiteJobs:
             return self._db.execute(sql, values).rowcount > 0
 
     def submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None
     ) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
         limit = per_worker * self.workers
@@ -308,7 +308,7 @@ class SQLiteJobs:
         self._update("DELETE FROM deliveries WHERE id = :id", id=delivery_id)
 
 
-def _hook_columns(hook: Hook | None) -> tuple[str | None, str]:
+def _hook_columns(hook: Webhook | None) -> tuple[str | None, str]:
     return (hook.url, ",".join(hook.events)) if hook else (None, "")
 
 

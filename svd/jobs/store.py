@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from svd.base.progress import Progress
-from svd.jobs.model import Claim, Delivery, Hook, Job, QueueDepth
+from svd.jobs.model import Claim, Delivery, Job, QueueDepth, Webhook
 
 
 class JobStore(Protocol):
@@ -23,7 +23,7 @@ class JobStore(Protocol):
     """
 
     def submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Hook | None = None
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None
     ) -> Job:
         """Queue a job, which calls `hook` back; QueueFull when `per_worker` jobs for each worker
         taking jobs are already pending or in progress."""

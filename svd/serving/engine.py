@@ -26,7 +26,7 @@ from svd.core.faults import Faults
 from svd.core.generate import (
     DeadlineExceeded,
     DeviceFailure,
-    Generation,
+    GenerationResult,
     OutOfMemory,
     StageTimes,
     Stopped,
@@ -146,7 +146,7 @@ class Engine:
         stop: threading.Event | None = None,
         turn: AbstractContextManager[object] | None = None,
         preview: Previewer | None = None,
-    ) -> Generation:
+    ) -> GenerationResult:
         """Admit, check, prepare and generate one request.
 
         A job comes with the GPU turn its runner took for it (`turn`): it is admitted
@@ -186,7 +186,7 @@ class Engine:
         stop: threading.Event | None,
         turn: AbstractContextManager[object] | None,
         preview: Previewer | None,
-    ) -> Generation:
+    ) -> GenerationResult:
         deadline = time.monotonic() + self.settings.timeout
         state, model = self.state, self.model
         if model is None or state.name != "ready":
@@ -228,7 +228,7 @@ class Engine:
         stop: threading.Event | None,
         turn: AbstractContextManager[object],
         preview: Previewer | None,
-    ) -> Generation:
+    ) -> GenerationResult:
         params = params.resolve(model.max_frames)
         times = StageTimes()
         with times.measure("prepare"):

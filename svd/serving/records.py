@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from svd.base.settings import Settings
-    from svd.core.generate import Generation
+    from svd.core.generate import GenerationResult
 
 
 def headers_of(output_id: str, record: dict[str, Any]) -> dict[str, str]:
@@ -29,7 +29,7 @@ def headers_of(output_id: str, record: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def record_of(result: Generation, image: Path, settings: Settings) -> dict[str, Any]:
+def record_of(result: GenerationResult, image: Path, settings: Settings) -> dict[str, Any]:
     """What a kept video's sidecar says: enough to reproduce it, or to tell where it came from."""
     digest = hashlib.sha256()
     with image.open("rb") as source:

@@ -20,7 +20,7 @@ from typing import Any
 
 from svd.base.errors import Refused
 from svd.base.ids import ID
-from svd.base.retention import Keep
+from svd.base.retention import Retention
 
 logger = logging.getLogger(f"bentoml.{__name__}")
 SIDECAR = ".json"
@@ -33,7 +33,7 @@ class DiskFull(OSError):
 class Outputs:
     """The output folder: save, find, list and prune."""
 
-    def __init__(self, folder: Path, keep: Keep):
+    def __init__(self, folder: Path, keep: Retention):
         self.folder = folder
         self.keep = keep
         folder.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ Status = Literal["ok", "skipped", "failed"]
 
 
 @dataclass(frozen=True)
-class Job:
+class BatchItem:
     image: Path
     output: Path
 
@@ -57,7 +57,7 @@ class Outcome:
     error: str | None = None
 
     @classmethod
-    def of(cls, job: Job, status: Status, **extra: Any) -> Outcome:
+    def of(cls, job: BatchItem, status: Status, **extra: Any) -> Outcome:
         return cls(str(job.image), str(job.output), status, **extra)
 
 
@@ -73,10 +73,10 @@ class Busy(Exception):
         self.retry_after = retry_after
 
 
-def find_jobs(images_dir: Path, out_dir: Path, video_format: str) -> list[Job]:
+def find_jobs(images_dir: Path, out_dir: Path, video_format: str) -> list[BatchItem]:
     """The images directly in `images_dir`, by name, each with the video it becomes."""
     images = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_TYPES)
-    return [Job(image, out_dir / f"{image.stem}.{video_format}") for image in images]
+    return [BatchItem(image, out_dir / f"{image.stem}.{video_format}") for image in images]
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:
@@ -111,7 +111,7 @@ def error_message(response: httpx.Response) -> str:
     return f"{prefix}: {body.get('error')}" + (f" ({'; '.join(details)})" if details else "")
 
 
-def post_once(client: httpx.Client, job: Job, fields: dict[str, str]) -> tuple[int | None, Any]:
+def post_once(client: httpx.Client, job: BatchItem, fields: dict[str, str]) -> tuple[int | None, Any]:
     """One request; the video lands at job.output only once it has arrived whole."""
     with job.image.open("rb") as image:
         files = {"image": (job.image.name, image, IMAGE_TYPES[job.image.suffix.lower()])}
@@ -136,7 +136,7 @@ def post_once(client: httpx.Client, job: Job, fields: dict[str, str]) -> tuple[i
     return (int(seed) if seed else None), (json.loads(settings) if settings else None)
 
 
-def generate(client: httpx.Client, job: Job, fields: dict[str, str], retries: int) -> Outcome:
+def generate(client: httpx.Client, job: BatchItem, fields: dict[str, str], retries: int) -> Outcome:
     start = time.monotonic()
 
     def outcome(status: Status, **extra: Any) -> Outcome:
@@ -165,9 +165,9 @@ def generate(client: httpx.Client, job: Job, fields: dict[str, str], retries: in
             attempt += 1
 
 
-def triage(jobs: list[Job]) -> tuple[list[Job], list[Outcome]]:
+def triage(jobs: list[BatchItem]) -> tuple[list[BatchItem], list[Outcome]]:
     """The jobs to send, and the outcomes known without asking the server."""
-    todo: list[Job] = []
+    todo: list[BatchItem] = []
     known: list[Outcome] = []
     claimed: dict[Path, Path] = {}
     for job in jobs:
@@ -183,7 +183,7 @@ def triage(jobs: list[Job]) -> tuple[list[Job], list[Outcome]]:
 
 
 def run(
-    jobs: list[Job], out_dir: Path, client: httpx.Client, fields: dict[str, str], concurrency: int, retries: int
+    jobs: list[BatchItem], out_dir: Path, client: httpx.Client, fields: dict[str, str], concurrency: int, retries: int
 ) -> list[Outcome]:
     """Every job with a progress bar; each outcome reaches the manifest as soon as it is known.
 
