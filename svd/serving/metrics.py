@@ -31,8 +31,7 @@ OOM_RETRIES = bentoml.metrics.Counter(
 REFUSED = bentoml.metrics.Counter(
     name="svd_requests_refused",
     documentation="Requests refused before generating, by reason: busy, not_ready, too_large, unauthorized, "
-    "url_not_file, "
-    "unknown_field.",
+    "url_not_file, unknown_field.",
     labelnames=["reason"],
 )
 IN_FLIGHT = bentoml.metrics.Gauge(
