@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import base64
 import os
+import select
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +24,13 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from harness import PHOTO, SMALL, Server, decode_video, free_port, serve, wait_until
+from harness import PHOTO, ROOT, SMALL, Server, decode_video, free_port, serve, wait_until
 from svd.base.errors import BadInput
 from svd.jobs.addresses import WebhookHosts, checked_address
-from svd.jobs.delivery import retry_delay
+from svd.jobs.delivery import Deliverer, retry_delay
+from svd.jobs.events import END
+from svd.jobs.model import Webhook as Hook
+from svd.jobs.sqlite import SQLiteJobs
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes, long!").decode()
 
@@ -98,8 +105,207 @@ def _events(receiver: Receiver, task_id: str) -> list[tuple[str, dict]]:
     ]
 
 
+class RawReceiver:
+    """A plain socket server on loopback: reads each request whole, then lets `answer(connection,
+    webhook_id)` write what it likes. Notes each connection's opening and closing, in order."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.events: list[tuple[str, str]] = []  # ("open" | "close", webhook-id)
+        self._lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, body = data.split(b"\r\n\r\n", 1)
+            headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+            headers = {name.lower(): value for name, value in headers.items()}
+            while len(body) < int(headers.get("content-length", 0)):
+                body += connection.recv(65536)
+            webhook_id = headers["webhook-id"]
+            self._note("open", webhook_id)
+            try:
+                self.answer(connection, webhook_id)
+            except OSError:
+                pass  # the sender closed the connection
+            self._note("close", webhook_id)
+
+    def _note(self, what: str, webhook_id: str) -> None:
+        with self._lock:
+            self.events.append((what, webhook_id))
+
+    def tries(self, webhook_id: str) -> int:
+        with self._lock:
+            return sum(1 for what, seen in self.events if (what, seen) == ("close", webhook_id))
+
+    def most_open_at_once(self, webhook_id: str) -> int:
+        open_now = most = 0
+        with self._lock:
+            for what, seen in self.events:
+                if seen == webhook_id:
+                    open_now += 1 if what == "open" else -1
+                    most = max(most, open_now)
+        return most
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _kept_delivery(store: SQLiteJobs, url: str) -> str:
+    """A job with a webhook at `url` and its end event waiting in the store; the delivery's id."""
+    job = store.submit(b"x", "a.png", {}, per_worker=100, hook=Hook(url))
+    assert store.notify(job.id, END, b'{"type":"task.completed"}')
+    return store._one("SELECT id FROM deliveries WHERE job_id = :id", id=job.id)[0]
+
+
+def _pending(store: SQLiteJobs) -> int:
+    return store._one("SELECT COUNT(*) FROM deliveries")[0]
+
+
+# A whole answer: a trickling receiver that is cut off never gets to send all of it.
+WHOLE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: " + b"p" * 40 + b"\r\n\r\n"
+
+
+def _trickle(connection: socket.socket, webhook_id: str) -> None:
+    """The answer a byte at a time, a fifth of a second apart, while the sender listens."""
+    for index in range(len(WHOLE_ANSWER)):
+        readable, _, _ = select.select([connection], [], [], 0.2)
+        if readable and not connection.recv(1):
+            raise ConnectionAbortedError("the sender closed the connection")
+        connection.sendall(WHOLE_ANSWER[index : index + 1])
+    raise AssertionError(f"{webhook_id}: the whole answer was sent, past the try's deadline")
+
+
+def test_a_trickling_receiver_has_one_try_open_at_a_time_each_cut_at_its_deadline_and_others_still_get_theirs(
+    tmp_path: Path,
+):
+    store = SQLiteJobs(tmp_path / "jobs.db")
+    cut: list[str] = []
+    slow = RawReceiver(lambda connection, webhook_id: _cut(connection, webhook_id) and cut.append(webhook_id))
+    ids = [_kept_delivery(store, slow.url) for _ in range(3)]
+    deliverer = Deliverer(store, SECRET, WebhookHosts.parse("127.0.0.1"), try_seconds=1.0, senders=2)
+    deliverer.start()
+    try:
+        with receiving(free_port()) as fast:
+            # Two senders, three trickling receivers' deliveries: the other job's still arrives.
+            wait_until(lambda: all(slow.tries(webhook_id) >= 1 for webhook_id in ids), 60, 0.1, "slow tries")
+            fast_id = _kept_delivery(store, fast.url)
+            wait_until(lambda: fast.deliveries, 60, 0.1, "the other receiver's delivery")
+            assert fast.deliveries[0][0]["webhook-id"] == fast_id
+            wait_until(lambda: all(slow.tries(webhook_id) >= 2 for webhook_id in ids), 60, 0.1, "tries again")
+    finally:
+        deliverer.stop()
+        slow.close()
+    # Every try was cut by the sender before the receiver had sent its status line and headers,
+    # and no delivery ever had two tries open at once.
+    assert sorted(set(cut)) == sorted(ids) and len(cut) == sum(slow.tries(webhook_id) for webhook_id in ids)
+    assert [slow.most_open_at_once(webhook_id) for webhook_id in ids] == [1, 1, 1]
+    assert _pending(store) == 3, "cut tries are tried again"
+
+
+def _cut(connection: socket.socket, webhook_id: str) -> bool:
+    """Trickles the answer; True when the sender cut it off."""
+    try:
+        _trickle(connection, webhook_id)
+    except ConnectionError:
+        return True
+    return False
+
+
+# What the receiver says it will send after its 200: far more than the sender may hold.
+HUGE = 400 * 2**20
+
+
+def _huge(connection: socket.socket, webhook_id: str) -> None:
+    """200, then a body of HUGE bytes, generated as it is sent, until the sender closes."""
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % HUGE)
+    chunk = bytes(2**20)
+    for _ in range(HUGE // len(chunk)):
+        connection.sendall(chunk)
+
+
+DELIVER_ONE = """
+import resource, sys, time
+from pathlib import Path
+from svd.jobs.addresses import WebhookHosts
+from svd.jobs.delivery import Deliverer
+from svd.jobs.sqlite import SQLiteJobs
+
+store = SQLiteJobs(Path(sys.argv[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+Deliverer(store, sys.argv[2], WebhookHosts.parse("127.0.0.1")).start()
+deadline = time.monotonic() + 60
+while store._one("SELECT COUNT(*) FROM deliveries")[0] and time.monotonic() < deadline:
+    time.sleep(0.05)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before * 1024, after * 1024, store._one("SELECT COUNT(*) FROM deliveries")[0])
+"""
+
+
+def test_a_receiver_answering_200_with_a_huge_body_counts_once_and_the_senders_memory_stays_flat(tmp_path: Path):
+    receiver = RawReceiver(_huge)
+    try:
+        webhook_id = _kept_delivery(SQLiteJobs(tmp_path / "jobs.db"), receiver.url)
+        ran = subprocess.run(
+            [sys.executable, "-c", DELIVER_ONE, str(tmp_path / "jobs.db"), SECRET],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ran.returncode == 0, ran.stderr
+        before, after, pending = map(int, ran.stdout.split())
+        wait_until(lambda: receiver.tries(webhook_id) == 1, 30, 0.05, "the receiver done")
+    finally:
+        receiver.close()
+    assert pending == 0 and receiver.tries(webhook_id) == 1, "delivered, once"
+    assert after - before < 32 * 2**20, f"the sender's peak memory grew by {(after - before) / 2**20:.0f} MiB"
+
+
+def test_a_delivery_whose_host_does_not_resolve_for_a_while_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    lookup = socket.getaddrinfo
+    failures = []
+
+    def down_once(host, *args, **kwargs):
+        if not failures:
+            failures.append(host)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", down_once)
+    store = SQLiteJobs(tmp_path / "jobs.db")
+    with receiving(free_port()) as receiver:
+        webhook_id = _kept_delivery(store, receiver.url.replace("127.0.0.1", "localhost"))
+        deliverer = Deliverer(store, SECRET, WebhookHosts.parse("localhost"))
+        deliverer.start()
+        try:
+            wait_until(lambda: receiver.deliveries, 30, 0.1, "the delivery once the name resolves")
+        finally:
+            deliverer.stop()
+    assert failures == ["localhost"] and receiver.deliveries[0][0]["webhook-id"] == webhook_id
+
+
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.0.0.1/", "http://169.254.169.254/latest", "http://[::1]/"]
+    "url", ["http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.0.0.1/", "http://169.254.169.254/latest", "http://[::1]/",
+            "http://[64:ff9b::a00:1]/", "http://[2002:a00:1::1]/", "http://[::ffff:0:a00:1]/", "http://[::ffff:10.0.0.1]/"]
 )
 def test_loopback_private_and_link_local_addresses_are_refused_by_default(url: str):
     with pytest.raises(BadInput, match="not a public address"):

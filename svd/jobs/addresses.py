@@ -33,11 +33,32 @@ class WebhookHosts:
         return cls(frozenset(hosts), tuple(networks))
 
     def admits(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return address.is_global or host in self.hosts or any(address in network for network in self.networks)
+        public = address.is_global and all(inner.is_global for inner in _embedded(address))
+        return public or host in self.hosts or any(address in network for network in self.networks)
+
+
+# IPv6 forms that a gateway turns into the IPv4 address they carry in their last 32 bits
+# (NAT64, SIIT's IPv4-translated) or bits 16-48 (6to4): the carried address must be public too.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+
+
+def _embedded(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    if address.version == 4:
+        return []
+    carried = [address.ipv4_mapped, address.sixtofour]
+    if address in NAT64 or address in TRANSLATED:
+        carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [inner for inner in carried if inner is not None]
+
+
+class Unresolved(BadInput):
+    """The host did not resolve now; a later try may find it (DNS down or slow, EAI_AGAIN)."""
 
 
 def checked_address(url: str, allowed: WebhookHosts) -> str:
-    """The address to call `url` at; BadInput naming `webhook` and why when it may not be called."""
+    """The address to call `url` at; BadInput naming `webhook` and why when it may not be called,
+    Unresolved when its host does not resolve now."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise BadInput(f"`webhook` must be an http or https URL, got scheme {parts.scheme or 'none'!r}")
@@ -48,7 +69,7 @@ def checked_address(url: str, allowed: WebhookHosts) -> str:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, ValueError) as exc:
-        raise BadInput(f"`webhook` host {host!r} does not resolve: {exc}") from None
+        raise Unresolved(f"`webhook` host {host!r} does not resolve: {exc}") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in found]
     refused = [str(address) for address in addresses if not allowed.admits(host, address)]
     if refused:
