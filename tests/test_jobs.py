@@ -203,6 +203,35 @@ def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is
     assert end.job_id == waiting and json.loads(end.body)["data"]["status"] == CANCELED
 
 
+def test_a_late_retry_of_a_delivery_another_sender_delivered_does_not_bring_it_back(stores):
+    store = stores()
+    job_id = store.submit(b"x", "a.png", {}, per_worker=10, hook=Webhook("https://example.com/h")).id
+    assert store.notify(job_id, "completed", b"end")
+    delivery = store.next_delivery(lease=30)
+    # Two tries overlapped: the one that got 2xx forgot the delivery, the other then asks to retry it.
+    store.delivered(delivery.id)
+    store.retry_delivery(delivery.id, 1, time.time() - 1)
+    assert store.next_delivery(lease=30) is None
+    assert store.next_delivery(lease=30) is None
+
+
+def test_a_lapsed_lease_behind_ten_live_ones_is_taken_again(tmp_path: Path):
+    """XAUTOCLAIM looks at ten pending entries per one it may claim: the claim walks its cursor."""
+    with redis_server(tmp_path / "redis") as server:
+        store = RedisJobs(server.url, lease=SHORT_LEASE)
+        ids = [store.submit(b"x", f"{index}.png", {}, per_worker=20).id for index in range(11)]
+        live = [store.claim(f"busy-{index}") for index in range(10)]
+        dies = store.claim("dies")
+        assert [claim.id for claim in [*live, dies]] == ids
+
+        def renewed_then_claimed():
+            assert all(store.renew(claim) for claim in live), "the live leases are renewed"
+            return store.claim("idle")
+
+        again = wait_until(renewed_then_claimed, 30, 0.05, "the lapsed job taken again")
+        assert (again.id, again.attempt) == (dies.id, 2)
+
+
 def test_a_jobs_file_from_before_webhooks_is_brought_up_to_date_by_workers_opening_it_at_once(tmp_path: Path):
     path = tmp_path / "jobs.db"
     job_id = SQLiteJobs(path).submit(b"x", "a.png", {"seed": 1}, per_worker=10).id

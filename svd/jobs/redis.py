@@ -109,9 +109,14 @@ while true do
   -- A job whose worker stopped renewing comes first: it is older than any waiting one. Not in the
   -- first lease after Redis restarts, though: an entry's idle time then counts the time Redis was
   -- down, and the workers holding leases need one lease to renew them.
-  local found = {}
+  -- XAUTOCLAIM looks at ten entries per one it may claim: its cursor is walked through the whole
+  -- pending list, so that a lapsed lease behind ten live ones is found.
+  local found, cursor = {}, '0-0'
   if up_ms >= tonumber(ARGV[3]) then
-    found = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', 1)[2]
+    repeat
+      local scanned = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', 1)
+      cursor, found = scanned[1], scanned[2]
+    until #found > 0 or cursor == '0-0'
   end
   if #found == 0 then
     local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
@@ -204,11 +209,26 @@ return 1
 NEXT_DELIVERY = """
 -- KEYS: deliveries; ARGV: now, lease, delivery key prefix
 -- Held by moving its due time past the try: a worker that dies mid-try leaves it due again.
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
-if #due == 0 then return false end
-redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), due[1])
-local job_id, url, body, tries = unpack(redis.call('HMGET', ARGV[3] .. due[1], 'job_id', 'url', 'body', 'tries'))
-return {due[1], job_id, url, body, tries}
+while true do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+  if #due == 0 then return false end
+  local job_id, url, body, tries = unpack(redis.call('HMGET', ARGV[3] .. due[1], 'job_id', 'url', 'body', 'tries'))
+  if job_id then
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), due[1])
+    return {due[1], job_id, url, body, tries}
+  end
+  -- A delivery's record gone (written by a release before this one): nothing to send.
+  redis.call('ZREM', KEYS[1], due[1])
+end
+"""
+
+RETRY_DELIVERY = """
+-- KEYS: deliveries, delivery; ARGV: delivery id, tries, due
+-- Only a delivery still kept: another sender's try may have delivered it meanwhile.
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'tries', ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
 """
 
 T = TypeVar("T")
@@ -243,9 +263,9 @@ class RedisJobs:
         options = self._redis.connection_pool.connection_kwargs
         # Never the password: this goes into errors and logs.
         self.where = options.get("path") or f"{options.get('host')}:{options.get('port')}/{options.get('db', 0)}"
-        self._submit, self._claim, self._renew, self._finish, self._cancel, self._keep, self._next = (
+        self._submit, self._claim, self._renew, self._finish, self._cancel, self._keep, self._next, self._retry = (
             self._redis.register_script(script)
-            for script in (SUBMIT, CLAIM, RENEW, FINISH, CANCEL, KEEP_DELIVERY, NEXT_DELIVERY)
+            for script in (SUBMIT, CLAIM, RENEW, FINISH, CANCEL, KEEP_DELIVERY, NEXT_DELIVERY, RETRY_DELIVERY)
         )
 
     @_reaching
@@ -380,8 +400,7 @@ class RedisJobs:
 
     @_reaching
     def retry_delivery(self, delivery_id: str, tries: int, due: float) -> None:
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(DELIVERY + delivery_id, "tries", tries).zadd(DELIVERIES, {delivery_id: due}).execute()
+        self._retry(keys=[DELIVERIES, DELIVERY + delivery_id], args=[delivery_id, tries, repr(due)])
 
     @_reaching
     def delivered(self, delivery_id: str) -> None:
