@@ -22,6 +22,7 @@ import pytest
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
 from svd.base.progress import Progress
+from svd.base.settings import ConfigError, Settings
 from svd.jobs.model import (
     CANCELED,
     COMPLETED,
@@ -230,6 +231,14 @@ def test_a_lapsed_lease_behind_ten_live_ones_is_taken_again(tmp_path: Path):
 
         again = wait_until(renewed_then_claimed, 30, 0.05, "the lapsed job taken again")
         assert (again.id, again.attempt) == (dies.id, 2)
+
+
+@pytest.mark.parametrize("url", ["redis//svd:hunter2-password@redis:6379/0", "http://svd:hunter2-password@redis/0"])
+def test_a_malformed_queue_url_is_refused_without_showing_its_password(url: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SVD_QUEUE_URL", url)
+    with pytest.raises(ConfigError, match="not a Redis URL") as refused:
+        Settings.from_env()
+    assert "hunter2" not in str(refused.value)
 
 
 def test_a_jobs_file_from_before_webhooks_is_brought_up_to_date_by_workers_opening_it_at_once(tmp_path: Path):

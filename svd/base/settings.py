@@ -91,8 +91,9 @@ def _keep(name: str, default: str) -> Retention:
 def _queue_url(name: str) -> str:
     value = os.environ.get(name, "").strip()
     if value and not value.startswith(("redis://", "rediss://", "unix://")):
-        shown = value.split("://")[0] + "://..." if "://" in value else value[:40]
-        raise ConfigError(f"{name}={shown!r} is not a Redis URL; use redis://host:port/db, rediss://... or unix://...")
+        # Only the scheme: the rest may hold the password, and this goes into the log.
+        shown = f"{value.split('://')[0]}://..." if "://" in value else "a value without a scheme"
+        raise ConfigError(f"{name} is {shown}, not a Redis URL; use redis://host:port/db, rediss://... or unix://...")
     return value
 
 
