@@ -22,6 +22,7 @@ import pytest
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
 from svd.base.progress import Progress
+from svd.base.retention import Retention
 from svd.base.settings import ConfigError, Settings
 from svd.jobs.model import (
     CANCELED,
@@ -36,9 +37,11 @@ from svd.jobs.model import (
     Webhook,
 )
 from svd.jobs.redis import RedisJobs
+from svd.jobs.runner import keep_video
 from svd.jobs.sqlite import SQLiteJobs
 from svd.jobs.store import JobStore
 from svd.serving.gpu_turns import Turns
+from svd.storage.outputs import Outputs
 
 # Long enough in denoising (about 5 s on two cores) to act while it runs.
 SLOW = {**SMALL, "num_inference_steps": 100}
@@ -231,6 +234,24 @@ def test_a_lapsed_lease_behind_ten_live_ones_is_taken_again(tmp_path: Path):
 
         again = wait_until(renewed_then_claimed, 30, 0.05, "the lapsed job taken again")
         assert (again.id, again.attempt) == (dies.id, 2)
+
+
+def test_an_attempt_that_lost_its_job_removes_only_its_own_video_not_the_winners(stores, tmp_path: Path):
+    store = stores(lease=SHORT_LEASE)
+    outputs = Outputs(tmp_path / "outputs", Retention(count=10))
+    job_id = store.submit(b"x", "a.png", {}, per_worker=10).id
+    stale = store.claim("cut-off")
+    # Cut off from the store longer than a lease: another worker takes the job and ends it first.
+    winner = wait_until(lambda: store.claim("winner"), 30, 0.05, "the lapsed job taken again")
+    videos = {}
+    for claim in (winner, stale):
+        videos[claim.attempt] = tmp_path / f"attempt-{claim.attempt}.mp4"
+        videos[claim.attempt].write_bytes(f"the video of attempt {claim.attempt}".encode())
+    assert keep_video(outputs, winner, videos[2], {"attempt": 2}, lambda: store.finish(winner, COMPLETED))
+    assert not keep_video(outputs, stale, videos[1], {"attempt": 1}, lambda: store.finish(stale, COMPLETED))
+    video, record = outputs.find(job_id)
+    assert video.read_bytes() == b"the video of attempt 2" and record["attempt"] == 2
+    assert sorted(path.name for path in outputs.folder.iterdir()) == [f"{job_id}.json", f"{job_id}.mp4"]
 
 
 @pytest.mark.parametrize("url", ["redis//svd:hunter2-password@redis:6379/0", "http://svd:hunter2-password@redis/0"])

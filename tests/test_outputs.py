@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -129,6 +130,19 @@ def test_the_folder_keeps_the_newest_by_count_or_by_size(tmp_path: Path):
     by_size.prune()
     assert [by_size.find(output_id) is not None for output_id in ids] == [False, False, True, True]
     assert being_written.exists(), "a file being written is never pruned"
+
+
+def test_files_a_crash_left_mid_write_are_removed_once_older_than_any_write(tmp_path: Path):
+    outputs = Outputs(tmp_path / "outputs", Retention(count=10))
+    left = [outputs.folder / f".{'0' * 31}9.mp4.k2v8q1.part", outputs.folder / f"{'0' * 31}8~1.mp4"]
+    fresh = outputs.folder / f".{'0' * 31}7.mp4.x1y2z3.part"
+    for path in [*left, fresh]:
+        path.write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in left:
+        os.utime(path, (two_days_ago, two_days_ago))
+    outputs.prune()
+    assert [path.exists() for path in [*left, fresh]] == [False, False, True]
 
 
 def test_a_sidecar_that_cannot_be_written_takes_its_video_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

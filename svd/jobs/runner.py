@@ -50,6 +50,17 @@ UNREACHABLE_PAUSE_SECONDS = 1.0
 T = TypeVar("T")
 
 
+def keep_video(outputs: Outputs, claim: Claim, video: Path, record: dict, finish: Callable[[], bool]) -> bool:
+    """Keep the claim's video under its attempt, then `finish` the job, and make the video the
+    job's only if this attempt ended it; an attempt that lost its job removes only its own."""
+    outputs.put(claim.id, video, record, claim.attempt)
+    if not finish():
+        outputs.remove(claim.id, claim.attempt)
+        return False
+    outputs.promote(claim.id, claim.attempt)
+    return True
+
+
 class JobRunner:
     """Runs jobs from `store` on `engine`, keeping their videos in `outputs`."""
 
@@ -207,9 +218,7 @@ class JobRunner:
             if stop.is_set() or not self._still_held(claim):
                 raise Stopped("the job was stopped while its video was written")
             record = record_of(result, image, self.engine.settings)
-            self.outputs.put(claim.id, result.path, record)
-            if not self._finish(claim, COMPLETED):
-                self.outputs.remove(claim.id)
+            if not keep_video(self.outputs, claim, result.path, record, lambda: self._finish(claim, COMPLETED)):
                 raise Stopped("the job was stopped while its video was kept")
             ended = events.ended_body(
                 claim.id, COMPLETED, None, claim.attempt,

@@ -4,6 +4,11 @@ A generation costs minutes of GPU; its file should outlive the request's tempora
 directory and BentoML's task store, which is emptied at every start. Files are written
 under a temporary name and renamed, so the folder never holds half a video, and the
 oldest are pruned beyond SVD_OUTPUT_KEEP.
+
+A job's video is written under its id and attempt, and promoted to its id once the store
+says that attempt ended the job: an attempt that lost its job (its lease lapsed and another
+worker's attempt won) removes only its own file, never the winner's. Temporary files and
+attempts' files that a crash left are removed once older than any write can take.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,10 @@ from svd.base.retention import Retention
 
 logger = logging.getLogger(f"bentoml.{__name__}")
 SIDECAR = ".json"
+# An attempt's files are named {id}~{attempt}: never an id, so never listed, served or pruned as one.
+ATTEMPT = "~"
+# Temporary and attempts' files older than this were left by a crash.
+LEFT_SECONDS = 24 * 3600
 
 
 class DiskFull(OSError):
@@ -38,14 +48,18 @@ class Outputs:
         self.keep = keep
         folder.mkdir(parents=True, exist_ok=True)
 
-    def save(self, output_id: str, video: Path, record: dict[str, Any]) -> dict[str, Any]:
-        """Keep the video under its id, and its record beside it; returns the record as kept."""
+    def save(
+        self, output_id: str, video: Path, record: dict[str, Any], attempt: int | None = None
+    ) -> dict[str, Any]:
+        """Keep the video under its id, or under its id and `attempt` until `promote`, and its
+        record beside it; returns the record as kept."""
         record = {"id": output_id, "file": f"{output_id}{video.suffix}", **record}
+        stem = _stem(output_id, attempt)
         try:
-            write_atomically(self.folder / record["file"], video)
-            write_atomically(self.folder / f"{output_id}{SIDECAR}", json.dumps(record).encode())
+            write_atomically(self.folder / f"{stem}{video.suffix}", video)
+            write_atomically(self.folder / f"{stem}{SIDECAR}", json.dumps(record).encode())
         except OSError as exc:
-            (self.folder / record["file"]).unlink(missing_ok=True)
+            (self.folder / f"{stem}{video.suffix}").unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(
                     exc.errno, f"the disk of SVD_OUTPUT_DIR ({self.folder}) is full: {exc.strerror}"
@@ -54,17 +68,27 @@ class Outputs:
         self.prune()
         return record
 
-    def put(self, output_id: str, video: Path, record: dict[str, Any]) -> None:
+    def put(self, output_id: str, video: Path, record: dict[str, Any], attempt: int | None = None) -> None:
         """`save`, with a full disk refused as 507 and logged."""
         try:
-            self.save(output_id, video, record)
+            self.save(output_id, video, record, attempt)
         except DiskFull as full:
             logger.error("SVD could not keep output %s: %s", output_id, full.strerror)
             raise Refused(HTTPStatus.INSUFFICIENT_STORAGE, "disk_full", f"{full.strerror}; nothing was kept") from None
 
-    def remove(self, output_id: str) -> None:
-        """Forget a video and its record: a job cancelled while its video was being kept."""
-        for path in self.folder.glob(f"{output_id}.*") if ID.fullmatch(output_id) else ():
+    def promote(self, output_id: str, attempt: int) -> None:
+        """Make the attempt's video the id's: the store says this attempt ended the job."""
+        stem = _stem(output_id, attempt)
+        record = json.loads((self.folder / f"{stem}{SIDECAR}").read_text())
+        suffix = Path(record["file"]).suffix
+        os.replace(self.folder / f"{stem}{suffix}", self.folder / record["file"])
+        os.replace(self.folder / f"{stem}{SIDECAR}", self.folder / f"{output_id}{SIDECAR}")
+        self.prune()
+
+    def remove(self, output_id: str, attempt: int | None = None) -> None:
+        """Forget a video and its record, or only the attempt's: a job cancelled while its video
+        was being kept, or taken by another attempt."""
+        for path in self.folder.glob(f"{_stem(output_id, attempt)}.*") if ID.fullmatch(output_id) else ():
             path.unlink(missing_ok=True)
 
     def find(self, output_id: str) -> tuple[Path, dict[str, Any]] | None:
@@ -94,9 +118,12 @@ class Outputs:
         open file's data until it is closed."""
         # One listing of the folder, not one per output: it may hold thousands.
         videos: dict[str, list[Path]] = {}
+        left_before = time.time() - LEFT_SECONDS
         for path in self.folder.iterdir():
             if ID.fullmatch(path.stem) and path.suffix != SIDECAR:
                 videos.setdefault(path.stem, []).append(path)
+            elif (path.suffix == ".part" or ATTEMPT in path.stem) and _modified(path) < left_before:
+                path.unlink(missing_ok=True)
         total = 0
         for index, sidecar in enumerate(self._sidecars()):
             kept = videos.get(sidecar.stem, [])
@@ -111,6 +138,10 @@ class Outputs:
     def _sidecars(self) -> list[Path]:
         sidecars = [path for path in self.folder.glob(f"*{SIDECAR}") if ID.fullmatch(path.stem)]
         return sorted(sidecars, key=_modified, reverse=True)
+
+
+def _stem(output_id: str, attempt: int | None) -> str:
+    return output_id if attempt is None else f"{output_id}{ATTEMPT}{attempt}"
 
 
 def _modified(path: Path) -> float:
