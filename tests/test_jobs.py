@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serv
 from svd.base.progress import Progress
 from svd.base.retention import Retention
 from svd.base.settings import ConfigError, Settings
+from svd.jobs.events import ended_body
 from svd.jobs.model import (
     CANCELED,
     COMPLETED,
@@ -205,6 +207,32 @@ def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is
     store.cancel(waiting)
     end = store.next_delivery(lease=30)
     assert end.job_id == waiting and json.loads(end.body)["data"]["status"] == CANCELED
+
+
+def test_a_jobs_end_event_is_kept_in_the_step_that_ends_it_and_only_by_the_attempt_that_does(stores):
+    store = stores(lease=SHORT_LEASE, attempts=1)
+    hook = Webhook("https://example.com/h")
+    done, canceled, given_up = (store.submit(b"x", f"{n}.png", {}, per_worker=10, hook=hook).id for n in range(3))
+    claim = store.claim("a")
+    ended = ended_body(done, COMPLETED, None, 1, output_id=done)
+    assert store.finish(claim, COMPLETED, ended=ended)
+    assert not store.finish(claim, COMPLETED, ended=ended), "a second end keeps nothing"
+    store.cancel(canceled)
+    store.claim("dies")  # the last attempt of `given_up`: the claim after its lease fails it
+    wait_until(lambda: store.claim("b") is None and store.get(given_up).status == FAILED, 30, 0.05, "given up")
+    kept = {}
+    while delivery := store.next_delivery(lease=30):
+        kept[delivery.job_id] = json.loads(delivery.body)
+        store.delivered(delivery.id)
+    assert kept[done] == json.loads(ended)
+    # The stores write the cancel's and the give-up's events themselves, as svd/jobs/events.py does.
+    error = store.get(given_up).error
+    written = {canceled: ended_body(canceled, CANCELED, None, 0), given_up: ended_body(given_up, FAILED, error, 1)}
+    for job_id, body in written.items():
+        expected = json.loads(body)
+        assert {**kept[job_id], "timestamp": None} == {**expected, "timestamp": None}
+        assert datetime.fromisoformat(kept[job_id]["timestamp"]).tzinfo is not None
+    assert sorted(kept) == sorted([done, canceled, given_up])
 
 
 def test_a_late_retry_of_a_delivery_another_sender_delivered_does_not_bring_it_back(stores):

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import datetime, timezone
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -32,10 +33,7 @@ from redis.retry import Retry
 
 from svd.base.ids import new_id
 from svd.base.progress import Progress
-from svd.jobs.events import END, ended_body
 from svd.jobs.model import (
-    CANCELED,
-    FAILED,
     PENDING,
     QUEUED,
     RETENTION_SECONDS,
@@ -69,6 +67,25 @@ FORGET_WORKERS_MS = 24 * 3600 * 1000
 # Every script first makes sure the group exists: Redis restarted without persistence has none.
 ENSURE_GROUP = "redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')\n"
 
+# Keeps a delivery of `body` to the job's webhook when it wants `event` (its end, always). Every
+# script that ends a job calls it, so a job's end event is kept in the step that ends it.
+KEEP = """
+local function keep(job, job_id, event, body, delivery_id, now, deliveries, prefix)
+  local webhook, events = unpack(redis.call('HMGET', job, 'webhook', 'webhook_events'))
+  if not webhook or webhook == '' then return 0 end
+  if event ~= 'completed'
+    and not string.find(',' .. (events or '') .. ',', ',' .. event .. ',', 1, true) then return 0 end
+  redis.call('HSET', prefix .. delivery_id, 'job_id', job_id, 'url', webhook, 'body', body, 'tries', 0)
+  redis.call('ZADD', deliveries, now, delivery_id)
+  return 1
+end
+-- The end event of a job given up or cancelled, as svd/jobs/events.py's ended_body writes it.
+local function ended(job_id, status, error, attempt, timestamp)
+  return cjson.encode({type = 'task.completed', timestamp = timestamp, data = {
+    task_id = job_id, status = status, error = error or cjson.null, attempt = tonumber(attempt)}})
+end
+"""
+
 SUBMIT = ENSURE_GROUP + """
 -- KEYS: stream, waiting, running, job, last-seconds
 -- ARGV: group, per_worker, lease_ms, forget_ms, id, created, image, image_name, controls, progress, webhook, events
@@ -94,9 +111,10 @@ redis.call('XADD', KEYS[1], '*', 'id', ARGV[5])
 return {}
 """
 
-CLAIM = ENSURE_GROUP + """
--- KEYS: stream, waiting, running
--- ARGV: group, worker, lease_ms, attempts, now, retention, job key prefix, progress
+CLAIM = ENSURE_GROUP + KEEP + """
+-- KEYS: stream, waiting, running, deliveries
+-- ARGV: group, worker, lease_ms, attempts, now, retention, job key prefix, progress,
+--       delivery id, delivery key prefix, timestamp
 -- Returns {id, failed, attempt, image, image_name, controls}, or {'', failed} when nothing waits;
 -- failed lists {id, attempt, worker, started, error} of jobs given up on the way.
 local failed = {}
@@ -135,6 +153,8 @@ while true do
     redis.call('EXPIRE', job, ARGV[6])
     done(entry)
     table.insert(failed, {id, attempt, worker or '', started or ARGV[5], error})
+    keep(job, id, 'completed', ended(id, 'failed', error, attempt, ARGV[11]), ARGV[9] .. '-' .. #failed, ARGV[5],
+      KEYS[4], ARGV[10])
   elseif status == 'pending' or status == 'in_progress' then
     redis.call('HSET', job, 'status', 'in_progress', 'attempt', attempt + 1, 'worker', ARGV[2],
       'started', ARGV[5], 'entry', entry, 'progress', ARGV[8])
@@ -164,9 +184,9 @@ if ARGV[3] then redis.call('HSET', KEYS[2], 'progress', ARGV[3]) end
 return 1
 """
 
-FINISH = ENSURE_GROUP + HELD + """
--- KEYS: stream, job, running, last-seconds
--- ARGV: group, attempt, id, status, now, retention, error, error_status
+FINISH = ENSURE_GROUP + KEEP + HELD + """
+-- KEYS: stream, job, running, last-seconds, deliveries
+-- ARGV: group, attempt, id, status, now, retention, error, error_status, end event, delivery id, delivery prefix
 redis.call('HSET', KEYS[2], 'status', ARGV[4], 'finished', ARGV[5])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[7], 'error_status', ARGV[8]) end
 redis.call('ZREM', KEYS[3], ARGV[3])
@@ -174,13 +194,15 @@ redis.call('XACK', KEYS[1], ARGV[1], entry)
 redis.call('XDEL', KEYS[1], entry)
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 if ARGV[4] == 'completed' then redis.call('SET', KEYS[4], tonumber(ARGV[5]) - tonumber(started)) end
+if ARGV[9] ~= '' then keep(KEYS[2], ARGV[3], 'completed', ARGV[9], ARGV[10], ARGV[5], KEYS[5], ARGV[11]) end
 return 1
 """
 
-CANCEL = ENSURE_GROUP + """
--- KEYS: stream, job, waiting, running; ARGV: group, id, now, retention
+CANCEL = ENSURE_GROUP + KEEP + """
+-- KEYS: stream, job, waiting, running, deliveries
+-- ARGV: group, id, now, retention, delivery id, delivery key prefix, timestamp
 -- Returns -1 for no such job, 0 when it had already finished, 1 when cancelled now.
-local status, entry = unpack(redis.call('HMGET', KEYS[2], 'status', 'entry'))
+local status, entry, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'entry', 'attempt'))
 if not status then return -1 end
 if status ~= 'pending' and status ~= 'in_progress' then return 0 end
 redis.call('HSET', KEYS[2], 'status', 'canceled', 'finished', ARGV[3])
@@ -192,18 +214,14 @@ if entry then
   redis.call('XDEL', KEYS[1], entry)
 end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+keep(KEYS[2], ARGV[2], 'completed', ended(ARGV[2], 'canceled', nil, attempt or 0, ARGV[7]), ARGV[5], ARGV[3], KEYS[5],
+  ARGV[6])
 return 1
 """
 
-KEEP_DELIVERY = """
+KEEP_DELIVERY = KEEP + """
 -- KEYS: job, deliveries; ARGV: delivery id, event, body, now, delivery key prefix, job id
-local webhook, events = unpack(redis.call('HMGET', KEYS[1], 'webhook', 'webhook_events'))
-if not webhook or webhook == '' then return 0 end
-if ARGV[2] ~= 'completed'
-  and not string.find(',' .. (events or '') .. ',', ',' .. ARGV[2] .. ',', 1, true) then return 0 end
-redis.call('HSET', ARGV[5] .. ARGV[1], 'job_id', ARGV[6], 'url', webhook, 'body', ARGV[3], 'tries', 0)
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-return 1
+return keep(KEYS[1], ARGV[6], ARGV[2], ARGV[3], ARGV[1], ARGV[4], KEYS[2], ARGV[5])
 """
 
 NEXT_DELIVERY = """
@@ -232,6 +250,11 @@ return 1
 """
 
 T = TypeVar("T")
+
+
+def _timestamp(now: float) -> str:
+    """The envelope's timestamp, as svd/jobs/events.py writes it."""
+    return datetime.fromtimestamp(now, timezone.utc).isoformat()
 
 
 def _reaching(method: Callable[..., T]) -> Callable[..., T]:
@@ -299,15 +322,17 @@ class RedisJobs:
     def claim(self, worker: str) -> Claim | None:
         now = time.time()
         job_id, failed, *claimed = self._claim(
-            keys=[STREAM, WAITING, RUNNING],
-            args=[GROUP, worker, int(self.lease * 1000), self.attempts, repr(now), RETENTION_SECONDS, JOB, QUEUED],
+            keys=[STREAM, WAITING, RUNNING, DELIVERIES],
+            args=[
+                GROUP, worker, int(self.lease * 1000), self.attempts, repr(now), RETENTION_SECONDS, JOB, QUEUED,
+                new_delivery_id(), DELIVERY, _timestamp(now),
+            ],
         )
         for given_up, attempt, holder, started, error in failed:
             logger.warning(
                 "SVD job %s failed on %s, attempt %d, after %.1f s: %s",
                 given_up.decode(), holder.decode(), attempt, now - float(started), error.decode(),
             )
-            self.notify(given_up.decode(), END, ended_body(given_up.decode(), FAILED, error.decode(), attempt))
         if not job_id:
             return None
         attempt, image, image_name, controls = claimed
@@ -324,9 +349,16 @@ class RedisJobs:
         )
 
     @_reaching
-    def finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
+    def finish(
+        self,
+        claim: Claim,
+        status: str,
+        error: str | None = None,
+        error_status: int | None = None,
+        ended: bytes | None = None,
+    ) -> bool:
         return 1 == self._finish(
-            keys=[STREAM, JOB + claim.id, RUNNING, LAST_SECONDS],
+            keys=[STREAM, JOB + claim.id, RUNNING, LAST_SECONDS, DELIVERIES],
             args=[
                 GROUP,
                 claim.attempt,
@@ -336,19 +368,22 @@ class RedisJobs:
                 RETENTION_SECONDS,
                 error or "",
                 error_status or 0,
+                ended or b"",
+                new_delivery_id(),
+                DELIVERY,
             ],
         )
 
     @_reaching
     def cancel(self, job_id: str) -> tuple[Job, bool]:
+        now = time.time()
         outcome = self._cancel(
-            keys=[STREAM, JOB + job_id, WAITING, RUNNING], args=[GROUP, job_id, repr(time.time()), RETENTION_SECONDS]
+            keys=[STREAM, JOB + job_id, WAITING, RUNNING, DELIVERIES],
+            args=[GROUP, job_id, repr(now), RETENTION_SECONDS, new_delivery_id(), DELIVERY, _timestamp(now)],
         )
         job = self.get(job_id)
         if outcome == -1 or job is None:
             raise UnknownJob(job_id)
-        if outcome == 1:
-            self.notify(job_id, END, ended_body(job_id, CANCELED, None, job.attempt))
         return job, outcome == 1
 
     @_reaching

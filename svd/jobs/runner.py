@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -218,14 +219,14 @@ class JobRunner:
             if stop.is_set() or not self._still_held(claim):
                 raise Stopped("the job was stopped while its video was written")
             record = record_of(result, image, self.engine.settings)
-            if not keep_video(self.outputs, claim, result.path, record, lambda: self._finish(claim, COMPLETED)):
-                raise Stopped("the job was stopped while its video was kept")
             ended = events.ended_body(
                 claim.id, COMPLETED, None, claim.attempt,
                 output_id=claim.id, output_path=f"/generate_task/get?task_id={claim.id}",
                 seed=record["seed"], settings=record["settings"], stage_seconds=record["stage_seconds"],
             )
-            self._notify(claim.id, events.END, ended)
+            finish = partial(self._finish, claim, COMPLETED, ended=ended)
+            if not keep_video(self.outputs, claim, result.path, record, finish):
+                raise Stopped("the job was stopped while its video was kept")
 
     def _still_held(self, claim: Claim) -> bool:
         """Whether the claim is still this worker's; when the store cannot say, the end decides."""
@@ -235,9 +236,16 @@ class JobRunner:
             self._not_reached(exc)
             return True
 
-    def _finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
-        """Record the job's end: a finished video is not thrown away for a store restarting."""
-        return bool(self._until_reached(lambda: self.store.finish(claim, status, error, error_status)))
+    def _finish(
+        self,
+        claim: Claim,
+        status: str,
+        error: str | None = None,
+        error_status: int | None = None,
+        ended: bytes | None = None,
+    ) -> bool:
+        """Record the job's end and its end event: a finished video is not thrown away for a store restarting."""
+        return bool(self._until_reached(lambda: self.store.finish(claim, status, error, error_status, ended)))
 
     def _until_reached(self, step: Callable[[], T]) -> T | None:
         """The step's answer, waiting for an unreachable store to answer. Only a stopping worker
@@ -268,8 +276,7 @@ class JobRunner:
             logger.warning("SVD job %s: its %s webhook could not be kept: %s", job_id, event, exc)
 
     def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
-        if self._finish(claim, FAILED, error=error, error_status=status):
-            self._notify(claim.id, events.END, events.ended_body(claim.id, FAILED, error, claim.attempt))
+        self._finish(claim, FAILED, error, status, events.ended_body(claim.id, FAILED, error, claim.attempt))
         logger.warning(
             "SVD job %s failed on worker %d, attempt %d, after %.1f s: %s",
             claim.id, self.engine.settings.worker, claim.attempt, time.perf_counter() - start, error,

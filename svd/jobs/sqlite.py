@@ -218,7 +218,14 @@ class SQLiteJobs:
             progress=json.dumps(asdict(progress)), until=time.time() + self.lease, id=claim.id, attempt=claim.attempt,
         )
 
-    def finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
+    def finish(
+        self,
+        claim: Claim,
+        status: str,
+        error: str | None = None,
+        error_status: int | None = None,
+        ended: bytes | None = None,
+    ) -> bool:
         now = time.time()
         with self._transaction() as db:
             updated = db.execute(
@@ -233,6 +240,8 @@ class SQLiteJobs:
                     "attempt": claim.attempt,
                 },
             )
+            if updated.rowcount == 1 and ended is not None:
+                self._keep_delivery(db, claim.id, END, ended)
             db.execute(
                 f"DELETE FROM jobs WHERE status IN ('{COMPLETED}', '{FAILED}', '{CANCELED}') AND finished < ?",
                 (now - RETENTION_SECONDS,),

@@ -16,6 +16,9 @@ from svd.jobs.model import Claim, Delivery, Job, QueueDepth, Webhook
 class JobStore(Protocol):
     """Submit, claim, renew, report, finish, cancel and look up jobs.
 
+    A job's end event is kept for its webhook in the same step that ends the job (finish,
+    cancel, or a claim that gives up on it): an outbox, so a crash between the two loses none.
+
     Every method is one atomic step in the store, so any worker of any process may call
     any of them at any time. Methods that act for a claim return False once the claim is
     no longer the worker's: the job was cancelled, or its lease lapsed and another
@@ -42,8 +45,16 @@ class JobStore(Protocol):
         """Record where the claimed job is, renewing its lease."""
         ...
 
-    def finish(self, claim: Claim, status: str, error: str | None = None, error_status: int | None = None) -> bool:
-        """End the claimed job as completed (its video kept by id) or failed (with its error)."""
+    def finish(
+        self,
+        claim: Claim,
+        status: str,
+        error: str | None = None,
+        error_status: int | None = None,
+        ended: bytes | None = None,
+    ) -> bool:
+        """End the claimed job as completed (its video kept by id) or failed (with its error), and keep
+        the end event `ended` for its webhook in the same step: an end is never recorded without it."""
         ...
 
     def cancel(self, job_id: str) -> tuple[Job, bool]:
