@@ -58,10 +58,10 @@ SHORT_LEASE = 2
 def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., JobStore]]:
     """Opens stores on one SQLite file, or on one real Redis: each store is a worker's."""
     if request.param == "sqlite":
-        yield lambda lease=30, attempts=2: SQLiteJobs(tmp_path / "jobs.db", lease, attempts)
+        yield lambda lease=30, attempts=2, **options: SQLiteJobs(tmp_path / "jobs.db", lease, attempts, **options)
         return
     with redis_server(tmp_path / "redis") as server:
-        yield lambda lease=30, attempts=2: RedisJobs(server.url, lease, attempts)
+        yield lambda lease=30, attempts=2, **options: RedisJobs(server.url, lease, attempts, **options)
 
 
 def _holder(store: JobStore, job_id: str) -> str:
@@ -233,6 +233,50 @@ def test_a_jobs_end_event_is_kept_in_the_step_that_ends_it_and_only_by_the_attem
         assert {**kept[job_id], "timestamp": None} == {**expected, "timestamp": None}
         assert datetime.fromisoformat(kept[job_id]["timestamp"]).tzinfo is not None
     assert sorted(kept) == sorted([done, canceled, given_up])
+
+
+def _kept_bytes(store: JobStore) -> int:
+    """What the store takes where it keeps its data: the SQLite file, or Redis's memory."""
+    if isinstance(store, SQLiteJobs):
+        store._one("PRAGMA wal_checkpoint(TRUNCATE)")
+        database = Path(store._one("PRAGMA database_list")[2])
+        return sum(path.stat().st_size for path in database.parent.glob(f"{database.name}*"))
+    return store._redis.info("memory")["used_memory"]
+
+
+def test_retries_cancelled_again_and_again_keep_one_copy_of_their_image(stores):
+    store = stores()
+    image = os.urandom(500_000)
+    job_id = store.submit(image, "a.png", {"seed": 1}, per_worker=10).id
+    store.cancel(job_id)
+    before = _kept_bytes(store)
+    for _ in range(20):  # /retry then /cancel, as a client in a loop would
+        job_id = store.submit(*store.input(job_id), per_worker=10).id
+        store.cancel(job_id)
+    assert store.input(job_id) == (image, "a.png", {"seed": 1})
+    grown = _kept_bytes(store) - before
+    assert grown < len(image), f"{grown} bytes more kept for 20 retries of one image of {len(image)}"
+
+
+def test_finished_jobs_images_beyond_the_bound_go_oldest_first_and_unfinished_ones_stay(stores):
+    size = 100_000
+    store = stores(input_keep=3 * size)
+    images = [os.urandom(size) for _ in range(5)]
+    finished = [store.submit(image, f"{n}.png", {}, per_worker=10).id for n, image in enumerate(images[:4])]
+    for job_id in finished:
+        store.cancel(job_id)
+    waiting = store.submit(images[4], "4.png", {}, per_worker=10).id
+    # Three images' bytes kept: the waiting job's, and the two newest finished ones'.
+    assert [store.input(job_id) is not None for job_id in finished] == [False, False, True, True]
+    assert store.claim("a").image == images[4] and store.input(waiting)[0] == images[4]
+
+
+def test_svd_input_keep_is_a_size(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SVD_INPUT_KEEP", "2GB")
+    assert Settings.from_env().input_keep == 2 * 1000**3
+    monkeypatch.setenv("SVD_INPUT_KEEP", "500")
+    with pytest.raises(ConfigError, match="SVD_INPUT_KEEP='500' is not a size"):
+        Settings.from_env()
 
 
 def test_a_late_retry_of_a_delivery_another_sender_delivered_does_not_bring_it_back(stores):

@@ -88,6 +88,17 @@ def _keep(name: str, default: str) -> Retention:
         raise ConfigError(f"{name}: {exc}; a count keeps that many videos, a size the newest that fit.") from None
 
 
+def _size(name: str, default: str) -> int:
+    text = os.environ.get(name, "").strip() or default
+    try:
+        size = parse_retention(text).bytes
+    except ValueError:
+        size = None
+    if size is None:
+        raise ConfigError(f"{name}={text!r} is not a size: use a number and KB, MB, GB or TB, such as {default}")
+    return size
+
+
 def _queue_url(name: str) -> str:
     value = os.environ.get(name, "").strip()
     if value and not value.startswith(("redis://", "rediss://", "unix://")):
@@ -138,6 +149,7 @@ class Settings:
     queue_url: str = ""
     job_attempts: int = 2
     job_lease: int = 30
+    input_keep: int = 500 * 1000**2
     webhook_secret: str = ""
     webhook_hosts: str = ""
     test_faults: str = ""
@@ -203,6 +215,7 @@ class Settings:
             queue_url=_queue_url("SVD_QUEUE_URL"),
             job_attempts=_positive_int("SVD_JOB_ATTEMPTS", 2),
             job_lease=_positive_int("SVD_JOB_LEASE", 30),
+            input_keep=_size("SVD_INPUT_KEEP", "500MB"),
             webhook_secret=_webhook_secret("SVD_WEBHOOK_SECRET"),
             webhook_hosts=os.environ.get("SVD_WEBHOOK_HOSTS", "").strip(),
             test_faults=os.environ.get("SVD_TEST_FAULTS", ""),

@@ -12,6 +12,7 @@ sends are svd/jobs/events.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -42,6 +43,11 @@ FINISHED = (COMPLETED, FAILED, CANCELED)
 # this long (as BentoML kept its task results); a completed job's video stays in the output
 # folder for as long as SVD_OUTPUT_KEEP allows.
 RETENTION_SECONDS = 24 * 3600
+# The bytes of images the stores keep by default (SVD_INPUT_KEEP): an image is kept once,
+# by its content's hash, however many jobs (retries) use it; beyond this, the images of
+# finished jobs go, least recently submitted first, and /retry of those jobs answers 404.
+# Unfinished jobs' images always stay: the queue's bound bounds them.
+INPUT_KEEP_BYTES = 500 * 1000**2
 # The progress of a job that waits, as the stores keep it.
 QUEUED = json.dumps(asdict(Progress()))
 
@@ -133,6 +139,11 @@ class Claim:
     image: bytes
     image_name: str
     controls: dict[str, Any]
+
+
+def image_hash(image: bytes) -> str:
+    """The name an image is kept under: its content's SHA-256."""
+    return hashlib.sha256(image).hexdigest()
 
 
 def new_delivery_id() -> str:

@@ -14,7 +14,9 @@ def open_store(settings: Settings) -> JobStore:
     if settings.queue_url:
         from svd.jobs.redis import RedisJobs
 
-        return RedisJobs(settings.queue_url, settings.job_lease, settings.job_attempts)
+        return RedisJobs(settings.queue_url, settings.job_lease, settings.job_attempts, settings.input_keep)
     from svd.jobs.sqlite import SQLiteJobs
 
-    return SQLiteJobs(Path(settings.jobs_db), settings.job_lease, settings.job_attempts, settings.workers)
+    return SQLiteJobs(
+        Path(settings.jobs_db), settings.job_lease, settings.job_attempts, settings.workers, settings.input_keep
+    )

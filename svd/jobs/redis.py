@@ -34,6 +34,7 @@ from redis.retry import Retry
 from svd.base.ids import new_id
 from svd.base.progress import Progress
 from svd.jobs.model import (
+    INPUT_KEEP_BYTES,
     PENDING,
     QUEUED,
     RETENTION_SECONDS,
@@ -46,6 +47,7 @@ from svd.jobs.model import (
     StoreUnavailable,
     UnknownJob,
     Webhook,
+    image_hash,
     new_delivery_id,
 )
 
@@ -57,6 +59,9 @@ WAITING = "svd:waiting"  # job id -> time submitted
 RUNNING = "svd:running"  # job id -> time started
 LAST_SECONDS = "svd:last-seconds"  # the last completed job's generation time, for Retry-After
 JOB = "svd:job:"
+IMAGES = "svd:images"  # image hash -> when a job last used it
+IMAGE = "svd:image:"  # + hash: the image's bytes
+IMAGE_BYTES = "svd:image-bytes"  # the bytes of the images kept
 DELIVERIES = "svd:deliveries"  # delivery id -> when it is due
 DELIVERY = "svd:delivery:"
 JOB_FIELDS = ("status", "created", "started", "finished", "attempt", "progress", "error", "error_status")
@@ -87,8 +92,9 @@ end
 """
 
 SUBMIT = ENSURE_GROUP + """
--- KEYS: stream, waiting, running, job, last-seconds
--- ARGV: group, per_worker, lease_ms, forget_ms, id, created, image, image_name, controls, progress, webhook, events
+-- KEYS: stream, waiting, running, job, last-seconds, images, image bytes
+-- ARGV: group, per_worker, lease_ms, forget_ms, id, created, image, image_name, controls, progress, webhook, events,
+--       image hash, image key prefix, input_keep, retention, job key prefix
 local live = 0
 for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local consumer = {}
@@ -104,17 +110,45 @@ local unfinished = redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
 if unfinished >= limit then
   return {unfinished, limit, redis.call('GET', KEYS[5]) or ''}
 end
-redis.call('HSET', KEYS[4], 'status', 'pending', 'created', ARGV[6], 'attempt', 0, 'image', ARGV[7],
+-- The image kept once by its hash, however many jobs (retries) use it.
+if redis.call('EXISTS', ARGV[14] .. ARGV[13]) == 0 then
+  redis.call('SET', ARGV[14] .. ARGV[13], ARGV[7])
+  redis.call('INCRBY', KEYS[7], #ARGV[7])
+end
+redis.call('ZADD', KEYS[6], ARGV[6], ARGV[13])
+redis.call('HSET', KEYS[4], 'status', 'pending', 'created', ARGV[6], 'attempt', 0, 'image_hash', ARGV[13],
   'image_name', ARGV[8], 'controls', ARGV[9], 'progress', ARGV[10], 'webhook', ARGV[11], 'webhook_events', ARGV[12])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[5])
+-- Images beyond input_keep, or last submitted longer ago than a finished job's record lives,
+-- go, least recently submitted first; never one an unfinished job needs.
+local kept, stale = tonumber(redis.call('GET', KEYS[7]) or 0), tonumber(ARGV[6]) - tonumber(ARGV[16])
+local oldest = redis.call('ZRANGE', KEYS[6], 0, 0, 'WITHSCORES')
+if kept > tonumber(ARGV[15]) or tonumber(oldest[2]) < stale then
+  local needed = {}
+  for _, key in ipairs({KEYS[2], KEYS[3]}) do
+    for _, id in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+      needed[redis.call('HGET', ARGV[17] .. id, 'image_hash') or ''] = true
+    end
+  end
+  local images = redis.call('ZRANGE', KEYS[6], 0, -1, 'WITHSCORES')
+  for i = 1, #images, 2 do
+    if kept <= tonumber(ARGV[15]) and tonumber(images[i + 1]) >= stale then break end
+    if not needed[images[i]] then
+      kept = kept - redis.call('STRLEN', ARGV[14] .. images[i])
+      redis.call('DEL', ARGV[14] .. images[i])
+      redis.call('ZREM', KEYS[6], images[i])
+    end
+  end
+  redis.call('SET', KEYS[7], kept)
+end
 return {}
 """
 
 CLAIM = ENSURE_GROUP + KEEP + """
 -- KEYS: stream, waiting, running, deliveries
 -- ARGV: group, worker, lease_ms, attempts, now, retention, job key prefix, progress,
---       delivery id, delivery key prefix, timestamp
+--       delivery id, delivery key prefix, timestamp, image key prefix
 -- Returns {id, failed, attempt, image, image_name, controls}, or {'', failed} when nothing waits;
 -- failed lists {id, attempt, worker, started, error} of jobs given up on the way.
 local failed = {}
@@ -160,7 +194,9 @@ while true do
       'started', ARGV[5], 'entry', entry, 'progress', ARGV[8])
     redis.call('ZREM', KEYS[2], id)
     redis.call('ZADD', KEYS[3], ARGV[5], id)
-    local image, image_name, controls = unpack(redis.call('HMGET', job, 'image', 'image_name', 'controls'))
+    local image, digest, image_name, controls = unpack(
+      redis.call('HMGET', job, 'image', 'image_hash', 'image_name', 'controls'))
+    if digest then image = redis.call('GET', ARGV[12] .. digest) end
     return {id, failed, attempt + 1, image, image_name, controls}
   else
     -- Cancelled while it waited, or its record is gone: nothing to run.
@@ -275,8 +311,9 @@ def _reaching(method: Callable[..., T]) -> Callable[..., T]:
 class RedisJobs:
     """svd.jobs.store.JobStore on the Redis at `url` (redis://, rediss:// or unix://); `lease` in seconds."""
 
-    def __init__(self, url: str, lease: float = 30, attempts: int = 2):
+    def __init__(self, url: str, lease: float = 30, attempts: int = 2, input_keep: int = INPUT_KEEP_BYTES):
         self.lease = lease
+        self.input_keep = input_keep
         self.attempts = attempts
         # Short timeouts and a quick retry: when Redis is down, submit answers 503 at once
         # rather than after redis-py's default backoff of seconds.
@@ -297,7 +334,7 @@ class RedisJobs:
     ) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
         refused = self._submit(
-            keys=[STREAM, WAITING, RUNNING, JOB + job.id, LAST_SECONDS],
+            keys=[STREAM, WAITING, RUNNING, JOB + job.id, LAST_SECONDS, IMAGES, IMAGE_BYTES],
             args=[
                 GROUP,
                 per_worker,
@@ -311,6 +348,11 @@ class RedisJobs:
                 QUEUED,
                 hook.url if hook else "",
                 ",".join(hook.events) if hook else "",
+                image_hash(image),
+                IMAGE,
+                self.input_keep,
+                RETENTION_SECONDS,
+                JOB,
             ],
         )
         if refused:
@@ -325,7 +367,7 @@ class RedisJobs:
             keys=[STREAM, WAITING, RUNNING, DELIVERIES],
             args=[
                 GROUP, worker, int(self.lease * 1000), self.attempts, repr(now), RETENTION_SECONDS, JOB, QUEUED,
-                new_delivery_id(), DELIVERY, _timestamp(now),
+                new_delivery_id(), DELIVERY, _timestamp(now), IMAGE,
             ],
         )
         for given_up, attempt, holder, started, error in failed:
@@ -407,7 +449,11 @@ class RedisJobs:
 
     @_reaching
     def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
-        image, image_name, controls = self._redis.hmget(JOB + job_id, ("image", "image_name", "controls"))
+        image, digest, image_name, controls = self._redis.hmget(
+            JOB + job_id, ("image", "image_hash", "image_name", "controls")
+        )
+        if digest is not None:
+            image = self._redis.get(IMAGE + digest.decode())
         return None if image is None else (image, image_name.decode(), json.loads(controls))
 
     @_reaching

@@ -27,6 +27,7 @@ from svd.jobs.model import (
     COMPLETED,
     FAILED,
     IN_PROGRESS,
+    INPUT_KEEP_BYTES,
     PENDING,
     QUEUED,
     RETENTION_SECONDS,
@@ -38,6 +39,7 @@ from svd.jobs.model import (
     QueueFull,
     UnknownJob,
     Webhook,
+    image_hash,
     new_delivery_id,
 )
 
@@ -70,9 +72,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
     due REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_due ON deliveries (due);
+CREATE TABLE IF NOT EXISTS images (
+    hash TEXT PRIMARY KEY,
+    data BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    used REAL NOT NULL
+);
 """
 # Columns added since the first release, added to a file made before them.
-ADDED_COLUMNS = {"webhook": "TEXT", "webhook_events": "TEXT"}
+ADDED_COLUMNS = {"webhook": "TEXT", "webhook_events": "TEXT", "image_hash": "TEXT"}
+# A job's image: kept once by hash in `images`, or in its own row by a file from before that.
+IMAGE = "COALESCE((SELECT data FROM images WHERE hash = jobs.image_hash), jobs.image)"
+UNFINISHED = f"status IN ('{PENDING}', '{IN_PROGRESS}')"
 JOB_COLUMNS = "id, status, created, started, finished, attempt, progress, error, error_status"
 # Running jobs whose worker stopped renewing their lease.
 LAPSED = f"status = '{IN_PROGRESS}' AND lease_until < :now"
@@ -82,11 +93,15 @@ HELD = f"id = :id AND attempt = :attempt AND status = '{IN_PROGRESS}'"
 
 
 class SQLiteJobs:
-    """svd.jobs.store.JobStore on an SQLite file for the `workers` of one server; `lease` is in seconds."""
+    """svd.jobs.store.JobStore on an SQLite file for the `workers` of one server; `lease` is in seconds,
+    `input_keep` the bytes of finished jobs' images kept for /retry."""
 
-    def __init__(self, path: Path, lease: float = 30, attempts: int = 2, workers: int = 1):
+    def __init__(
+        self, path: Path, lease: float = 30, attempts: int = 2, workers: int = 1, input_keep: int = INPUT_KEEP_BYTES
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.lease = lease
+        self.input_keep = input_keep
         self.attempts = attempts
         self.workers = workers
         # One connection per store, used by one thread at a time.
@@ -137,21 +152,42 @@ class SQLiteJobs:
                     f"SELECT finished - started FROM jobs WHERE status = '{COMPLETED}' ORDER BY finished DESC LIMIT 1"
                 ).fetchone()
                 raise QueueFull(unfinished, limit, last and last[0])
+            digest = image_hash(image)
             db.execute(
-                "INSERT INTO jobs (id, status, created, image, image_name, controls, progress, webhook, webhook_events)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO images (hash, data, size, used) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (hash) DO UPDATE SET used = excluded.used",
+                (digest, image, len(image), job.created),
+            )
+            db.execute(
+                "INSERT INTO jobs (id, status, created, image_hash, image_name, controls, progress, webhook,"
+                " webhook_events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.status,
                     job.created,
-                    image,
+                    digest,
                     image_name,
                     json.dumps(controls),
                     QUEUED,
                     *_hook_columns(hook),
                 ),
             )
+            self._drop_images(db)
         return job
+
+    def _drop_images(self, db: sqlite3.Connection) -> None:
+        """Drop images no job uses, and finished jobs' images beyond `input_keep`, least recently submitted first."""
+        db.execute("DELETE FROM images WHERE hash NOT IN (SELECT image_hash FROM jobs WHERE image_hash IS NOT NULL)")
+        (kept,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM images").fetchone()
+        spare = db.execute(
+            f"SELECT hash, size FROM images WHERE hash NOT IN (SELECT image_hash FROM jobs WHERE {UNFINISHED}"
+            " AND image_hash IS NOT NULL) ORDER BY used"
+        )
+        for digest, size in spare.fetchall():
+            if kept <= self.input_keep:
+                break
+            db.execute("DELETE FROM images WHERE hash = ?", (digest,))
+            kept -= size
 
     def claim(self, worker: str) -> Claim | None:
         now = time.time()
@@ -185,7 +221,7 @@ class SQLiteJobs:
                 )
                 self._keep_delivery(db, job_id, END, ended_body(job_id, FAILED, error, attempt))
             row = db.execute(
-                f"SELECT id, attempt, image, image_name, controls FROM jobs WHERE status = '{PENDING}'"
+                f"SELECT id, attempt, {IMAGE}, image_name, controls FROM jobs WHERE status = '{PENDING}'"
                 f" OR ({LAPSED}) ORDER BY seq LIMIT 1",
                 {"now": now},
             ).fetchone()
@@ -266,8 +302,8 @@ class SQLiteJobs:
         return _job(self._one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id", id=job_id))
 
     def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
-        row = self._one("SELECT image, image_name, controls FROM jobs WHERE id = :id", id=job_id)
-        return None if row is None else (row[0], row[1], json.loads(row[2]))
+        row = self._one(f"SELECT {IMAGE}, image_name, controls FROM jobs WHERE id = :id", id=job_id)
+        return None if row is None or row[0] is None else (row[0], row[1], json.loads(row[2]))
 
     def depth(self) -> QueueDepth:
         waiting, running, oldest = self._one(
