@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serve, wait_until
 from svd.base.progress import Progress
@@ -177,6 +178,26 @@ def test_redis_restarted_keeps_the_jobs_and_gives_the_running_one_a_lease_to_ren
         assert store.claim("third") is None, "the running job's holder gets a lease to renew"
         assert store.report(claim, Progress("denoise", 3, 25)) and store.finish(claim, COMPLETED)
         assert store.get(running).status == COMPLETED
+
+
+def test_a_replica_promoted_in_place_of_redis_gives_the_running_job_a_lease_to_renew(tmp_path: Path):
+    with redis_server(tmp_path / "primary") as primary, redis_server(tmp_path / "replica") as replica:
+        follower = redis.Redis(port=replica.port)
+        follower.replicaof("127.0.0.1", primary.port)
+        store = RedisJobs(primary.url, lease=SHORT_LEASE)
+        job_id = store.submit(b"x", "a.png", {}, per_worker=10).id
+        claim = store.claim("holder")
+        offset = store._redis.info("replication")["master_repl_offset"]
+        wait_until(lambda: follower.info("replication").get("slave_repl_offset", -1) >= offset, 30, 0.05, "in sync")
+        # The primary is lost; failing over takes longer than a lease, then the replica is promoted.
+        primary.stop()
+        lost = time.monotonic()
+        wait_until(lambda: time.monotonic() - lost > 1.5 * SHORT_LEASE, 30, 0.1, "a lease's time")
+        follower.replicaof("NO", "ONE")
+        promoted = RedisJobs(replica.url, lease=SHORT_LEASE)
+        assert promoted.claim("other") is None, "the holder gets a lease to renew"
+        assert promoted.renew(claim) and promoted.finish(claim, COMPLETED)
+        assert promoted.get(job_id).status == COMPLETED
 
 
 def test_the_store_keeps_webhook_deliveries_until_sent_and_holds_one_while_it_is_tried(stores):

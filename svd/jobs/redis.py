@@ -10,7 +10,8 @@ itself, which resets it. An entry idle for longer than a lease belongs to a work
 that stopped (killed, its machine gone), and the next claim anywhere takes it over
 with XAUTOCLAIM, as RQ's and Celery's visibility timeouts do. Idle times are Redis's
 clock, so the replicas' clocks never matter; they are kept through a restart of
-Redis (append-only file), and a restart gives every lease a full lease to be renewed.
+Redis (append-only file), and a restart, or a replica promoted in its place, gives every
+lease a full lease to be renewed.
 
 A job's attempt, in its hash, is the one truth about who holds it: a worker acts for
 a job only while the hash still names its attempt and the job is in progress.
@@ -62,6 +63,8 @@ JOB = "svd:job:"
 IMAGES = "svd:images"  # image hash -> when a job last used it
 IMAGE = "svd:image:"  # + hash: the image's bytes
 IMAGE_BYTES = "svd:image-bytes"  # the bytes of the images kept
+SERVING_RUN_ID = "svd:serving-run-id"  # the run id of the Redis process that serves the queue
+SERVING_SINCE = "svd:serving-since"  # since when it does, in its clock's milliseconds
 DELIVERIES = "svd:deliveries"  # delivery id -> when it is due
 DELIVERY = "svd:delivery:"
 JOB_FIELDS = ("status", "created", "started", "finished", "attempt", "progress", "error", "error_status")
@@ -146,13 +149,23 @@ return {}
 """
 
 CLAIM = ENSURE_GROUP + KEEP + """
--- KEYS: stream, waiting, running, deliveries
+-- KEYS: stream, waiting, running, deliveries, serving run id, serving since
 -- ARGV: group, worker, lease_ms, attempts, now, retention, job key prefix, progress,
 --       delivery id, delivery key prefix, timestamp, image key prefix
 -- Returns {id, failed, attempt, image, image_name, controls}, or {'', failed} when nothing waits;
 -- failed lists {id, attempt, worker, started, error} of jobs given up on the way.
 local failed = {}
-local up_ms = 1000 * tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
+-- How long this Redis process has served the queue: since the first claim that found another
+-- run id in the data, which a restart and a replica promoted in its place both change (a
+-- promoted replica's uptime does not).
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if redis.call('GET', KEYS[5]) ~= run_id then
+  redis.call('SET', KEYS[5], run_id)
+  redis.call('SET', KEYS[6], now_ms)
+end
+local up_ms = now_ms - tonumber(redis.call('GET', KEYS[6]))
 local function done(entry)
   redis.call('XACK', KEYS[1], ARGV[1], entry)
   redis.call('XDEL', KEYS[1], entry)
@@ -364,7 +377,7 @@ class RedisJobs:
     def claim(self, worker: str) -> Claim | None:
         now = time.time()
         job_id, failed, *claimed = self._claim(
-            keys=[STREAM, WAITING, RUNNING, DELIVERIES],
+            keys=[STREAM, WAITING, RUNNING, DELIVERIES, SERVING_RUN_ID, SERVING_SINCE],
             args=[
                 GROUP, worker, int(self.lease * 1000), self.attempts, repr(now), RETENTION_SECONDS, JOB, QUEUED,
                 new_delivery_id(), DELIVERY, _timestamp(now), IMAGE,
