@@ -92,7 +92,8 @@ JobInput: type[BaseModel] = create_model(
             str | None,
             Field(
                 description="A URL that gets a signed POST (Standard Webhooks) when the job starts and when it ends; "
-                "only public addresses unless the server's SVD_WEBHOOK_HOSTS allows others."
+                "only public addresses unless the server's SVD_WEBHOOK_HOSTS allows others.",
+                max_length=2000,
             ),
         ],
         None,

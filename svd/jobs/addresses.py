@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -56,9 +57,15 @@ class Unresolved(BadInput):
     """The host did not resolve now; a later try may find it (DNS down or slow, EAI_AGAIN)."""
 
 
-def checked_address(url: str, allowed: WebhookHosts) -> str:
+# A lookup's deadline. getaddrinfo has none of its own: it runs on a few threads of its own,
+# so lookups stuck on a dead resolver hold those, never a request's or a sender's.
+LOOKUP_SECONDS = 5.0
+_lookups = ThreadPoolExecutor(4, thread_name_prefix="svd-lookup")
+
+
+def checked_address(url: str, allowed: WebhookHosts, lookup_seconds: float = LOOKUP_SECONDS) -> str:
     """The address to call `url` at; BadInput naming `webhook` and why when it may not be called,
-    Unresolved when its host does not resolve now."""
+    Unresolved when its host does not resolve now (within `lookup_seconds`)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise BadInput(f"`webhook` must be an http or https URL, got scheme {parts.scheme or 'none'!r}")
@@ -67,7 +74,9 @@ def checked_address(url: str, allowed: WebhookHosts) -> str:
     host = parts.hostname.lower()
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = _lookups.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM).result(lookup_seconds)
+    except TimeoutError:
+        raise Unresolved(f"`webhook` host {host!r} did not resolve within {lookup_seconds:g} s") from None
     except (OSError, ValueError) as exc:
         raise Unresolved(f"`webhook` host {host!r} does not resolve: {exc}") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in found]
