@@ -30,7 +30,7 @@ from standardwebhooks import Webhook
 
 from svd.base.errors import BadInput
 from svd.jobs.addresses import Unresolved, WebhookHosts, checked_address
-from svd.jobs.model import Delivery
+from svd.jobs.model import Delivery, StoreUnavailable
 from svd.jobs.store import JobStore
 
 logger = logging.getLogger(f"bentoml.{__name__}")
@@ -94,13 +94,16 @@ class Deliverer:
         self.try_seconds = try_seconds
         self.senders = senders
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=asyncio.run, args=(self._loop(),), name="svd-webhooks", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="svd-webhooks", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _run(self) -> None:
+        asyncio.run(self._loop())
 
     async def _loop(self) -> None:
         free = asyncio.Semaphore(self.senders)
@@ -110,8 +113,11 @@ class Deliverer:
                 await free.acquire()
                 try:
                     delivery = await asyncio.to_thread(self.store.next_delivery, HELD_TRIES * self.try_seconds)
-                except Exception as exc:  # the store unreachable: deliveries wait in it
+                except StoreUnavailable as exc:  # deliveries wait in the store
                     logger.debug("SVD could not read the webhook deliveries: %s", exc)
+                    delivery = None
+                except Exception:
+                    logger.exception("SVD could not read the webhook deliveries")
                     delivery = None
                 if delivery is None:
                     free.release()
