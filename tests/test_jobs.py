@@ -26,7 +26,7 @@ from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serv
 from svd.base.progress import Progress
 from svd.base.retention import Retention
 from svd.base.settings import ConfigError, Settings
-from svd.jobs.events import ended_body
+from svd.jobs.events import ended_body, started_body
 from svd.jobs.model import (
     CANCELED,
     COMPLETED,
@@ -263,6 +263,15 @@ def _kept_bytes(store: JobStore) -> int:
         database = Path(store._one("PRAGMA database_list")[2])
         return sum(path.stat().st_size for path in database.parent.glob(f"{database.name}*"))
     return store._redis.info("memory")["used_memory"]
+
+
+def test_a_claim_keeps_the_start_event_in_the_same_step(stores):
+    store = stores()
+    job_id = store.submit(b"x", "a.png", {}, per_worker=10, hook=Webhook("https://example.com/h", ("start",))).id
+    assert store.next_delivery(lease=30) is None
+    store.claim("a")
+    kept = json.loads(store.next_delivery(lease=30).body)
+    assert {**kept, "timestamp": None} == {**json.loads(started_body(job_id, 1)), "timestamp": None}
 
 
 def test_retries_cancelled_again_and_again_keep_one_copy_of_their_image(stores):

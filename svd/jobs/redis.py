@@ -87,10 +87,13 @@ local function keep(job, job_id, event, body, delivery_id, now, deliveries, pref
   redis.call('ZADD', deliveries, now, delivery_id)
   return 1
 end
--- The end event of a job given up or cancelled, as svd/jobs/events.py's ended_body writes it.
+-- The events the scripts write themselves, as svd/jobs/events.py's started_body and ended_body do.
+local function event(type, data, timestamp)
+  return cjson.encode({type = type, timestamp = timestamp, data = data})
+end
 local function ended(job_id, status, error, attempt, timestamp)
-  return cjson.encode({type = 'task.completed', timestamp = timestamp, data = {
-    task_id = job_id, status = status, error = error or cjson.null, attempt = tonumber(attempt)}})
+  return event('task.completed', {task_id = job_id, status = status, error = error or cjson.null,
+    attempt = tonumber(attempt)}, timestamp)
 end
 """
 
@@ -207,6 +210,8 @@ while true do
       'started', ARGV[5], 'entry', entry, 'progress', ARGV[8])
     redis.call('ZREM', KEYS[2], id)
     redis.call('ZADD', KEYS[3], ARGV[5], id)
+    keep(job, id, 'start', event('task.start', {task_id = id, status = 'in_progress', attempt = attempt + 1}, ARGV[11]),
+      ARGV[9], ARGV[5], KEYS[4], ARGV[10])
     local image, digest, image_name, controls = unpack(
       redis.call('HMGET', job, 'image', 'image_hash', 'image_name', 'controls'))
     if digest then image = redis.call('GET', ARGV[12] .. digest) end

@@ -134,7 +134,6 @@ class JobRunner:
         worker = self.engine.settings.worker
         retried = f", retried after its worker stopped {claim.attempt - 1} time(s)" if claim.attempt > 1 else ""
         logger.info("SVD job %s started on worker %d, attempt %d%s", claim.id, worker, claim.attempt, retried)
-        self._notify(claim.id, events.START, events.started_body(claim.id, claim.attempt))
 
         def report(progress: Progress) -> None:
             try:
@@ -267,13 +266,6 @@ class JobRunner:
         if self._unreachable.is_set():
             self._unreachable.clear()
             logger.info("SVD reaches the job store again")
-
-    def _notify(self, job_id: str, event: str, body: bytes) -> None:
-        """Keep the event's webhook delivery, if the job has one; the Deliverer sends it."""
-        try:
-            self._until_reached(lambda: self.store.notify(job_id, event, body))
-        except Exception as exc:
-            logger.warning("SVD job %s: its %s webhook could not be kept: %s", job_id, event, exc)
 
     def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
         self._finish(claim, FAILED, error, status, events.ended_body(claim.id, FAILED, error, claim.attempt))

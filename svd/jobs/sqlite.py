@@ -21,7 +21,7 @@ from typing import Any
 
 from svd.base.ids import new_id
 from svd.base.progress import Progress
-from svd.jobs.events import END, ended_body, wants
+from svd.jobs.events import END, START, ended_body, started_body, wants
 from svd.jobs.model import (
     CANCELED,
     COMPLETED,
@@ -240,6 +240,7 @@ class SQLiteJobs:
                     "id": job_id,
                 },
             )
+            self._keep_delivery(db, job_id, START, started_body(job_id, attempt + 1))
         return Claim(job_id, attempt + 1, image, image_name, json.loads(controls))
 
     def renew(self, claim: Claim) -> bool:

@@ -16,8 +16,9 @@ from svd.jobs.model import Claim, Delivery, Job, QueueDepth, Webhook
 class JobStore(Protocol):
     """Submit, claim, renew, report, finish, cancel and look up jobs.
 
-    A job's end event is kept for its webhook in the same step that ends the job (finish,
-    cancel, or a claim that gives up on it): an outbox, so a crash between the two loses none.
+    A job's events are kept for its webhook in the same step that causes them (its start in the
+    claim; its end in finish, cancel, or a claim that gives up on it): an outbox, so a crash
+    between the two loses none.
 
     Every method is one atomic step in the store, so any worker of any process may call
     any of them at any time. Methods that act for a claim return False once the claim is
@@ -33,8 +34,8 @@ class JobStore(Protocol):
         ...
 
     def claim(self, worker: str) -> Claim | None:
-        """The oldest pending job, or one whose lease lapsed, now leased to `worker`; None when
-        there is none. Jobs whose lease lapsed on their last attempt are failed on the way."""
+        """The oldest pending job, or one whose lease lapsed, now leased to `worker`, its start event
+        kept; None when there is none. Jobs whose lease lapsed on their last attempt are failed on the way."""
         ...
 
     def renew(self, claim: Claim) -> bool:
