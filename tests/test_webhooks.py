@@ -303,6 +303,33 @@ def test_a_delivery_whose_host_does_not_resolve_for_a_while_is_tried_again(
     assert failures == ["localhost"] and receiver.deliveries[0][0]["webhook-id"] == webhook_id
 
 
+def test_a_4xx_answer_is_final_and_a_429_is_tried_again_after_its_retry_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    answers = {"gone": [b"410 Gone"], "busy": [b"429 Too Many Requests\r\nRetry-After: 3", b"200 OK"]}
+
+    def answer(connection: socket.socket, webhook_id: str) -> None:
+        status = answers[kinds[webhook_id]].pop(0)
+        connection.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+
+    receiver = RawReceiver(answer)
+    store = SQLiteJobs(tmp_path / "jobs.db")
+    kinds = {_kept_delivery(store, receiver.url): kind for kind in answers}
+    deliverer = Deliverer(store, SECRET, WebhookHosts.parse("127.0.0.1"))
+    caplog.set_level("INFO", logger="bentoml.svd.jobs.delivery")
+    deliverer.start()
+    try:
+        wait_until(lambda: _pending(store) == 0, 30, 0.1, "both deliveries done")
+    finally:
+        deliverer.stop()
+        receiver.close()
+    gone, busy = kinds
+    assert receiver.tries(gone) == 1 and f"{gone} for job" in caplog.text
+    assert "given up after 1 tries: 410" in caplog.text
+    assert "try 1 answered 429; next try in 3 s" in caplog.text and f"{busy} for job" in caplog.text
+    assert receiver.tries(busy) == 2 and "delivered, try 2" in caplog.text
+
+
 def test_a_lookup_that_hangs_is_given_up_at_its_deadline(monkeypatch: pytest.MonkeyPatch):
     answer = threading.Event()
 
