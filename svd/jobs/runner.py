@@ -223,7 +223,7 @@ class JobRunner:
                 output_id=claim.id, output_path=f"/generate_task/get?task_id={claim.id}",
                 seed=record["seed"], settings=record["settings"], stage_seconds=record["stage_seconds"],
             )
-            finish = partial(self._finish, claim, COMPLETED, ended=ended)
+            finish = partial(self._finish, partial(self.store.finish, claim, COMPLETED, ended=ended))
             if not keep_video(self.outputs, claim, result.path, record, finish):
                 raise Stopped("the job was stopped while its video was kept")
 
@@ -235,16 +235,10 @@ class JobRunner:
             self._not_reached(exc)
             return True
 
-    def _finish(
-        self,
-        claim: Claim,
-        status: str,
-        error: str | None = None,
-        error_status: int | None = None,
-        ended: bytes | None = None,
-    ) -> bool:
-        """Record the job's end and its end event: a finished video is not thrown away for a store restarting."""
-        return bool(self._until_reached(lambda: self.store.finish(claim, status, error, error_status, ended)))
+    def _finish(self, finish: Callable[[], bool]) -> bool:
+        """Record the job's end and its end event (`finish`, the store's): a finished video is not
+        thrown away for a store restarting."""
+        return bool(self._until_reached(finish))
 
     def _until_reached(self, step: Callable[[], T]) -> T | None:
         """The step's answer, waiting for an unreachable store to answer. Only a stopping worker
@@ -268,7 +262,8 @@ class JobRunner:
             logger.info("SVD reaches the job store again")
 
     def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
-        self._finish(claim, FAILED, error, status, events.ended_body(claim.id, FAILED, error, claim.attempt))
+        ended = events.ended_body(claim.id, FAILED, error, claim.attempt)
+        self._finish(partial(self.store.finish, claim, FAILED, error, status, ended))
         logger.warning(
             "SVD job %s failed on worker %d, attempt %d, after %.1f s: %s",
             claim.id, self.engine.settings.worker, claim.attempt, time.perf_counter() - start, error,
