@@ -207,13 +207,14 @@ class JobRunner:
             if stop.is_set() or not self._still_held(claim):
                 raise Stopped("the job was stopped while its video was written")
             record = record_of(result, image, self.engine.settings)
-            self.outputs.put(claim.id, result.path, record)
+            kept = self.outputs.put(claim.id, result.path, record)
             if not self._finish(claim, COMPLETED):
                 self.outputs.remove(claim.id)
                 raise Stopped("the job was stopped while its video was kept")
             ended = events.ended_body(
                 claim.id, COMPLETED, None, claim.attempt,
                 output_id=claim.id, output_path=f"/generate_task/get?task_id={claim.id}",
+                output_url=self.outputs.link(kept),
                 seed=record["seed"], settings=record["settings"], stage_seconds=record["stage_seconds"],
             )
             self._notify(claim.id, events.END, ended)
