@@ -211,6 +211,12 @@ class StableDiffusionVideo:
         return {"task_id": task_id, "status": job.status, **asdict(job.progress or Progress()), "preview": preview}
 
 
+# Declaring a task makes BentoML ask BentoCloud for its external queue with a concurrency of 1
+# (_bentoml_sdk/service/factory.py, Service.__attrs_post_init__): every request, status polls and
+# submits included, would wait there behind a replica's one running generation. Jobs wait in the
+# job store instead, and a replica takes as many requests as it admits (README: BentoCloud).
+StableDiffusionVideo.config["traffic"].update(external_queue=False, concurrency=SETTINGS.max_concurrency)
+
 if OUTPUTS:
     StableDiffusionVideo.mount_asgi_app(library_app(OUTPUTS), path="/outputs")
 
