@@ -84,7 +84,7 @@ It needs an NVIDIA GPU with 16 GB of memory or more; a default video takes 30 s 
 - A refusal is JSON with an `error` that says what was wrong and what is allowed: 400 for a bad
   field or an unknown one, 401 without the API token when one is set, 408 for a stalled upload,
   413 and 415 for the image, 429 and 503 with `Retry-After` when busy or loading, 504 past the
-  time limit, 507 when the output disk is full.
+  time limit, 507 when the output disk or bucket is full.
 - `/livez` and `/readyz` are the probes: `/readyz` answers 200 once the model is loaded and warm.
 """
 

@@ -124,6 +124,33 @@ def test_svd_output_keep_prunes_the_bucket_oldest_first(s3: S3, bucket: str, tmp
     assert [record["id"] for record in outputs.recent(10)] == ids[:0:-1], "newest first"
 
 
+def test_a_full_bucket_refuses_the_video_with_507_and_keeps_nothing(
+    s3: S3, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """MinIO's answer past its free-space threshold; moto keeps no quota, so the client gets it here."""
+    from botocore.exceptions import ClientError
+
+    from svd.base.errors import Refused
+
+    outputs = Outputs(storage_at(bucket), Retention(count=10))
+    client = outputs.storage._client.get()
+    real_put = client.put_object
+
+    def full(**kwargs):
+        if kwargs["Key"].endswith(".json"):
+            message = "Storage backend has reached its minimum free drive threshold."
+            raise ClientError({"Error": {"Code": "XMinioStorageFull", "Message": message}}, "PutObject")
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(client, "put_object", full)
+    video = tmp_path / "video.mp4"
+    video.write_bytes(b"x" * 1000)
+    with pytest.raises(Refused) as refused:
+        outputs.put("cd" * 16, video, _record(1))
+    assert refused.value.status == 507 and f"the output store {bucket}/ is full" in str(refused.value)
+    assert s3.objects(bucket.removeprefix("s3://")) == {}, "the video went with its sidecar"
+
+
 def test_the_bucket_stopped_mid_run_fails_the_job_with_a_503_naming_it_and_keeps_nothing_half_written(
     s3: S3, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
