@@ -117,9 +117,14 @@ def test_svd_output_keep_prunes_the_bucket_oldest_first(s3: S3, bucket: str, tmp
         outputs.save(ids[-1], video, _record(index))
         for key in (f"{ids[-1]}.mp4", f"{ids[-1]}.json"):
             _age(name, key, 100 - index)  # made a second or more apart, oldest first
+    # Videos whose sidecar never came: one a save left an hour ago, one a save is writing now.
+    abandoned, being_saved = f"{'e' * 32}.mp4", f"{'f' * 32}.mp4"
+    for key in (abandoned, being_saved):
+        s3.client().put_object(Bucket=name, Key=key, Body=b"x")
+    _age(name, abandoned, 2 * 3600)
     outputs.prune()
     assert sorted(s3.objects(name)) == sorted(
-        f"{output_id}{suffix}" for output_id in ids[1:] for suffix in (".json", ".mp4")
+        [being_saved, *(f"{output_id}{suffix}" for output_id in ids[1:] for suffix in (".json", ".mp4"))]
     )
     assert [record["id"] for record in outputs.recent(10)] == ids[:0:-1], "newest first"
 

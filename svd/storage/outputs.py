@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ SIDECAR = ".json"
 SIDECAR_LIMIT = 1 << 20
 # How long a link handed out for a video (the webhook's output_url) may be used.
 LINK_SECONDS = 24 * 3600
+# A video this old without its sidecar was left by a save that failed half-way.
+ABANDONED_SECONDS = 3600
 # Seconds a client waits before asking again when the output store is unreachable.
 UNAVAILABLE_RETRY_AFTER = 5
 
@@ -54,7 +57,7 @@ class Outputs:
             try:
                 self.storage.delete(record["file"])
             except OSError:
-                pass  # unreachable: a video without its sidecar is never found, and pruned later
+                pass  # unreachable: a video without its sidecar is never found, and `prune` removes it later
             raise
         self.prune()
         return record
@@ -117,7 +120,16 @@ class Outputs:
             if ID.fullmatch(name.stem) and name.suffix != SIDECAR:
                 videos.setdefault(name.stem, []).append(entry)
         total = 0
-        for index, sidecar in enumerate(_sidecars(entries)):
+        sidecars = _sidecars(entries)
+        # A video whose sidecar could not follow it (the store went away meanwhile) is never
+        # found; once no save can still be writing that sidecar, it goes.
+        recorded = {Path(sidecar.name).stem for sidecar in sidecars}
+        abandoned = time.time() - ABANDONED_SECONDS
+        for stem, kept in videos.items():
+            if stem not in recorded and all(entry.modified < abandoned for entry in kept):
+                for entry in kept:
+                    self.storage.delete(entry.name)
+        for index, sidecar in enumerate(sidecars):
             kept = videos.get(Path(sidecar.name).stem, [])
             total += sum(entry.size for entry in kept)
             over_count = self.keep.count is not None and index >= self.keep.count
