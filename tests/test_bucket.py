@@ -5,12 +5,15 @@ Two replicas sharing one bucket and no folder: tests/test_replicas.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
@@ -20,6 +23,7 @@ from svd.base.retention import Retention
 from svd.http.outputs_routes import library_app
 from svd.storage.open import storage_at
 from svd.storage.outputs import Outputs
+from svd.storage.previews import previews_of
 
 # Headers the service itself sets; FileResponse adds validators and ranges a stream has not.
 SERVICE_HEADERS = (
@@ -32,8 +36,7 @@ SERVICE_HEADERS = (
     "x-worker",
     "x-output-id",
 )
-# Long enough in denoising (seconds on two cores) to stop the bucket while it runs, after a preview.
-SLOW = {**SMALL, "num_frames": 4, "num_inference_steps": 12}
+TINY = {**SMALL, "num_frames": 4}
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +104,6 @@ def test_a_video_in_the_bucket_comes_back_byte_for_byte_with_the_folder_s_header
     assert [record["id"] for record in listing["outputs"]] == [output_id]
     link = restarted.link(listing["outputs"][0])
     assert "X-Amz-Expires=86400" in link, "an expiring address"
-    import httpx
-
     assert httpx.get(link, timeout=30).content == video.read_bytes(), "the presigned address serves the video"
 
 
@@ -157,14 +158,15 @@ def test_a_full_bucket_refuses_the_video_with_507_and_keeps_nothing(
 
 
 def test_the_bucket_stopped_mid_run_fails_the_job_with_a_503_naming_it_and_keeps_nothing_half_written(
-    s3: S3, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    s3: S3, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ):
-    """One tiny-model runner and the task routes on a bucket: a preview served from it while the
-    job runs; the bucket stopped mid-run; then started again, with no trace of the failed job's video."""
+    """One tiny-model runner and the task routes on a bucket: a preview served from it; the bucket
+    stopped while a job denoises; then started again, with no trace of the failed job's video, and
+    the next job kept, served and linked from its webhook's end event."""
     from svd.base.settings import Settings
     from svd.http.request_fields import JobInput
     from svd.http.task_routes import JobRoutes
-    from svd.jobs.model import FAILED, IN_PROGRESS
+    from svd.jobs.model import COMPLETED, FAILED, IN_PROGRESS, Webhook
     from svd.jobs.runner import JobRunner
     from svd.jobs.sqlite import SQLiteJobs
     from svd.serving.engine import Engine
@@ -189,20 +191,34 @@ def test_the_bucket_stopped_mid_run_fails_the_job_with_a_503_naming_it_and_keeps
         )
         return TestClient(app)
 
+    # The first denoising step's report holds the generation until the bucket is stopped: mid-run
+    # on any machine, however fast.
+    reached, resume = threading.Event(), threading.Event()
+    report = store.report
+
+    def holding(claim, progress):
+        if progress.stage == "denoise" and not resume.is_set():
+            reached.set()
+            resume.wait(60)
+        return report(claim, progress)
+
+    monkeypatch.setattr(store, "report", holding)
     runner = JobRunner(engine, store, outputs, lease=30)
     runner.start()
     try:
-        doomed = store.submit(PHOTO.read_bytes(), PHOTO.name, {**SLOW, "seed": 1}, per_worker=10).id
-        preview_key = f"out/previews/{doomed}.webp"
-        kept = wait_until(lambda: s3.objects(name).get(preview_key), 120, 0.1, "a preview in the bucket")
+        # A running job's preview, as its Previewer keeps it, served from the bucket.
+        shown = b"RIFF\x04\x00\x00\x00WEBP"
+        previews_of(outputs).start("ef" * 16, 600)(shown)
         with routes() as client:
-            preview = client.get("/generate_task/preview", params={"task_id": doomed})
+            preview = client.get("/generate_task/preview", params={"task_id": "ef" * 16})
         assert preview.status_code == 200 and preview.headers["content-type"] == "image/webp"
-        assert preview.content[:4] == b"RIFF" and preview.content[8:12] == b"WEBP"
-        assert len(preview.content) > 0 and kept[:4] == b"RIFF"
+        assert preview.content == shown == s3.objects(name)[f"out/previews/{'ef' * 16}.webp"]
 
+        doomed = store.submit(PHOTO.read_bytes(), PHOTO.name, {**TINY, "seed": 1}, per_worker=10).id
+        assert reached.wait(120), "denoising started"
         s3.stop()
         assert store.get(doomed).status == IN_PROGRESS, "stopped mid-run"
+        resume.set()
         failed = wait_until(lambda: store.get(doomed).status == FAILED and store.get(doomed), 120, 0.2, "failed")
         assert failed.error_status == 503 and f"the output store {bucket}/out/" in failed.error, failed.error
         with routes() as client:
@@ -219,8 +235,28 @@ def test_the_bucket_stopped_mid_run_fails_the_job_with_a_503_naming_it_and_keeps
         assert not [key for key in s3.objects(name) if doomed in key and "previews/" not in key], "nothing half-kept"
         with routes() as client:
             assert client.get("/generate_task/status", params={"task_id": doomed}).json()["status"] == FAILED
+
+        # With the bucket back, a job is kept, served, and its end event links to its video.
+        hook = Webhook("https://hooks.example/svd")
+        made = store.submit(PHOTO.read_bytes(), PHOTO.name, {**TINY, "seed": 2}, per_worker=10, hook=hook).id
+        wait_until(lambda: store.get(made).status == COMPLETED, 120, 0.2, "completed")
+        with routes() as client:
+            video = client.get("/generate_task/get", params={"task_id": made})
+        assert video.status_code == 200 and video.content == s3.objects(name)[f"out/{made}.mp4"]
+        assert video.headers["x-seed"] == "2" and video.headers["content-type"] == "video/mp4"
+        ends = []
+        while (delivery := store.next_delivery(30)) is not None:
+            store.delivered(delivery.id)
+            if delivery.job_id == made and json.loads(delivery.body)["type"] == "task.completed":
+                ends.append(json.loads(delivery.body)["data"])
+        (end,) = ends
+        assert "X-Amz-Expires=86400" in end["output_url"], "a link that expires in a day"
+        assert httpx.get(end["output_url"], timeout=30).content == video.content
     finally:
+        resume.set()
         runner.stop(60)
-    log = "\n".join(record.getMessage() for record in caplog.records)
+    # What the service and its S3 client logged; the test's own HTTP client logs the links it follows.
+    service = ("bentoml", "botocore", "boto3", "s3transfer", "urllib3")
+    log = "\n".join(record.getMessage() for record in caplog.records if record.name.startswith(service))
     assert f"SVD job {doomed}" in log
     assert s3.secret not in log and s3.env["AWS_ACCESS_KEY_ID"] not in log, "no credentials in the log"
