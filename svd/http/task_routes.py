@@ -241,10 +241,10 @@ class JobRoutes:
         if job is not None:
             return job
         # The store forgets finished jobs after a day; their videos are kept longer.
-        found = await run_in_threadpool(self.outputs.find, job_id)
-        if found is None:
+        record = await run_in_threadpool(self.outputs.record, job_id)
+        if record is None:
             return _unknown(job_id)
-        created = datetime.fromisoformat(found[1]["created"]).timestamp()
+        created = datetime.fromisoformat(record["created"]).timestamp()
         return Job(job_id, COMPLETED, created, created, created)
 
 

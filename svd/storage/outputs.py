@@ -87,13 +87,15 @@ class Outputs:
 
     def find(self, output_id: str) -> tuple[Path | Download, dict[str, Any]] | None:
         """The video and record of a well-formed id, or None; other ids never reach the storage."""
-        if not ID.fullmatch(output_id):
-            return None
-        record = self._record(f"{output_id}{SIDECAR}")
+        record = self.record(output_id)
         if record is None:
             return None
         video = self.storage.fetch(f"{output_id}{Path(record.get('file', '')).suffix}")
         return (video, record) if video is not None else None
+
+    def record(self, output_id: str) -> dict[str, Any] | None:
+        """How a kept video was made, without opening the video; None for an unknown or ill-formed id."""
+        return self._record(f"{output_id}{SIDECAR}") if ID.fullmatch(output_id) else None
 
     def link(self, record: dict[str, Any]) -> str | None:
         """An expiring address of a kept video for anyone to fetch, where the storage has one."""
