@@ -260,3 +260,18 @@ def test_the_bucket_stopped_mid_run_fails_the_job_with_a_503_naming_it_and_keeps
     log = "\n".join(record.getMessage() for record in caplog.records if record.name.startswith(service))
     assert f"SVD job {doomed}" in log
     assert s3.secret not in log and s3.env["AWS_ACCESS_KEY_ID"] not in log, "no credentials in the log"
+
+
+def test_a_bucket_is_shared_storage_for_the_queue_and_the_job_store_stays_on_local_disk(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from svd.base.settings import ConfigError, Settings
+
+    monkeypatch.setenv("SVD_QUEUE_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("SVD_OUTPUT_DIR", "s3://videos/svd")
+    monkeypatch.delenv("SVD_JOBS_DB", raising=False)
+    settings = Settings.from_env()
+    assert settings.output_dir == "s3://videos/svd" and settings.jobs_db == os.path.join("svd-jobs", "jobs.db")
+    monkeypatch.setenv("SVD_OUTPUT_DIR", "s3:///svd")
+    with pytest.raises(ConfigError, match="SVD_OUTPUT_DIR='s3:///svd' names no bucket"):
+        Settings.from_env()
