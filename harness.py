@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import imageio_ffmpeg
 import numpy as np
@@ -293,6 +294,78 @@ class Redis:
 @contextmanager
 def redis_server(folder: Path) -> Iterator[Redis]:
     server = Redis(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class S3:
+    """A standalone S3 API server (moto's) on 127.0.0.1 and a free port, in this process, with
+    credentials of its own: stopped and started again, it comes back with its objects on the
+    same port, as a bucket that was unreachable for a while does."""
+
+    port: int = 0
+    secret: str = ""
+    server: Any = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a process needs to reach it: the standard AWS variables."""
+        return {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "AWS_ACCESS_KEY_ID": "svd-test-key",
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def start(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+        self.port = self.port or free_port()
+        self.secret = self.secret or f"svd-test-secret-{os.urandom(8).hex()}"
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        """Unreachable: connections are refused, not left waiting."""
+        if self.server is not None:
+            self.server.stop()
+            self.server._server.server_close()  # stop() leaves the socket listening
+            self.server = None
+
+    def client(self) -> Any:
+        import boto3
+
+        env = self.env
+        return boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_REGION"],
+        )
+
+    def bucket(self, name: str) -> str:
+        """A new bucket; its s3:// URL."""
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def objects(self, bucket: str) -> dict[str, bytes]:
+        """Every object in the bucket, by key."""
+        client = self.client()
+        listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+        return {item["Key"]: client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read() for item in listed}
+
+
+@contextmanager
+def s3_server() -> Iterator[S3]:
+    server = S3()
     server.start()
     try:
         yield server

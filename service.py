@@ -7,6 +7,7 @@ only place that wires the layers of svd/ together (README: Files).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, replace
 from functools import partial
 from http import HTTPStatus
@@ -38,6 +39,7 @@ from svd.jobs.model import IN_PROGRESS, StoreUnavailable
 from svd.jobs.open import open_store
 from svd.serving.hub import hub_reference
 from svd.serving.records import headers_of, record_of
+from svd.storage.open import storage_at
 from svd.storage.outputs import Outputs
 from svd.storage.previews import previews_of
 
@@ -47,9 +49,14 @@ except ConfigError as exc:
     # One paragraph and a non-zero exit, not a traceback through BentoML's loader.
     raise SystemExit(f"SVD cannot start: {exc}") from None
 
+logger = logging.getLogger(f"bentoml.{__name__}")
 UI_PATH = "/ui"
-# Where every video is kept (SVD_OUTPUT_DIR); None when set empty.
-OUTPUTS = Outputs(Path(SETTINGS.output_dir), SETTINGS.output_keep) if SETTINGS.output_dir else None
+# Where every video is kept (SVD_OUTPUT_DIR, a folder or a bucket); None when set empty.
+OUTPUTS = (
+    Outputs(storage_at(SETTINGS.output_dir, SETTINGS.output_region), SETTINGS.output_keep)
+    if SETTINGS.output_dir
+    else None
+)
 # A job's video waits there for its client, or beside the job store when videos are not kept.
 JOB_OUTPUTS = OUTPUTS or Outputs(Path(SETTINGS.jobs_db).parent, SETTINGS.output_keep)
 # The running jobs' live previews, beside their videos.
@@ -77,7 +84,7 @@ It needs an NVIDIA GPU with 16 GB of memory or more; a default video takes 30 s 
 - A refusal is JSON with an `error` that says what was wrong and what is allowed: 400 for a bad
   field or an unknown one, 401 without the API token when one is set, 408 for a stalled upload,
   413 and 415 for the image, 429 and 503 with `Retry-After` when busy or loading, 504 past the
-  time limit, 507 when the output disk is full.
+  time limit, 507 when the output disk or bucket is full.
 - `/livez` and `/readyz` are the probes: `/readyz` answers 200 once the model is loaded and warm.
 """
 
@@ -122,6 +129,7 @@ class StableDiffusionVideo:
         from svd.serving.engine import Engine
 
         settings = replace(SETTINGS, worker=bentoml.server_context.worker_index or 1)
+        logger.info(JOB_OUTPUTS.describe())
         # Loads and warms up in the background: /livez answers at once, /readyz once warm.
         self.engine = Engine(settings, (lambda: self.hub_model) if self.hub_model else None)
         self.jobs = open_store(settings)
@@ -202,6 +210,12 @@ class StableDiffusionVideo:
         preview = JOB_PREVIEWS.link(task_id, StableDiffusionVideo.apis["generate_task"].route) if running else None
         return {"task_id": task_id, "status": job.status, **asdict(job.progress or Progress()), "preview": preview}
 
+
+# Declaring a task makes BentoML ask BentoCloud for its external queue with a concurrency of 1
+# (_bentoml_sdk/service/factory.py, Service.__attrs_post_init__): every request, status polls and
+# submits included, would wait there behind a replica's one running generation. Jobs wait in the
+# job store instead, and a replica takes as many requests as it admits (README: BentoCloud).
+StableDiffusionVideo.config["traffic"].update(external_queue=False, concurrency=SETTINGS.max_concurrency)
 
 if OUTPUTS:
     StableDiffusionVideo.mount_asgi_app(library_app(OUTPUTS), path="/outputs")

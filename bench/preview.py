@@ -8,6 +8,7 @@ time measured by their pacing. Then one preview of a default-size video, timed a
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from harness import PHOTO
 from svd.base.params import GenerationParams
 from svd.core.preview import LATENT_RGB, SHARE, Previewer, encode, latents_to_rgb
 from svd.serving.engine import Engine
-from svd.storage.outputs import write_atomically
+from svd.storage.folder import write_atomically
 
 MAX_SHARE = 0.03  # the bound, of a generation's time
 # A default video's latents: 25 frames of 1024x576, one latent per 8x8 pixels.
@@ -43,7 +44,7 @@ def _measure(engine: Engine, tmp: Path, request: dict[str, int], runs: int) -> S
     for index in range(runs):
         # Alternating which goes first, so that a drift of the machine's speed favours neither.
         for with_previews in (True, False) if index % 2 else (False, True):
-            previewer = Previewer(tmp / "preview.webp") if with_previews else None
+            previewer = Previewer(partial(write_atomically, tmp / "preview.webp")) if with_previews else None
             start = time.perf_counter()
             engine.run(PHOTO, params, tmp, preview=previewer)
             seconds = time.perf_counter() - start

@@ -14,14 +14,15 @@ from harness import ROOT
 from svd.base.settings import Settings
 
 KUBERNETES = "1.30.0"
-MANIFESTS = sorted((ROOT / "deploy").glob("*.yaml"))
+# deploy/bucket/ is the variant for clusters whose pods share no volume.
+MANIFESTS = sorted((ROOT / "deploy").glob("*.yaml")) + sorted((ROOT / "deploy" / "bucket").glob("*.yaml"))
 
 
 def _load(name: str) -> dict:
     return yaml.safe_load((ROOT / "deploy" / name).read_text())
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=[path.name for path in MANIFESTS])
+@pytest.mark.parametrize("path", MANIFESTS, ids=[str(path.relative_to(ROOT / "deploy")) for path in MANIFESTS])
 def test_each_manifest_is_valid_in_strict_mode(path: Path):
     for resource in yaml.safe_load_all(path.read_text()):
         kubernetes_validate.validate(resource, KUBERNETES, strict=True)
@@ -61,6 +62,32 @@ def test_the_deployment_fits_the_service():
     assert volumes[mounts[shared]]["persistentVolumeClaim"]["claimName"] == "svd-data"
     assert _load("pvc.yaml")["spec"]["accessModes"] == ["ReadWriteMany"]
     assert _load("service.yaml")["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_the_bucket_variant_mounts_no_shared_volume_and_is_otherwise_the_deployment(monkeypatch: pytest.MonkeyPatch):
+    main, variant = _load("deployment.yaml"), _load("bucket/deployment.yaml")
+    pod = variant["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert [volume for volume in pod["volumes"] if "emptyDir" not in volume] == [], "nothing shared, nothing kept"
+    secrets = {
+        doc["metadata"]["name"]: doc["stringData"] for doc in (_load("secret.yaml"), _load("bucket/secret.yaml"))
+    }
+    values = {}
+    for env in container["env"]:
+        if "valueFrom" in env:
+            reference = env["valueFrom"]["secretKeyRef"]
+            assert reference["key"] in secrets[reference["name"]], reference
+        else:
+            values[env["name"]] = env["value"]
+    assert values["SVD_OUTPUT_DIR"].startswith("s3://") and values["SVD_QUEUE_URL"].startswith("redis://")
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    assert Settings.from_env().output_dir == values["SVD_OUTPUT_DIR"], "the service starts with it"
+    # The rest as deploy/deployment.yaml, so that the two cannot drift apart.
+    for deployment in (main, variant):
+        spec = deployment["spec"]["template"]["spec"]
+        del spec["volumes"], spec["containers"][0]["env"], spec["containers"][0]["volumeMounts"]
+    assert variant == main
 
 
 def test_every_replica_shares_the_redis_of_deploy_with_persistence():

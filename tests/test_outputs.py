@@ -40,7 +40,7 @@ def test_every_video_is_kept_with_how_it_was_made(call_service):
 
 
 def test_a_full_disk_is_a_507_and_leaves_nothing_half_written(call_service, monkeypatch: pytest.MonkeyPatch):
-    from svd.storage import outputs
+    from svd.storage import folder as storage
 
     folder = Path(os.environ["SVD_OUTPUT_DIR"])
     before = set(folder.iterdir())
@@ -49,7 +49,7 @@ def test_a_full_disk_is_a_507_and_leaves_nothing_half_written(call_service, monk
         sink.write(source.read(1000))  # a part written, then the disk fills up
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(outputs.shutil, "copyfileobj", full)
+    monkeypatch.setattr(storage.shutil, "copyfileobj", full)
     refused, _ = call_service(image=PHOTO, **TINY)
     assert refused.status_code == 507
     assert (
@@ -113,7 +113,7 @@ def _fake_output(outputs: Outputs, tmp_path: Path, index: int, size: int) -> str
     video.write_bytes(b"x" * size)
     output_id = f"{index:032x}"
     outputs.save(output_id, video, {"content_type": "video/mp4", "seed": index, "settings": {}})
-    os.utime(outputs.folder / f"{output_id}.json", (index, index))  # distinct ages, oldest first
+    os.utime(outputs.storage.path / f"{output_id}.json", (index, index))  # distinct ages, oldest first
     return output_id
 
 
@@ -125,7 +125,7 @@ def test_the_folder_keeps_the_newest_by_count_or_by_size(tmp_path: Path):
     by_size = Outputs(tmp_path / "size", Retention(bytes=2500))
     ids = [_fake_output(by_size, tmp_path, index, 1000) for index in range(1, 5)]
     # Named as write_atomically names a video it is writing: the id is in it.
-    being_written = by_size.folder / f".{'0' * 31}9.mp4.k2v8q1.part"
+    being_written = by_size.storage.path / f".{'0' * 31}9.mp4.k2v8q1.part"
     being_written.write_bytes(b"x" * 5000)
     by_size.prune()
     assert [by_size.find(output_id) is not None for output_id in ids] == [False, False, True, True]
@@ -146,25 +146,23 @@ def test_files_a_crash_left_mid_write_are_removed_once_older_than_any_write(tmp_
 
 
 def test_a_sidecar_that_cannot_be_written_takes_its_video_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from svd.storage import outputs as module
-
     outputs = Outputs(tmp_path / "out", Retention(count=10))
-    writes: list[Path] = []
-    real_write = module.write_atomically
+    writes: list[str] = []
+    real_write = outputs.storage.write
 
-    def sidecar_fails(path: Path, content) -> None:
-        writes.append(path)
-        if path.suffix == ".json":
+    def sidecar_fails(name: str, content) -> None:
+        writes.append(name)
+        if name.endswith(".json"):
             raise OSError(errno.EIO, "Input/output error")
-        real_write(path, content)
+        real_write(name, content)
 
-    monkeypatch.setattr(module, "write_atomically", sidecar_fails)
+    monkeypatch.setattr(outputs.storage, "write", sidecar_fails)
     video = tmp_path / "video.mp4"
     video.write_bytes(b"x" * 100)
     with pytest.raises(OSError):
         outputs.save("1" * 32, video, {"content_type": "video/mp4", "seed": 1, "settings": {}})
-    assert [path.suffix for path in writes] == [".mp4", ".json"], "the video was in place when the sidecar failed"
-    assert list(outputs.folder.iterdir()) == [], "no video without its record"
+    assert [Path(name).suffix for name in writes] == [".mp4", ".json"], "the video was in place when the sidecar failed"
+    assert list(outputs.storage.path.iterdir()) == [], "no video without its record"
 
 
 def test_the_listing_pages_to_a_null_next_offset(tmp_path: Path):

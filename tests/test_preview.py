@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +31,7 @@ from svd.core.preview import (
     encode,
     latents_to_rgb,
 )
-from svd.storage.outputs import write_atomically
+from svd.storage.folder import write_atomically
 from svd.storage.previews import Previews
 
 TOKEN = "preview-token"
@@ -177,12 +178,12 @@ def test_the_preview_shows_the_predicted_video_not_the_noisy_latents(tmp_path: P
     picture = torch.from_numpy(_latents_showing(_red_left_blue_right()))[None]
     noisy = torch.randn_like(picture) * 700  # SVD's first steps: noise two orders of magnitude over the picture
     scheduler = _Scheduler(noisy, picture)
-    previewer = Previewer(tmp_path / "preview.webp", _always_due(), _ticking().__next__)
+    previewer = Previewer(partial(write_atomically, tmp_path / "preview.webp"), _always_due(), _ticking().__next__)
     with previewer.watching(scheduler):
         latents = scheduler.step(None, 0, noisy).prev_sample
         previewer.offer(latents, fps=7)
     assert "step" not in vars(scheduler), "the scheduler's own step again"
-    frames = np.stack(_frames(previewer.path.read_bytes()))
+    frames = np.stack(_frames((tmp_path / "preview.webp").read_bytes()))
     assert frames.shape == (3, 8, 16, 3)
     assert np.abs(frames - _as_bytes(_red_left_blue_right())).mean() < 10, "the picture, darkening frame by frame"
 
@@ -190,15 +191,16 @@ def test_the_preview_shows_the_predicted_video_not_the_noisy_latents(tmp_path: P
 def test_a_scheduler_that_predicts_nothing_previews_the_latents_themselves(tmp_path: Path):
     picture = torch.from_numpy(_latents_showing(_red_left_blue_right()))[None]
     scheduler = _Scheduler(picture, None)
-    previewer = Previewer(tmp_path / "preview.webp", _always_due(), _ticking().__next__)
+    previewer = Previewer(partial(write_atomically, tmp_path / "preview.webp"), _always_due(), _ticking().__next__)
     with previewer.watching(scheduler):
         previewer.offer(scheduler.step().prev_sample, fps=7)
-    frames = np.stack(_frames(previewer.path.read_bytes()))
+    frames = np.stack(_frames((tmp_path / "preview.webp").read_bytes()))
     assert np.abs(frames - _as_bytes(_red_left_blue_right())).mean() < 10
 
 
 def test_a_preview_that_cannot_be_written_never_fails_the_generation(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    previewer = Previewer(tmp_path / "gone" / "preview.webp", _always_due(), _ticking().__next__)
+    gone = tmp_path / "gone" / "preview.webp"
+    previewer = Previewer(partial(write_atomically, gone), _always_due(), _ticking().__next__)
     latents = torch.zeros(1, 2, 4, 8, 8)
     with caplog.at_level(logging.WARNING, logger="bentoml.svd"):
         for _ in range(3):
@@ -210,22 +212,24 @@ def test_a_preview_that_cannot_be_written_never_fails_the_generation(tmp_path: P
 
 def test_the_previews_folder_links_each_new_preview_and_forgets_old_ones(tmp_path: Path):
     previews = Previews(tmp_path / "previews")
+    folder = previews.storage.path
     job = "ab" * 16
     assert previews.link(job, "/generate_task") is None and previews.read(job) is None
-    write_atomically(previews.path(job), b"first")
+    keep = previews.start(job, max_age=600)
+    keep(b"first")
     first = previews.link(job, "/generate_task")
     assert first is not None and first.startswith(f"/generate_task/preview?task_id={job}&v=")
-    write_atomically(previews.path(job), b"second, longer")
+    keep(b"second, longer")
     assert previews.link(job, "/generate_task") != first, "a new address for a new preview"
     assert previews.read(job) == b"second, longer"
     assert previews.read("../" + job) is None, "only ids reach the file system"
 
-    stale, stale_part = previews.path("cd" * 16), previews.folder / ".stale.webp.x.part"
+    stale, stale_part = folder / f"{'cd' * 16}.webp", folder / ".stale.webp.x.part"
     for path in (stale, stale_part):
         path.write_bytes(b"a killed worker's")
         os.utime(path, (time.time() - 3600, time.time() - 3600))
     previews.start("ef" * 16, max_age=600)
-    assert sorted(path.name for path in previews.folder.iterdir()) == [f"{job}.webp"], "only the stale ones swept"
+    assert sorted(path.name for path in folder.iterdir()) == [f"{job}.webp"], "only the stale ones swept"
     previews.remove(job)
     assert previews.read(job) is None and previews.link(job, "/generate_task") is None
 
@@ -242,11 +246,11 @@ def test_a_generation_with_previews_makes_the_same_video_and_previews_its_frames
     for name in ("plain", "previewed"):
         (tmp_path / name).mkdir()
     plain = generate(model, image, params, tmp_path / "plain")
-    previewer = Previewer(tmp_path / "preview.webp", _always_due(), _ticking().__next__)
+    previewer = Previewer(partial(write_atomically, tmp_path / "preview.webp"), _always_due(), _ticking().__next__)
     previewed = generate(model, image, params, tmp_path / "previewed", preview=previewer)
     assert np.array_equal(decode_video(previewed.path).frames, decode_video(plain.path).frames)
     assert previewer.pace.made == 5, "one a step, at this pace"
-    frames = _frames(previewer.path.read_bytes())
+    frames = _frames((tmp_path / "preview.webp").read_bytes())
     assert len(frames) == 4 and frames[0].shape == (8, 16, 3), "every frame, one pixel per latent"
     assert "step" not in vars(model.pipe.scheduler)
 

@@ -1,7 +1,9 @@
 """Many replicas, one queue: two `bentoml serve` replicas of the tiny model, each with its own
-BENTOML_HOME, sharing one real Redis (SVD_QUEUE_URL) and one outputs folder, as the pods of
-deploy/ share them. Jobs submitted anywhere run on both; either answers for any job; a replica
-killed mid-job loses nothing; Redis stopped and started again loses nothing.
+BENTOML_HOME, sharing one real Redis (SVD_QUEUE_URL) and one S3 bucket (SVD_OUTPUT_DIR=s3://...,
+moto's server) and no folder, as the pods of deploy/ and BentoCloud's replicas share them; a
+shared folder is the same Outputs on the folder backend, which every other test runs. Jobs
+submitted anywhere run on both; either answers for any job; a replica killed mid-job loses
+nothing; Redis stopped and started again loses nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import PHOTO, SMALL, Redis, Server, _ready, decode_video, redis_server, serve, wait_until
+from harness import PHOTO, S3, SMALL, Redis, Server, _ready, decode_video, redis_server, s3_server, serve, wait_until
 from svd.jobs.model import COMPLETED, IN_PROGRESS
 
 # Found as scripts/test.sh finds it, which installs it where it is missing.
@@ -41,7 +43,8 @@ LEASE = "3"
 class Cluster:
     redis: Redis
     replicas: list[Server]
-    outputs: Path
+    s3: S3
+    bucket: str
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +52,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("replicas")
     with ExitStack() as stack:
         redis = stack.enter_context(redis_server(root / "redis"))
-        env = {"SVD_QUEUE_URL": redis.url, "SVD_OUTPUT_DIR": str(root / "shared-outputs"), "SVD_JOB_LEASE": LEASE}
+        s3 = stack.enter_context(s3_server())
+        bucket = s3.bucket("replicas")
+        env = {"SVD_QUEUE_URL": redis.url, "SVD_OUTPUT_DIR": f"{bucket}/outputs", "SVD_JOB_LEASE": LEASE, **s3.env}
         # Started together, then waited for: the two load their models at once.
         replicas = [stack.enter_context(serve(root / name, env, wait_ready=False)) for name in ("a", "b")]
         for replica in replicas:
             wait_until(lambda: _ready(replica.url, replica.process, replica.log), 180, 0.5, "replica ready")
-        yield Cluster(redis, replicas, root / "shared-outputs")
+        yield Cluster(redis, replicas, s3, "replicas")
 
 
 def _submit(server: Server, **data) -> str:
@@ -110,16 +115,32 @@ def test_jobs_submitted_to_one_replica_run_on_both_and_either_answers_for_any(cl
         "progress seen from the other replica",
     )
     assert progress["status"] == IN_PROGRESS and progress["steps"] == SLOW["num_inference_steps"]
+    # Its live preview, from the bucket, through either replica.
+    preview = wait_until(
+        lambda: httpx.post(f"{b.url}/progress", json={"task_id": jobs[0]}, timeout=30).json()["preview"],
+        60,
+        0.1,
+        "a preview",
+    )
+    for replica in (a, b):
+        image = httpx.get(f"{replica.url}{preview}", timeout=30)
+        assert image.status_code == 200 and image.headers["content-type"] == "image/webp", image.text
     for job in jobs:
         wait_until(lambda: _status(b, job)["status"] == COMPLETED, 120, 0.2, "job completed")
         assert _status(a, job)["status"] == COMPLETED
     assert all(len(_ran_on(cluster, job)) == 1 for job in jobs), "each job ran once"
     assert {index for job in jobs for index in _ran_on(cluster, job)} == {0, 1}, "both replicas ran jobs"
-    # Every video from either replica, and from the shared outputs through /outputs/.
+    # Every video from either replica, and from the bucket through /outputs/, byte for byte as kept there.
+    stored = cluster.s3.objects(cluster.bucket)
     for index, job in enumerate(jobs):
         _video(cluster.replicas[index % 2], job, tmp_path / f"{job}.mp4")
         kept = httpx.get(f"{cluster.replicas[(index + 1) % 2].url}/outputs/{job}", timeout=30)
         assert kept.status_code == 200 and kept.content == (tmp_path / f"{job}.mp4").read_bytes()
+        assert kept.content == stored[f"outputs/{job}.mp4"]
+    assert not any((replica.tmp.parent / "outputs").exists() for replica in cluster.replicas), "no folder used"
+    log = a.log_text() + b.log_text()
+    assert "SVD keeps videos in s3://replicas/outputs/" in log
+    assert cluster.s3.secret not in log and cluster.s3.env["AWS_ACCESS_KEY_ID"] not in log, "no credentials logged"
     assert _metric(a, "svd_jobs_waiting") == _metric(a, "svd_jobs_running") == 0
     cancel = httpx.put(f"{b.url}/generate_task/cancel", params={"task_id": jobs[0]}, timeout=30)
     assert cancel.status_code == 409, "a job one replica finished is finished for the other"

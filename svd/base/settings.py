@@ -108,6 +108,14 @@ def _queue_url(name: str) -> str:
     return value
 
 
+def _output_dir(name: str) -> str:
+    """A folder, or s3://bucket/prefix; unset: ./outputs; set empty: videos are not kept."""
+    value = os.environ.get(name, "outputs").strip()
+    if value.startswith("s3://") and not value.removeprefix("s3://").split("/")[0]:
+        raise ConfigError(f"{name}={value!r} names no bucket; use s3://bucket or s3://bucket/prefix.")
+    return value
+
+
 def _webhook_secret(name: str) -> str:
     value = os.environ.get(name, "").strip()
     if value:
@@ -147,6 +155,9 @@ class Settings:
     output_keep: Retention = Retention(bytes=10 * 1000**3)
     jobs_db: str = "outputs/jobs.db"
     queue_url: str = ""
+    # The bucket's region (AWS_REGION) when SVD_OUTPUT_DIR is s3://; empty: boto3's own lookup
+    # (AWS_DEFAULT_REGION, ~/.aws/config, the instance's).
+    output_region: str = ""
     job_attempts: int = 2
     job_lease: int = 30
     input_keep: int = 500 * 1000**2
@@ -185,13 +196,15 @@ class Settings:
         if self.queue_url and not self.output_dir:
             raise ConfigError(
                 "SVD_QUEUE_URL shares jobs between replicas, and a job's video must reach whichever replica "
-                "is asked for it: set SVD_OUTPUT_DIR to a folder every replica mounts."
+                "is asked for it: set SVD_OUTPUT_DIR to a folder every replica mounts, or to s3://bucket/prefix."
             )
 
     @classmethod
     def from_env(cls) -> Settings:
-        # Unset: ./outputs; set empty: videos are not kept.
-        output_dir = os.environ.get("SVD_OUTPUT_DIR", "outputs").strip()
+        output_dir = _output_dir("SVD_OUTPUT_DIR")
+        # Beside the kept videos, where BentoML's start-up clean-up never reaches; a local folder
+        # when they are in a bucket, or not kept.
+        jobs_folder = "svd-jobs" if not output_dir or output_dir.startswith("s3://") else output_dir
         return cls(
             model_id=os.environ.get("SVD_MODEL_ID", "").strip() or DEFAULT_MODEL_ID,
             revision=os.environ.get("SVD_MODEL_REVISION", "").strip() or "main",
@@ -210,9 +223,9 @@ class Settings:
             workers=_workers("SVD_WORKERS"),
             output_dir=output_dir,
             output_keep=_keep("SVD_OUTPUT_KEEP", "10GB"),
-            # Beside the kept videos, where BentoML's start-up clean-up never reaches.
-            jobs_db=os.environ.get("SVD_JOBS_DB", "").strip() or os.path.join(output_dir or "svd-jobs", "jobs.db"),
+            jobs_db=os.environ.get("SVD_JOBS_DB", "").strip() or os.path.join(jobs_folder, "jobs.db"),
             queue_url=_queue_url("SVD_QUEUE_URL"),
+            output_region=os.environ.get("AWS_REGION", "").strip(),
             job_attempts=_positive_int("SVD_JOB_ATTEMPTS", 2),
             job_lease=_positive_int("SVD_JOB_LEASE", 30),
             input_keep=_size("SVD_INPUT_KEEP", "500MB"),

@@ -4,8 +4,9 @@ Every few steps the model's prediction of the denoised latents is projected to R
 fixed linear map, one pixel per latent (128x72 for a 1024x576 video), and written as an
 animated WebP that plays at the video's frame rate. No VAE runs and no weights are added.
 
-Each preview is written under a temporary name and renamed, so a reader never sees half a
-file; the folder of the running jobs' previews is svd/storage/previews.py.
+Each preview is handed whole to what keeps it, which stores it all or nothing, so a reader
+never sees half a file; the running jobs' previews are kept by svd/storage/previews.py, in a
+folder or a bucket.
 
 Pacing keeps the cost bounded: a preview is made only while the previews so far, and
 the next one, stay within SHARE of the generation's time.
@@ -20,12 +21,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from svd.storage.outputs import write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -109,14 +107,17 @@ class Pace:
 
 
 class Previewer:
-    """Keeps the latest preview of one generation at `path`, paced by `pace`.
+    """Hands the latest preview of one generation to `keep` (which stores it whole, replacing the
+    last one), paced by `pace`.
 
     The generation core enters `watching` around its denoising and offers the latents
     after each step; it knows nothing else of previews.
     """
 
-    def __init__(self, path: Path, pace: Pace | None = None, clock: Callable[[], float] = time.perf_counter):
-        self.path = path
+    def __init__(
+        self, keep: Callable[[bytes], None], pace: Pace | None = None, clock: Callable[[], float] = time.perf_counter
+    ):
+        self.keep = keep
         self.clock = clock
         self.pace = pace or Pace(clock())
         self._predicted: torch.Tensor | None = None
@@ -156,12 +157,10 @@ class Previewer:
         sample = predicted[0].detach().float().cpu().numpy()
         start = self.clock()
         try:
-            write_atomically(self.path, encode(latents_to_rgb(sample), fps))
+            self.keep(encode(latents_to_rgb(sample), fps))
         except OSError as exc:
-            # A preview is for watching: a full or missing disk must not fail the generation.
+            # A preview is for watching: a full disk or an unreachable bucket must not fail the generation.
             self._failed = True
-            logger.warning(
-                "SVD could not write a preview to %s, and makes no more for this generation: %s", self.path, exc
-            )
+            logger.warning("SVD could not write a preview, and makes no more for this generation: %s", exc)
             return
         self.pace.record(start, self.clock())

@@ -14,6 +14,8 @@ from starlette.responses import JSONResponse
 from svd.base.errors import Refused
 from svd.http.asgi import Receive, Scope, Send
 from svd.serving import metrics
+from svd.storage.outputs import UNAVAILABLE_RETRY_AFTER
+from svd.storage.storage import StorageUnavailable
 
 
 def error_response(code: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
@@ -33,3 +35,8 @@ async def refuse(
     """Answer a request the middleware turns away, counted by `reason` in svd_requests_refused."""
     metrics.REFUSED.labels(reason=reason).inc()
     await error_response(status, message, headers or None)(scope, receive, send)
+
+
+def unavailable(down: StorageUnavailable) -> JSONResponse:
+    """503 for the output store unreachable: the message names it, never its credentials."""
+    return error_response(503, down.strerror, headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})

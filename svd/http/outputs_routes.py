@@ -1,19 +1,24 @@
-"""GET /outputs/ and /outputs/{id}: the kept videos (svd/storage/outputs.py) over HTTP."""
+"""GET /outputs/ and /outputs/{id}: the kept videos (svd/storage/outputs.py) over HTTP, from the
+folder or the bucket they are kept in. A video in a bucket passes through the service, with the
+same headers as from a folder (see the README: Kept outputs)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from svd.base.ids import ID
+from svd.http.answers import unavailable
 from svd.serving.records import headers_of
 from svd.storage.outputs import Outputs
+from svd.storage.storage import Download, StorageUnavailable
 
 MAX_PAGE = 100
 
@@ -31,7 +36,10 @@ def library_app(outputs: Outputs) -> Starlette:
         limit = _page_number(request, "limit", 20, 1, MAX_PAGE)
         offset = _page_number(request, "offset", 0, 0)
         # File reads off the event loop, which must keep answering probes meanwhile.
-        records = await run_in_threadpool(outputs.recent, limit + 1, offset)
+        try:
+            records = await run_in_threadpool(outputs.recent, limit + 1, offset)
+        except StorageUnavailable as down:
+            return unavailable(down)
         more = len(records) > limit
         return JSONResponse(
             {
@@ -46,7 +54,10 @@ def library_app(outputs: Outputs) -> Starlette:
         output_id = request.path_params["output_id"]
         if not ID.fullmatch(output_id):
             return JSONResponse({"error": f"not an output id: ids are 32 hex digits, got {output_id[:80]!r}"}, 400)
-        found = await run_in_threadpool(outputs.find, output_id)
+        try:
+            found = await run_in_threadpool(outputs.find, output_id)
+        except StorageUnavailable as down:
+            return unavailable(down)
         if found is None:
             return JSONResponse({"error": f"no output {output_id}: never made here, or pruned (SVD_OUTPUT_KEEP)"}, 404)
         return serve_output(output_id, *found)
@@ -54,13 +65,23 @@ def library_app(outputs: Outputs) -> Starlette:
     return Starlette(routes=[Route("/", listing), Route("/{output_id:path}", one)])
 
 
-def serve_output(output_id: str, video: Path, record: dict[str, Any]) -> FileResponse:
-    """A kept video with the headers it was made with."""
+def serve_output(output_id: str, video: Path | Download, record: dict[str, Any]) -> Response:
+    """A kept video with the headers it was made with, from a folder or streamed from a bucket."""
     headers = headers_of(output_id, record)
-    return FileResponse(
-        video,
-        media_type=headers.pop("Content-Type"),
-        headers=headers,
-        filename=video.name,
-        content_disposition_type="inline",
-    )
+    media_type = headers.pop("Content-Type")
+    if isinstance(video, Path):
+        return FileResponse(
+            video, media_type=media_type, headers=headers, filename=video.name, content_disposition_type="inline"
+        )
+    # As FileResponse names a file (ids are ASCII): a saved video gets the same name from either storage.
+    headers["Content-Disposition"] = f'inline; filename="{record["file"]}"'
+    headers["Content-Length"] = str(video.size)
+    return StreamingResponse(_closing(video), media_type=media_type, headers=headers)
+
+
+def _closing(video: Download) -> Iterator[bytes]:
+    """The download's chunks, its connection freed however the response ends."""
+    try:
+        yield from video.chunks
+    finally:
+        video.close()

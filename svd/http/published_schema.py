@@ -35,9 +35,9 @@ WHY = {
     422: "The request needs more GPU memory than the GPU has.",
     429: "Too many generations or jobs waiting; retry after Retry-After seconds.",
     500: "The job failed: its worker stopped SVD_JOB_ATTEMPTS times, or the generation failed.",
-    503: "The model is loading, the GPU is out of memory or failed, or the job queue is unreachable.",
+    503: "The model is loading, the GPU is out of memory or failed, or the job queue or output bucket is unreachable.",
     504: "The generation passed SVD_TIMEOUT.",
-    507: "The disk of SVD_OUTPUT_DIR is full.",
+    507: "The disk or bucket of SVD_OUTPUT_DIR is full.",
 }
 RETRY_AFTER = {429, 503}
 GENERATES = (400, 408, 413, 415, 422, 429, 503, 504, 507)

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from svd.base.errors import InputError, validation_message
 from svd.base.ids import ID
 from svd.base.params import GenerationParams
-from svd.http.answers import error_response
+from svd.http.answers import error_response, unavailable
 from svd.http.asgi import App, Receive, Scope, Send
 from svd.http.outputs_routes import serve_output
 from svd.jobs.addresses import WebhookHosts, checked_address
@@ -36,6 +36,7 @@ from svd.jobs.store import JobStore
 from svd.serving import metrics
 from svd.storage.outputs import Outputs
 from svd.storage.previews import CONTENT_TYPE, previews_of
+from svd.storage.storage import StorageUnavailable
 
 logger = logging.getLogger(f"bentoml.{__name__}")
 
@@ -95,6 +96,9 @@ class JobRoutes:
         except StoreUnavailable as exc:
             logger.warning("SVD answered %s %s with 503: %s", scope["method"], scope["path"], exc)
             response = error_response(503, str(exc), headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
+        except StorageUnavailable as down:
+            logger.warning("SVD answered %s %s with 503: %s", scope["method"], scope["path"], down.strerror)
+            response = unavailable(down)
         except Exception:
             # BentoML's stack would leave the connection hanging without an answer.
             logger.exception("SVD could not answer %s %s", scope["method"], scope["path"])
@@ -179,7 +183,7 @@ class JobRoutes:
         if isinstance(job, Response):
             return job
         if job.status == COMPLETED:
-            found = await run_in_threadpool(self.outputs.find, job.id)
+            found = await run_in_threadpool(self.outputs.find_job, job.id, job.attempt)
             if found is None:
                 return error_response(404, f"the video of task {job.id} is no longer kept (SVD_OUTPUT_KEEP pruned it)")
             return serve_output(job.id, *found)
@@ -214,7 +218,7 @@ class JobRoutes:
         return await self._submit(*kept)
 
     async def preview(self, request: Request) -> Response:
-        """The latest preview of a running job (svd/storage/previews.py), from the folder every replica shares."""
+        """The latest preview of a running job (svd/storage/previews.py), from the storage every replica shares."""
         job_id = _task_id(request)
         if isinstance(job_id, Response):
             return job_id
@@ -237,10 +241,10 @@ class JobRoutes:
         if job is not None:
             return job
         # The store forgets finished jobs after a day; their videos are kept longer.
-        found = await run_in_threadpool(self.outputs.find, job_id)
-        if found is None:
+        record = await run_in_threadpool(self.outputs.record, job_id)
+        if record is None:
             return _unknown(job_id)
-        created = datetime.fromisoformat(found[1]["created"]).timestamp()
+        created = datetime.fromisoformat(record["created"]).timestamp()
         return Job(job_id, COMPLETED, created, created, created)
 
 

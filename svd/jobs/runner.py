@@ -221,6 +221,7 @@ class JobRunner:
             ended = events.ended_body(
                 claim.id, COMPLETED, None, claim.attempt,
                 output_id=claim.id, output_path=f"/generate_task/get?task_id={claim.id}",
+                output_url=self.outputs.link(f"{claim.id}{result.path.suffix}"),
                 seed=record["seed"], settings=record["settings"], stage_seconds=record["stage_seconds"],
             )
             finish = partial(self._finish, partial(self.store.finish, claim, COMPLETED, ended=ended))

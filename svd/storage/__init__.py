@@ -1,1 +1,1 @@
-"""What the service keeps on disk: the kept outputs and the running jobs' previews."""
+"""What the service keeps, in a folder or a bucket: the kept outputs and the running jobs' previews."""
