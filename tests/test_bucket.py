@@ -275,3 +275,32 @@ def test_a_bucket_is_shared_storage_for_the_queue_and_the_job_store_stays_on_loc
     monkeypatch.setenv("SVD_OUTPUT_DIR", "s3:///svd")
     with pytest.raises(ConfigError, match="SVD_OUTPUT_DIR='s3:///svd' names no bucket"):
         Settings.from_env()
+
+
+def test_attempts_in_the_bucket_a_loser_removes_only_its_own_and_a_reader_promotes_the_winner(
+    bucket: str, tmp_path: Path
+):
+    """Issue 29's attempts on the bucket, where a promotion is a copy and a delete: the attempt that
+    lost removes only its own video; the winner's, left unpromoted by a worker that stopped right after
+    the store's finish, is promoted by the first reader of the job's video."""
+    from svd.jobs.model import COMPLETED
+    from svd.jobs.runner import keep_video
+    from svd.jobs.sqlite import SQLiteJobs
+
+    store = SQLiteJobs(tmp_path / "jobs.db", lease=30)
+    outputs = Outputs(storage_at(f"{bucket}/videos"), Retention(count=10))
+    job = store.submit(b"x", "a.png", {}, per_worker=10)
+    winner = store.claim("winner")
+    # Another attempt of the same job, which the store will not let end it.
+    stale = type(winner)(winner.id, winner.attempt + 1, b"x", "a.png", {})
+    videos = {claim.attempt: tmp_path / f"attempt-{claim.attempt}.mp4" for claim in (winner, stale)}
+    for attempt, path in videos.items():
+        path.write_bytes(f"the video of attempt {attempt}".encode())
+
+    outputs.put(job.id, videos[winner.attempt], _record(1), winner.attempt)
+    assert store.finish(winner, COMPLETED)
+    assert not keep_video(outputs, stale, videos[stale.attempt], _record(2), lambda: False)
+    assert outputs.find(job.id) is None, "not promoted yet: the worker stopped after the store's finish"
+    download, record = outputs.find_job(job.id, store.get(job.id).attempt)
+    assert b"".join(download.chunks) == f"the video of attempt {winner.attempt}".encode()
+    assert sorted(entry.name for entry in outputs.storage.list()) == [f"{job.id}.json", f"{job.id}.mp4"]

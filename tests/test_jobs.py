@@ -353,7 +353,7 @@ def test_an_attempt_that_lost_its_job_removes_only_its_own_video_not_the_winners
     assert not keep_video(outputs, stale, videos[1], {"attempt": 1}, lambda: store.finish(stale, COMPLETED))
     video, record = outputs.find(job_id)
     assert video.read_bytes() == b"the video of attempt 2" and record["attempt"] == 2
-    assert sorted(path.name for path in outputs.folder.iterdir()) == [f"{job_id}.json", f"{job_id}.mp4"]
+    assert sorted(path.name for path in outputs.storage.path.iterdir()) == [f"{job_id}.json", f"{job_id}.mp4"]
 
 
 @pytest.mark.parametrize("url", ["redis//svd:hunter2-password@redis:6379/0", "http://svd:hunter2-password@redis/0"])

@@ -134,8 +134,8 @@ def test_the_folder_keeps_the_newest_by_count_or_by_size(tmp_path: Path):
 
 def test_files_a_crash_left_mid_write_are_removed_once_older_than_any_write(tmp_path: Path):
     outputs = Outputs(tmp_path / "outputs", Retention(count=10))
-    left = [outputs.folder / f".{'0' * 31}9.mp4.k2v8q1.part", outputs.folder / f"{'0' * 31}8~1.mp4"]
-    fresh = outputs.folder / f".{'0' * 31}7.mp4.x1y2z3.part"
+    left = [outputs.storage.path / f".{'0' * 31}9.mp4.k2v8q1.part", outputs.storage.path / f"{'0' * 31}8~1.mp4"]
+    fresh = outputs.storage.path / f".{'0' * 31}7.mp4.x1y2z3.part"
     for path in [*left, fresh]:
         path.write_bytes(b"x")
     two_days_ago = time.time() - 2 * 24 * 3600
