@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from harness import redis_server, wait_until
+from harness import PHOTO, Server, redis_server, wait_until
 from svd.base.progress import Progress
 from svd.base.retention import Retention
 from svd.http.request_fields import JobInput
@@ -26,7 +29,7 @@ from svd.jobs.redis import IDEMPOTENCY, RedisJobs
 from svd.jobs.sqlite import SQLiteJobs
 from svd.jobs.store import JobStore
 from svd.storage.outputs import Outputs
-from svd.tools.client import events_of
+from svd.tools.client import events_of, follow
 from tests.test_jobs import stores  # noqa: F401  (the fixture: both stores)
 
 ROUTE = "/generate_task"
@@ -200,3 +203,75 @@ def test_a_client_that_goes_away_ends_its_stream_and_a_quiet_one_gets_heartbeats
         await asyncio.wait_for(follower.answering, 10)  # the stream's work has ended
 
     asyncio.run(scenario())
+
+
+def _submit(server: Server, controls: dict[str, Any], key: str | None = None) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}{ROUTE}/submit",
+        files={"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")},
+        data={name: str(value) for name, value in controls.items()},
+        headers={"Idempotency-Key": key} if key else {},
+        timeout=60,
+    )
+
+
+def test_a_real_job_streams_every_step_to_its_video_and_its_key_answers_it_once(server: Server):
+    controls = {**TINY, "num_inference_steps": 30}
+    key = uuid.uuid4().hex
+    first = _submit(server, controls, key)
+    assert first.status_code == 200, first.text
+    task_id = first.json()["task_id"]
+    again = _submit(server, controls, key)
+    assert (again.status_code, again.json()["task_id"]) == (200, task_id)
+    other = _submit(server, {**controls, "seed": 3}, key)
+    assert other.status_code == 422 and task_id in other.json()["error"], other.text
+
+    seen = list(follow(server.url, task_id, timeout=120))
+    denoising = [event["step"] for event in seen if event["stage"] == "denoise" and event["status"] == "in_progress"]
+    assert denoising, seen
+    assert denoising == list(range(denoising[0], denoising[-1] + 1)) and denoising[-1] == 30, "every step, in order"
+    end = seen[-1]
+    assert end["status"] == "completed" and seen.count(end) == 1
+    video = httpx.get(f"{server.url}{end['output_path']}", timeout=60)
+    assert video.status_code == 200
+    status = httpx.get(f"{server.url}{ROUTE}/status", params={"task_id": task_id}, timeout=30).json()
+    assert status["status"] == "completed" and status["queue_position"] is None
+
+
+def _eta_errors(server: Server, sizes: list[dict[str, Any]]) -> list[float]:
+    """Submit a queue of jobs of `sizes` at once; each one's ETA then against when its video was ready."""
+    ids = [_submit(server, size).json()["task_id"] for size in sizes]
+    asked = []
+    for task_id in ids:
+        progress = httpx.post(f"{server.url}/progress", json={"task_id": task_id}, timeout=30).json()
+        asked.append((time.time(), progress["eta_seconds"]))
+    positions = [event["queue_position"] for event in follow(server.url, ids[-1], timeout=300)]
+    waiting = [position for position in positions if position is not None]
+    assert waiting and waiting == sorted(waiting, reverse=True) and waiting[-1] == 0, positions
+    errors = []
+    for task_id, (when, eta_seconds) in zip(ids, asked, strict=True):
+        status = httpx.get(f"{server.url}{ROUTE}/status", params={"task_id": task_id}, timeout=30).json()
+        assert status["status"] == "completed" and eta_seconds is not None, status
+        actual = datetime.fromisoformat(status["completed_at"]).timestamp() - when
+        errors.append(abs(eta_seconds - actual) / actual)
+    return errors
+
+
+def test_the_eta_of_a_queue_of_one_size_and_of_mixed_sizes(server: Server):
+    """Once the service has run jobs of each size, each waiting job's ETA is near when its video is ready.
+
+    Each size runs twice first: a size's first run in a process is slower (its kernels are set up).
+    """
+    small, large = TINY, {**TINY, "width": 128, "num_inference_steps": 5}
+    for size in (small, large, small, large):
+        task_id = _submit(server, size).json()["task_id"]
+        assert list(follow(server.url, task_id, timeout=120))[-1]["status"] == "completed"
+    one_size = _eta_errors(server, [small] * 3)
+    mixed = _eta_errors(server, [large, small])
+    print(
+        f"ETA error: one size {100 * sum(one_size) / len(one_size):.0f} % mean, {100 * max(one_size):.0f} % max; "
+        f"mixed sizes {100 * sum(mixed) / len(mixed):.0f} % mean, {100 * max(mixed):.0f} % max"
+    )
+    # The README's figure and target (25 %) are for steady load; the two cores this suite shares are not,
+    # so the bound here only catches an ETA that is no estimate at all.
+    assert sum(one_size + mixed) / len(one_size + mixed) < 1, (one_size, mixed)
