@@ -177,7 +177,8 @@ def test_a_job_running_on_one_replica_streams_from_another_in_order_and_resumes_
             await live.answering
             again = await Follower(routes, job_id, last_event_id=events[3][0]).events()
             finished = await Follower(routes, job_id).events()
-            return events, again, finished
+            after_the_end = await Follower(routes, job_id, last_event_id=events[-1][0]).events()
+            return events, again, finished + after_the_end
 
         events, again, finished = asyncio.run(scenario())
     assert [event["status"] for _, event in events] == ["pending", "in_progress", *["in_progress"] * 5, "completed"]
@@ -186,7 +187,7 @@ def test_a_job_running_on_one_replica_streams_from_another_in_order_and_resumes_
     assert end["output_id"] == job_id and end["output_path"] == f"{ROUTE}/get?task_id={job_id}"
     assert end["queue_position"] is None and end["eta_seconds"] is None
     assert again == events[4:], "a reconnect gets what it missed, and nothing twice"
-    assert finished == events[-1:], "a finished job's stream is its end, at once"
+    assert finished == events[-1:], "a finished job's stream is its end, at once, and after its end nothing"
 
 
 def test_a_client_that_goes_away_ends_its_stream_and_a_quiet_one_gets_heartbeats(tmp_path: Path, monkeypatch):

@@ -155,6 +155,8 @@ class JobEvents:
                 quiet_since = time.monotonic()
                 if data["status"] in FINISHED:
                     return
+            if self.job.status in FINISHED:
+                return  # a client that reconnected after the end: nothing more will come
             if time.monotonic() - quiet_since >= HEARTBEAT_SECONDS:
                 yield HEARTBEAT
                 quiet_since = time.monotonic()
