@@ -311,12 +311,7 @@ class RedisJobs:
 
     @_reaching
     def submit(
-        self,
-        image: bytes,
-        image_name: str,
-        controls: dict[str, Any],
-        per_worker: int,
-        hook: Webhook | None = None,
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None,
         idempotency: Idempotency | None = None,
     ) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())

@@ -156,12 +156,7 @@ class SQLiteJobs:
             return self._db.execute(sql, values).rowcount > 0
 
     def submit(
-        self,
-        image: bytes,
-        image_name: str,
-        controls: dict[str, Any],
-        per_worker: int,
-        hook: Webhook | None = None,
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None,
         idempotency: Idempotency | None = None,
     ) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())

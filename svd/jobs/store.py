@@ -23,12 +23,7 @@ class JobStore(Protocol):
     """
 
     def submit(
-        self,
-        image: bytes,
-        image_name: str,
-        controls: dict[str, Any],
-        per_worker: int,
-        hook: Webhook | None = None,
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None,
         idempotency: Idempotency | None = None,
     ) -> Job:
         """Queue a job, which calls `hook` back; QueueFull when `per_worker` jobs for each worker
