@@ -276,3 +276,27 @@ def test_the_eta_of_a_queue_of_one_size_and_of_mixed_sizes(server: Server):
     # The README's figure and target (25 %) are for steady load; the two cores this suite shares are not,
     # so the bound here only catches an ETA that is no estimate at all.
     assert sum(one_size + mixed) / len(one_size + mixed) < 1, (one_size, mixed)
+
+
+def test_the_submit_route_keeps_a_key_per_token_and_refuses_a_malformed_one(tmp_path: Path):
+    store = SQLiteJobs(tmp_path / "jobs.db")
+    routes = routes_on(store, tmp_path)
+
+    async def submit(token: str, key: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=routes)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svd") as client:
+            return await client.post(
+                f"{ROUTE}/submit",
+                files={"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")},
+                data={name: str(value) for name, value in TINY.items()},
+                headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
+            )
+
+    async def scenario() -> list[httpx.Response]:
+        asked = (("a", "k"), ("a", "k"), ("b", "k"), ("a", "a key with spaces"))
+        return [await submit(token, key) for token, key in asked]
+
+    first, again, other, malformed = asyncio.run(scenario())
+    assert first.json()["task_id"] == again.json()["task_id"] != other.json()["task_id"]
+    assert store.depth().waiting == 2
+    assert malformed.status_code == 400 and "Idempotency-Key" in malformed.json()["error"]
