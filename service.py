@@ -8,7 +8,7 @@ only place that wires the layers of svd/ together (README: Files).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
@@ -22,7 +22,6 @@ from starlette.responses import Response
 from svd.base.errors import Refused
 from svd.base.ids import ID, new_id
 from svd.base.params import GenerationParams
-from svd.base.progress import Progress
 from svd.base.settings import ConfigError, Settings
 from svd.http.answers import answer
 from svd.http.auth import OPEN_PATHS, BearerAuth
@@ -35,7 +34,8 @@ from svd.http.served_by import ServedBy
 from svd.http.task_routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
 from svd.http.upload_guard import UploadGuard
 from svd.jobs.addresses import WebhookHosts
-from svd.jobs.model import IN_PROGRESS, StoreUnavailable
+from svd.jobs.following import QueuePlaces, progress_of
+from svd.jobs.model import StoreUnavailable
 from svd.jobs.open import open_store
 from svd.serving.hub import hub_reference
 from svd.serving.records import headers_of, record_of
@@ -133,6 +133,7 @@ class StableDiffusionVideo:
         # Loads and warms up in the background: /livez answers at once, /readyz once warm.
         self.engine = Engine(settings, (lambda: self.hub_model) if self.hub_model else None)
         self.jobs = open_store(settings)
+        self.places = QueuePlaces(lambda: self.jobs)
         # Takes jobs from the store whenever this worker's GPU is free.
         self.runner = JobRunner(self.engine, self.jobs, JOB_OUTPUTS, settings.job_lease)
         self.runner.start()
@@ -196,19 +197,21 @@ class StableDiffusionVideo:
         task_id: Annotated[str, Field(description="The id /generate_task/submit answered.")],
     ) -> dict[str, Any]:
         """Where a generate_task job is: its status, its stage (queued, encode, denoise, decode, interpolate,
-        video, done), its step and its segment, and `preview`: where its latest live preview is served
-        (an animated WebP; a new address for each new one), or null while it has none."""
+        video, done), its step and its segment, `preview`: where its latest live preview is served
+        (an animated WebP; a new address for each new one) or null while it has none, `queue_position`
+        (jobs waiting ahead of it; 0: it is next; null once it runs), `eta_seconds` (seconds until its
+        video is ready, from this service's measured speed; null before it has one, or once the job ended),
+        and how it ended: `output_id` and `output_path`, or `error` and `error_status`.
+        `GET /generate_task/events` streams the same as server-sent events."""
         try:
             job = self.jobs.get(task_id) if ID.fullmatch(task_id) else None
+            if job is not None:
+                return progress_of(job, self.places, JOB_PREVIEWS, StableDiffusionVideo.apis["generate_task"].route)
         except StoreUnavailable as exc:
             refused = Refused(HTTPStatus.SERVICE_UNAVAILABLE, "queue_unavailable", str(exc), UNAVAILABLE_RETRY_AFTER)
             return refuse(context, refused)  # type: ignore[return-value]
-        if job is None:
-            status, why = no_such_task(task_id)
-            return refuse(context, Refused(HTTPStatus(status), "unknown_task", why))  # type: ignore[return-value]
-        running = job.status == IN_PROGRESS
-        preview = JOB_PREVIEWS.link(task_id, StableDiffusionVideo.apis["generate_task"].route) if running else None
-        return {"task_id": task_id, "status": job.status, **asdict(job.progress or Progress()), "preview": preview}
+        status, why = no_such_task(task_id)
+        return refuse(context, Refused(HTTPStatus(status), "unknown_task", why))  # type: ignore[return-value]
 
 
 # Declaring a task makes BentoML ask BentoCloud for its external queue with a concurrency of 1

@@ -29,9 +29,10 @@ SECTIONS = (
     "memory",
     "serving",
     "load",
+    "streams",
 )
 # The sections that share one server; replicas starts its own.
-SERVER_SECTIONS = ("coldstart", "memory", "serving", "load")
+SERVER_SECTIONS = ("coldstart", "memory", "serving", "load", "streams")
 # What --quick changes: enough to prove every section still runs, in well under a minute.
 QUICK = {
     "encode_size": "256x144",
@@ -51,6 +52,7 @@ QUICK = {
     "replica_jobs": 2,
     "replica_steps": 1,
     "bucket_runs": 1,
+    "streams": 5,
 }
 
 
@@ -107,6 +109,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--requests", type=int, default=30, help="memory: requests to sample RSS over")
     group.add_argument("--clients", default="1,2,4,8", help="load: concurrent clients per level")
     group.add_argument("--videos", type=int, default=8, help="load: videos per level, shared among the clients")
+    group.add_argument("--streams", type=int, default=50, help="streams: clients following one job's events")
     group.add_argument("--level-seconds", type=float, default=240.0, help="load: no new requests after this per level")
     args = parser.parse_args(argv)
     if args.quick:
@@ -138,7 +141,19 @@ def _intervals(text: str) -> list[int]:
 
 def run_cpu(args: argparse.Namespace) -> list[Section]:
     # Here, not above: these need BentoML and a server, which `--gpu` runs without.
-    from bench import bucket, coldstart, encoding, interpolation, jobs, load, memory, preview, replicas, serving
+    from bench import (
+        bucket,
+        coldstart,
+        encoding,
+        interpolation,
+        jobs,
+        load,
+        memory,
+        preview,
+        replicas,
+        serving,
+        streams,
+    )
     from bench.server import QUICK_REQUEST, REQUEST, started
 
     sections: list[Section] = []
@@ -182,6 +197,7 @@ def run_cpu(args: argparse.Namespace) -> list[Section]:
             ("memory", lambda: memory.run(server, request, args.requests)),
             ("serving", lambda: serving.run(server, request, args.runs, args.torch_threads)),
             ("load", lambda: load.run(server, request, _numbers(args.clients), args.videos, args.level_seconds)),
+            ("streams", lambda: streams.run(server, request, args.streams)),
         ):
             if name in args.sections:
                 start = time.perf_counter()

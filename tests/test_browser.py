@@ -124,7 +124,8 @@ def test_the_page_generates_a_video_and_shows_its_seed_and_settings(page, server
     assert len(texts) >= 2 and texts[-1].startswith("Done"), texts
     counted = [text for text in texts if re.match(r"(Denoising step|Decoding frames) \d+ of \d+", text)]
     assert any(text.startswith("Denoising step") for text in counted), f"not followed step by step: {texts}"
-    assert all(re.match(r"(Denoising step \d+ of 24|Decoding frames \d of 8) \(", text) for text in counted), texts
+    shown = r"(Denoising step \d+ of 24|Decoding frames \d of 8)( — about \d+ (s|min))? \("
+    assert all(re.match(shown, text) for text in counted), texts
 
     video = page.locator("#media video")
     for attribute in ("controls", "autoplay", "loop", "muted", "playsInline"):
@@ -161,6 +162,40 @@ def test_the_page_generates_a_video_and_shows_its_seed_and_settings(page, server
 def _js(number: float) -> str:
     """A number as an input's attribute shows it."""
     return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def test_the_page_follows_a_job_through_its_event_stream_with_its_place_in_line_and_eta(page, server):
+    """Two jobs ahead of the page's, of the size the service has just run once: '2nd in line, about N s'."""
+    import httpx
+
+    from svd.tools.client import follow
+
+    size = {"width": 64, "height": 64, "num_frames": 4, "num_inference_steps": 10}
+
+    def submit() -> str:
+        with PHOTO.open("rb") as image:
+            files = {"image": ("rocket.jpg", image, "image/jpeg")}
+            answer = httpx.post(f"{server.url}/generate_task/submit", files=files, data=size, timeout=60)
+        return answer.json()["task_id"]
+
+    assert list(follow(server.url, submit(), timeout=120))[-1]["status"] == "completed"  # its speed, measured
+    page.add_init_script(RECORD_PROGRESS)
+    page.goto(f"{server.url}/ui")
+    page.set_input_files("#image", PHOTO)
+    fill_small(page, **{name: str(value) for name, value in size.items()})
+    ahead = [submit(), submit()]
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^Done"), timeout=GENERATION_MS)
+    expect(page.locator("#error")).to_be_hidden()
+    texts = page.evaluate("window.progressTexts")
+    waiting = [text for text in texts if text.startswith("Waiting in the queue")]
+    in_line = r"Waiting in the queue… — (2nd|1st) in line, about \d+ (s|min) \("
+    assert any(re.match(in_line, text) for text in waiting), texts
+    assert any(re.match(r"Denoising step \d+ of 10 — about \d+ s \(", text) for text in texts), texts
+    assert page.evaluate("document.getElementById('progress-text').dataset.via") == "events"
+    for task_id in ahead:
+        status = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id}, timeout=30).json()
+        assert status["status"] == "completed"
 
 
 def test_the_form_is_made_from_the_service_s_controls(page, server):

@@ -22,6 +22,7 @@ import pytest
 
 from harness import PHOTO, S3, SMALL, Redis, Server, _ready, decode_video, redis_server, s3_server, serve, wait_until
 from svd.jobs.model import COMPLETED, IN_PROGRESS
+from svd.tools.client import follow
 
 # Found as scripts/test.sh finds it, which installs it where it is missing.
 if shutil.which("redis-server") is None:
@@ -125,6 +126,12 @@ def test_jobs_submitted_to_one_replica_run_on_both_and_either_answers_for_any(cl
     for replica in (a, b):
         image = httpx.get(f"{replica.url}{preview}", timeout=30)
         assert image.status_code == 200 and image.headers["content-type"] == "image/webp", image.text
+    # Its event stream from the replica that is not running it: every step from there on, in order, then the end.
+    (runner,) = _ran_on(cluster, jobs[0])
+    seen = list(follow(cluster.replicas[1 - runner].url, jobs[0], timeout=120))
+    steps = [event["step"] for event in seen if event["stage"] == "denoise" and event["status"] == IN_PROGRESS]
+    assert steps and steps == list(range(steps[0], SLOW["num_inference_steps"] + 1)), seen
+    assert seen[-1]["status"] == COMPLETED and seen[-1]["output_path"] == f"/generate_task/get?task_id={jobs[0]}"
     for job in jobs:
         wait_until(lambda: _status(b, job)["status"] == COMPLETED, 120, 0.2, "job completed")
         assert _status(a, job)["status"] == COMPLETED

@@ -5,19 +5,27 @@ empties its store at every start. This ASGI middleware answers ROUTE/submit,
 /status, /get, /cancel and /retry itself, with BentoML's JSON and status words, so
 Swagger, `bentoml.SyncHTTPClient` and the web page work unchanged; the runners
 (svd/jobs/runner.py) do the work. It also serves ROUTE/preview, a running job's live
-preview (svd/storage/previews.py).
+preview (svd/storage/previews.py), and ROUTE/events, a job's changes as server-sent events
+(svd/jobs/following.py).
+
+A submit with an `Idempotency-Key` header is answered once per key and token: the same key
+and request again answer the job first queued, queuing nothing; the same key with another
+request is refused (422). Keys are kept IDEMPOTENCY_SECONDS, in the job store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -31,7 +39,21 @@ from svd.http.answers import error_response, unavailable
 from svd.http.asgi import App, Receive, Scope, Send
 from svd.http.outputs_routes import serve_output
 from svd.jobs.addresses import WebhookHosts, checked_address
-from svd.jobs.model import CANCELED, COMPLETED, FAILED, FINISHED, Job, QueueFull, StoreUnavailable, UnknownJob, Webhook
+from svd.jobs.following import CONTENT_TYPE as EVENTS_TYPE
+from svd.jobs.following import READERS, JobEvents, QueuePlaces, progress_of
+from svd.jobs.model import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    FINISHED,
+    Idempotency,
+    Job,
+    KeyReused,
+    QueueFull,
+    StoreUnavailable,
+    UnknownJob,
+    Webhook,
+)
 from svd.jobs.store import JobStore
 from svd.serving import metrics
 from svd.storage.outputs import Outputs
@@ -43,6 +65,8 @@ logger = logging.getLogger(f"bentoml.{__name__}")
 Handler = Callable[["JobRoutes", Request], Awaitable[Response]]
 # Seconds a client waits before asking again when the store is unreachable.
 UNAVAILABLE_RETRY_AFTER = 5
+# What an Idempotency-Key may be: visible ASCII, as the IETF draft's examples (UUIDs and the like).
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 class JobRoutes:
@@ -73,7 +97,10 @@ class JobRoutes:
         self.previews = previews_of(outputs)
         self.max_pixels = max_pixels
         self.webhook_hosts = webhook_hosts
+        self.route = route
         self._store: JobStore | None = None
+        self.places = QueuePlaces(lambda: self.store)
+        self._readers: anyio.CapacityLimiter | None = None
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", f"{route}/submit"): JobRoutes.submit,
             ("GET", f"{route}/status"): JobRoutes.status,
@@ -81,6 +108,7 @@ class JobRoutes:
             ("PUT", f"{route}/cancel"): JobRoutes.cancel,
             ("POST", f"{route}/retry"): JobRoutes.retry,
             ("GET", f"{route}/preview"): JobRoutes.preview,
+            ("GET", f"{route}/events"): JobRoutes.events,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -122,6 +150,12 @@ class JobRoutes:
         return self._store
 
     async def submit(self, request: Request) -> Response:
+        key = request.headers.get("idempotency-key")
+        if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+            return error_response(
+                400, "`Idempotency-Key` must be 1 to 255 visible ASCII characters, such as a UUID; "
+                f"got {key[:80]!r}",
+            )
         try:
             form = await request.form(max_files=1, max_fields=len(self.fields.model_fields))
         except Exception as exc:  # python-multipart and Starlette raise several kinds for a body that does not parse
@@ -153,15 +187,27 @@ class JobRoutes:
             return error_response(exc.status, str(exc))
         finally:
             await form.close()
-        return await self._submit(
-            image, upload.filename or "image", controls, Webhook(webhook, events) if webhook else None
-        )
+        hook = Webhook(webhook, events) if webhook else None
+        once = None if key is None else _idempotency(request, key, image, controls, hook)
+        return await self._submit(image, upload.filename or "image", controls, hook, once)
 
     async def _submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], hook: Webhook | None = None
+        self,
+        image: bytes,
+        image_name: str,
+        controls: dict[str, Any],
+        hook: Webhook | None = None,
+        once: Idempotency | None = None,
     ) -> Response:
         try:
-            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, hook)
+            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, hook, once)
+        except KeyReused as reused:
+            return error_response(
+                422,
+                f"this Idempotency-Key was already used for task {reused.job_id}, with another request: "
+                "send that request again to get that task, or use a new key for a new request",
+                task_id=reused.job_id,
+            )
         except QueueFull as full:
             metrics.REFUSED.labels(reason="busy").inc()
             retry_after = max(1, round(full.retry_after or 1))
@@ -176,7 +222,28 @@ class JobRoutes:
 
     async def status(self, request: Request) -> Response:
         job = await self._job(request)
-        return job if isinstance(job, Response) else JSONResponse(job.as_json())
+        if isinstance(job, Response):
+            return job
+        where = await run_in_threadpool(self._progress, job)
+        return JSONResponse({**job.as_json(), **{name: where[name] for name in ("queue_position", "eta_seconds")}})
+
+    async def events(self, request: Request) -> Response | EventStreamResponse:
+        """The job's changes as server-sent events, until its end (svd/jobs/following.py)."""
+        job = await self._job(request)
+        if isinstance(job, Response):
+            return job
+        if self._readers is None:
+            self._readers = anyio.CapacityLimiter(READERS)
+        follow = JobEvents(
+            job,
+            lambda after: self.store.events(job.id, after),
+            self._progress,
+            request.headers.get("last-event-id"),
+        )
+        return EventStreamResponse(follow.stream(self._readers))
+
+    def _progress(self, job: Job) -> dict[str, Any]:
+        return progress_of(job, self.places, self.previews, self.route)
 
     async def get(self, request: Request) -> Response:
         job = await self._job(request)
@@ -248,6 +315,41 @@ class JobRoutes:
         return Job(job_id, COMPLETED, created, created, created)
 
 
+class EventStreamResponse:
+    """An ASGI response that sends `events` as text/event-stream and stops them when the client goes away."""
+
+    def __init__(self, events: AsyncIterator[bytes]):
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics.EVENT_STREAMS.inc()
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def until_gone() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(until_gone)
+                await send({
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", f"{EVENTS_TYPE}; charset=utf-8".encode()),
+                        (b"cache-control", b"no-store"),
+                        # Proxies such as nginx would hold the events back in their buffers.
+                        (b"x-accel-buffering", b"no"),
+                    ],
+                })
+                async for chunk in self.events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                group.cancel_scope.cancel()
+        finally:
+            metrics.EVENT_STREAMS.dec()
+
+
 def no_such_task(job_id: str) -> tuple[int, str]:
     """The status and message for a task id that names no job: 400 when it is no id at all."""
     if not ID.fullmatch(job_id):
@@ -264,6 +366,16 @@ def _task_id(request: Request) -> str | Response:
 
 def _unknown(job_id: str) -> JSONResponse:
     return error_response(*no_such_task(job_id))
+
+
+def _idempotency(
+    request: Request, key: str, image: bytes, controls: dict[str, Any], hook: Webhook | None
+) -> Idempotency:
+    """The key scoped to the request's token, and a digest of what it asks for."""
+    token = hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
+    asked = hashlib.sha256(image)
+    asked.update(json.dumps([controls, hook and [hook.url, hook.events]], sort_keys=True).encode())
+    return Idempotency(f"{token}:{key}", asked.hexdigest())
 
 
 def _decoded(value: Any) -> Any:

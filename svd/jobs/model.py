@@ -48,6 +48,8 @@ RETENTION_SECONDS = 24 * 3600
 # finished jobs go, least recently submitted first, and /retry of those jobs answers 404.
 # Unfinished jobs' images always stay: the queue's bound bounds them.
 INPUT_KEEP_BYTES = 500 * 1000**2
+# An Idempotency-Key answers its job this long after its submit.
+IDEMPOTENCY_SECONDS = 24 * 3600
 # The progress of a job that waits, as the stores keep it.
 QUEUED = json.dumps(asdict(Progress()))
 
@@ -76,6 +78,14 @@ class QueueDepth:
     waiting: int
     running: int
     oldest_waiting_seconds: float
+
+
+class KeyReused(Exception):
+    """Submit refused: the Idempotency-Key was already used, for `job_id`, with another request."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
 
 
 class UnknownJob(KeyError):
@@ -108,6 +118,34 @@ class Job:
             "attempt": self.attempt,
             "error": self.error,
         }
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A submit's Idempotency-Key, scoped to its token (`key`), and a digest of its request
+    (`request`): the same key and request answer the job first submitted, for IDEMPOTENCY_SECONDS."""
+
+    key: str
+    request: str
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """A job waiting or running, as the queue's position and ETA need it."""
+
+    id: str
+    status: JobStatus
+    started: float | None
+    controls: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """This service's measured speed: seconds per job of each size it has run (svd/jobs/eta.py's
+    size_of), and seconds per unit of work for sizes it has not."""
+
+    by_size: dict[str, float]
+    per_work: float | None
 
 
 @dataclass(frozen=True)

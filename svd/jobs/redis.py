@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -34,18 +35,25 @@ from redis.retry import Retry
 
 from svd.base.ids import new_id
 from svd.base.progress import Progress
+from svd.jobs.eta import NEW_RUN_WEIGHT
 from svd.jobs.model import (
+    IDEMPOTENCY_SECONDS,
+    IN_PROGRESS,
     INPUT_KEEP_BYTES,
     PENDING,
     QUEUED,
     RETENTION_SECONDS,
     Claim,
     Delivery,
+    Idempotency,
     Job,
     JobStatus,
+    KeyReused,
     QueueDepth,
     QueueFull,
+    Speeds,
     StoreUnavailable,
+    Unfinished,
     UnknownJob,
     Webhook,
     image_hash,
@@ -65,6 +73,9 @@ IMAGE = "svd:image:"  # + hash: the image's bytes
 IMAGE_BYTES = "svd:image-bytes"  # the bytes of the images kept
 SERVING_RUN_ID = "svd:serving-run-id"  # the run id of the Redis process that serves the queue
 SERVING_SINCE = "svd:serving-since"  # since when it does, in its clock's milliseconds
+EVENTS = ":events"  # after a job's key: the stream of its changes
+IDEMPOTENCY = "svd:idempotency:"  # + the scoped Idempotency-Key: its request and job
+SPEEDS = "svd:speeds"  # size -> seconds per job (svd/jobs/eta.py); '' -> seconds per unit of work
 DELIVERIES = "svd:deliveries"  # delivery id -> when it is due
 DELIVERY = "svd:delivery:"
 JOB_FIELDS = ("status", "created", "started", "finished", "attempt", "progress", "error", "error_status")
@@ -73,7 +84,26 @@ JOB_FIELDS = ("status", "created", "started", "finished", "attempt", "progress",
 FORGET_WORKERS_MS = 24 * 3600 * 1000
 
 # Every script first makes sure the group exists: Redis restarted without persistence has none.
-ENSURE_GROUP = "redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')\n"
+# It also defines log(), which records a job's change in the stream of its events, and
+# forget(), which lets a finished job's record and events expire together.
+ENSURE_GROUP = """redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+local function log(job)
+  local names = {'status', 'created', 'started', 'finished', 'attempt', 'progress', 'error', 'error_status'}
+  local values = redis.call('HMGET', job, unpack(names))
+  local fields = {}
+  for i, name in ipairs(names) do
+    if values[i] then
+      table.insert(fields, name)
+      table.insert(fields, values[i])
+    end
+  end
+  redis.call('XADD', job .. ':events', 'MAXLEN', '~', 10000, '*', unpack(fields))
+end
+local function forget(job, seconds)
+  redis.call('EXPIRE', job, seconds)
+  redis.call('EXPIRE', job .. ':events', seconds)
+end
+"""
 
 # Keeps a delivery of `body` to the job's webhook when it wants `event` (its end, always). Every
 # script that ends a job calls it, so a job's end event is kept in the step that ends it.
@@ -98,9 +128,16 @@ end
 """
 
 SUBMIT = ENSURE_GROUP + """
--- KEYS: stream, waiting, running, job, last-seconds, images, image bytes
+-- KEYS: stream, waiting, running, job, last-seconds, images, image bytes, idempotency key
 -- ARGV: group, per_worker, lease_ms, forget_ms, id, created, image, image_name, controls, progress, webhook, events,
---       image hash, image key prefix, input_keep, retention, job key prefix
+--       image hash, image key prefix, input_keep, retention, job key prefix, request ('' without a key), key seconds
+-- Returns {} when queued, {unfinished, limit, last seconds} when full, {0, id} for the key's job, {-1, id} when
+-- the key was used with another request.
+if ARGV[18] ~= '' then
+  local request, first = unpack(redis.call('HMGET', KEYS[8], 'request', 'job'))
+  if request and request ~= ARGV[18] then return {-1, first} end
+  if request and redis.call('EXISTS', ARGV[17] .. first) == 1 then return {0, first} end
+end
 local live = 0
 for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local consumer = {}
@@ -126,6 +163,11 @@ redis.call('HSET', KEYS[4], 'status', 'pending', 'created', ARGV[6], 'attempt', 
   'image_name', ARGV[8], 'controls', ARGV[9], 'progress', ARGV[10], 'webhook', ARGV[11], 'webhook_events', ARGV[12])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[5])
+log(KEYS[4])
+if ARGV[18] ~= '' then
+  redis.call('HSET', KEYS[8], 'request', ARGV[18], 'job', ARGV[5])
+  redis.call('EXPIRE', KEYS[8], ARGV[19])
+end
 -- Images beyond input_keep, or last submitted longer ago than a finished job's record lives,
 -- go, least recently submitted first; never one an unfinished job needs.
 local kept, stale = tonumber(redis.call('GET', KEYS[7]) or 0), tonumber(ARGV[6]) - tonumber(ARGV[16])
@@ -200,7 +242,8 @@ while true do
       .. 'machine restarted); it is not tried again'
     redis.call('HSET', job, 'status', 'failed', 'finished', ARGV[5], 'error', error, 'error_status', 500)
     redis.call('ZREM', KEYS[3], id)
-    redis.call('EXPIRE', job, ARGV[6])
+    log(job)
+    forget(job, ARGV[6])
     done(entry)
     table.insert(failed, {id, attempt, worker or '', started or ARGV[5], error})
     keep(job, id, 'completed', ended(id, 'failed', error, attempt, ARGV[11]), ARGV[9] .. '-' .. #failed, ARGV[5],
@@ -210,6 +253,7 @@ while true do
       'started', ARGV[5], 'entry', entry, 'progress', ARGV[8])
     redis.call('ZREM', KEYS[2], id)
     redis.call('ZADD', KEYS[3], ARGV[5], id)
+    log(job)
     keep(job, id, 'start', event('task.start', {task_id = id, status = 'in_progress', attempt = attempt + 1}, ARGV[11]),
       ARGV[9], ARGV[5], KEYS[4], ARGV[10])
     local image, digest, image_name, controls = unpack(
@@ -234,7 +278,10 @@ RENEW = ENSURE_GROUP + HELD + """
 -- KEYS: stream, job; ARGV: group, attempt[, progress]
 -- Claiming its own entry again resets the entry's idle time: the lease starts anew.
 redis.call('XCLAIM', KEYS[1], ARGV[1], worker, 0, entry, 'JUSTID')
-if ARGV[3] then redis.call('HSET', KEYS[2], 'progress', ARGV[3]) end
+if ARGV[3] then
+  redis.call('HSET', KEYS[2], 'progress', ARGV[3])
+  log(KEYS[2])
+end
 return 1
 """
 
@@ -246,7 +293,8 @@ if ARGV[7] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[7], 'error_statu
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('XACK', KEYS[1], ARGV[1], entry)
 redis.call('XDEL', KEYS[1], entry)
-redis.call('EXPIRE', KEYS[2], ARGV[6])
+log(KEYS[2])
+forget(KEYS[2], ARGV[6])
 if ARGV[4] == 'completed' then redis.call('SET', KEYS[4], tonumber(ARGV[5]) - tonumber(started)) end
 if ARGV[9] ~= '' then keep(KEYS[2], ARGV[3], 'completed', ARGV[9], ARGV[10], ARGV[5], KEYS[5], ARGV[11]) end
 return 1
@@ -267,7 +315,8 @@ if entry then
   redis.call('XACK', KEYS[1], ARGV[1], entry)
   redis.call('XDEL', KEYS[1], entry)
 end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+log(KEYS[2])
+forget(KEYS[2], ARGV[4])
 keep(KEYS[2], ARGV[2], 'completed', ended(ARGV[2], 'canceled', nil, attempt or 0, ARGV[7]), ARGV[5], ARGV[3], KEYS[5],
   ARGV[6])
 return 1
@@ -302,6 +351,17 @@ redis.call('HSET', KEYS[2], 'tries', ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 return 1
 """
+
+LEARN = """
+-- KEYS: speeds; ARGV: size, seconds, seconds per unit of work, weight of the new run (svd/jobs/eta.py's learned)
+for _, pair in ipairs({{ARGV[1], ARGV[2]}, {'', ARGV[3]}}) do
+  local old, new = redis.call('HGET', KEYS[1], pair[1]), tonumber(pair[2])
+  if old then new = tonumber(old) + tonumber(ARGV[4]) * (new - tonumber(old)) end
+  redis.call('HSET', KEYS[1], pair[1], string.format('%.17g', new))
+end
+"""
+# A stream entry's id, as a client may send it back in Last-Event-ID.
+ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 T = TypeVar("T")
 
@@ -341,18 +401,30 @@ class RedisJobs:
         options = self._redis.connection_pool.connection_kwargs
         # Never the password: this goes into errors and logs.
         self.where = options.get("path") or f"{options.get('host')}:{options.get('port')}/{options.get('db', 0)}"
-        self._submit, self._claim, self._renew, self._finish, self._cancel, self._keep, self._next, self._retry = (
+        (
+            self._submit,
+            self._claim,
+            self._renew,
+            self._finish,
+            self._cancel,
+            self._keep,
+            self._next,
+            self._retry,
+            self._learn,
+        ) = (
             self._redis.register_script(script)
-            for script in (SUBMIT, CLAIM, RENEW, FINISH, CANCEL, KEEP_DELIVERY, NEXT_DELIVERY, RETRY_DELIVERY)
+            for script in (SUBMIT, CLAIM, RENEW, FINISH, CANCEL, KEEP_DELIVERY, NEXT_DELIVERY, RETRY_DELIVERY, LEARN)
         )
 
     @_reaching
     def submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None,
+        idempotency: Idempotency | None = None,
     ) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
+        key = IDEMPOTENCY + (idempotency.key if idempotency else "")
         refused = self._submit(
-            keys=[STREAM, WAITING, RUNNING, JOB + job.id, LAST_SECONDS, IMAGES, IMAGE_BYTES],
+            keys=[STREAM, WAITING, RUNNING, JOB + job.id, LAST_SECONDS, IMAGES, IMAGE_BYTES, key],
             args=[
                 GROUP,
                 per_worker,
@@ -371,8 +443,15 @@ class RedisJobs:
                 self.input_keep,
                 RETENTION_SECONDS,
                 JOB,
+                idempotency.request if idempotency else "",
+                IDEMPOTENCY_SECONDS,
             ],
         )
+        if len(refused) == 2:
+            outcome, first = refused
+            if outcome == -1:
+                raise KeyReused(first.decode())
+            return self.get(first.decode()) or job
         if refused:
             unfinished, limit, last = refused
             raise QueueFull(unfinished, limit, float(last) if last else None)
@@ -448,22 +527,41 @@ class RedisJobs:
 
     @_reaching
     def get(self, job_id: str) -> Job | None:
-        status, created, started, finished, attempt, progress, error, error_status = self._redis.hmget(
-            JOB + job_id, JOB_FIELDS
-        )
-        if status is None:
-            return None
-        return Job(
-            job_id,
-            JobStatus(status.decode()),
-            float(created),
-            started and float(started),
-            finished and float(finished),
-            int(attempt or 0),
-            Progress(**json.loads(progress)) if progress else None,
-            error and error.decode(),
-            error_status and int(error_status),
-        )
+        return _job(job_id, self._redis.hmget(JOB + job_id, JOB_FIELDS))
+
+    @_reaching
+    def events(self, job_id: str, after: str | None = None) -> list[tuple[str, Job]]:
+        start = f"({after}" if after and ENTRY_ID.fullmatch(after) else "-"
+        entries = self._redis.xrange(JOB + job_id + EVENTS, start, "+")
+        return [
+            (entry.decode(), _job(job_id, [fields.get(name.encode()) for name in JOB_FIELDS]))
+            for entry, fields in entries
+        ]
+
+    @_reaching
+    def unfinished(self) -> list[Unfinished]:
+        with self._redis.pipeline(transaction=True) as pipe:
+            running, waiting = pipe.zrange(RUNNING, 0, -1).zrange(WAITING, 0, -1).execute()
+        ids = [job_id.decode() for job_id in running + waiting]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(JOB + job_id, ("status", "started", "controls"))
+            records = pipe.execute()
+        return [
+            Unfinished(job_id, JobStatus(status.decode()), started and float(started), json.loads(controls))
+            for job_id, (status, started, controls) in zip(ids, records, strict=True)
+            if status is not None and status.decode() in (PENDING, IN_PROGRESS)
+        ]
+
+    @_reaching
+    def learn(self, size: str, work: float, seconds: float) -> None:
+        self._learn(keys=[SPEEDS], args=[size, repr(seconds), repr(seconds / work), NEW_RUN_WEIGHT])
+
+    @_reaching
+    def speeds(self) -> Speeds:
+        known = {size.decode(): float(seconds) for size, seconds in self._redis.hgetall(SPEEDS).items()}
+        per_work = known.pop("", None)
+        return Speeds(known, per_work)
 
     @_reaching
     def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
@@ -511,3 +609,21 @@ class RedisJobs:
             return bool(self._redis.ping())
         except (redis.ConnectionError, redis.TimeoutError):
             return False
+
+
+def _job(job_id: str, values: list[bytes | None]) -> Job | None:
+    """A job from its hash's JOB_FIELDS, or from one of its events; None when it has none."""
+    status, created, started, finished, attempt, progress, error, error_status = values
+    if status is None:
+        return None
+    return Job(
+        job_id,
+        JobStatus(status.decode()),
+        float(created),
+        started and float(started),
+        finished and float(finished),
+        int(attempt or 0),
+        Progress(**json.loads(progress)) if progress else None,
+        error and error.decode(),
+        error_status and int(error_status),
+    )

@@ -31,6 +31,7 @@ from svd.base.progress import Progress, ProgressCallback
 from svd.core.generate import Stopped
 from svd.core.preview import Previewer
 from svd.jobs import events
+from svd.jobs.eta import size_of, work_of
 from svd.jobs.model import CANCELED, COMPLETED, FAILED, Claim, StoreUnavailable
 from svd.jobs.store import JobStore
 from svd.serving.engine import Engine
@@ -190,13 +191,11 @@ class JobRunner:
             logger.exception("SVD job %s failed on worker %d", claim.id, worker)
             self._fail(claim, f"the generation failed: {exc}", 500, start)
         else:
+            seconds = time.perf_counter() - start
             logger.info(
-                "SVD job %s completed on worker %d, attempt %d, in %.1f s",
-                claim.id,
-                worker,
-                claim.attempt,
-                time.perf_counter() - start,
+                "SVD job %s completed on worker %d, attempt %d, in %.1f s", claim.id, worker, claim.attempt, seconds
             )
+            self._learn(claim, seconds)
         finally:
             turn.give_back()
             ended.set()
@@ -261,6 +260,13 @@ class JobRunner:
         if self._unreachable.is_set():
             self._unreachable.clear()
             logger.info("SVD reaches the job store again")
+
+    def _learn(self, claim: Claim, seconds: float) -> None:
+        """Record the job's time for its size: what the queue's ETAs are estimated from."""
+        try:
+            self.store.learn(size_of(claim.controls), work_of(claim.controls), seconds)
+        except Exception as exc:
+            logger.warning("SVD job %s: its time could not be recorded for the ETAs: %s", claim.id, exc)
 
     def _fail(self, claim: Claim, error: str, status: int, start: float) -> None:
         ended = events.ended_body(claim.id, FAILED, error, claim.attempt)

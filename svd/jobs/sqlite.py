@@ -21,11 +21,13 @@ from typing import Any
 
 from svd.base.ids import new_id
 from svd.base.progress import Progress
+from svd.jobs.eta import learned
 from svd.jobs.events import END, START, ended_body, started_body, wants
 from svd.jobs.model import (
     CANCELED,
     COMPLETED,
     FAILED,
+    IDEMPOTENCY_SECONDS,
     IN_PROGRESS,
     INPUT_KEEP_BYTES,
     PENDING,
@@ -33,10 +35,14 @@ from svd.jobs.model import (
     RETENTION_SECONDS,
     Claim,
     Delivery,
+    Idempotency,
     Job,
     JobStatus,
+    KeyReused,
     QueueDepth,
     QueueFull,
+    Speeds,
+    Unfinished,
     UnknownJob,
     Webhook,
     image_hash,
@@ -78,6 +84,31 @@ CREATE TABLE IF NOT EXISTS images (
     size INTEGER NOT NULL,
     used REAL NOT NULL
 );
+-- Every change of a job's status or progress, for its event stream.
+CREATE TABLE IF NOT EXISTS job_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    attempt INTEGER NOT NULL,
+    progress TEXT,
+    error TEXT,
+    error_status INTEGER
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (id, seq);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created REAL NOT NULL
+);
+-- Seconds per job of each size run (svd/jobs/eta.py); the size '' holds seconds per unit of work.
+CREATE TABLE IF NOT EXISTS speeds (
+    size TEXT PRIMARY KEY,
+    seconds REAL NOT NULL
+);
 """
 # Columns added since the first release, added to a file made before them.
 ADDED_COLUMNS = {"webhook": "TEXT", "webhook_events": "TEXT", "image_hash": "TEXT"}
@@ -89,7 +120,8 @@ JOB_COLUMNS = "id, status, created, started, finished, attempt, progress, error,
 LAPSED = f"status = '{IN_PROGRESS}' AND lease_until < :now"
 # Only the worker holding the current attempt may act for a job.
 HELD = f"id = :id AND attempt = :attempt AND status = '{IN_PROGRESS}'"
-# Where a job is until it reports: waiting its turn.
+# Records a job's change in its event stream.
+LOG = f"INSERT INTO job_events ({JOB_COLUMNS}) SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
 
 
 class SQLiteJobs:
@@ -139,11 +171,27 @@ class SQLiteJobs:
             return self._db.execute(sql, values).rowcount > 0
 
     def submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None,
+        idempotency: Idempotency | None = None,
     ) -> Job:
         job = Job(new_id(), PENDING, time.time(), progress=Progress())
         limit = per_worker * self.workers
         with self._transaction() as db:
+            if idempotency is not None:
+                db.execute("DELETE FROM idempotency_keys WHERE created < ?", (job.created - IDEMPOTENCY_SECONDS,))
+                used = db.execute(
+                    "SELECT request, job_id FROM idempotency_keys WHERE key = ?", (idempotency.key,)
+                ).fetchone()
+                if used is not None:
+                    if used[0] != idempotency.request:
+                        raise KeyReused(used[1])
+                    first = _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (used[1],)).fetchone())
+                    if first is not None:
+                        return first
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys (key, request, job_id, created) VALUES (?, ?, ?, ?)",
+                    (idempotency.key, idempotency.request, job.id, job.created),
+                )
             (unfinished,) = db.execute(
                 f"SELECT COUNT(*) FROM jobs WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
             ).fetchone()
@@ -173,6 +221,7 @@ class SQLiteJobs:
                 ),
             )
             self._drop_images(db)
+            db.execute(LOG, (job.id,))
         return job
 
     def _drop_images(self, db: sqlite3.Connection) -> None:
@@ -219,6 +268,7 @@ class SQLiteJobs:
                     now - started,
                     error,
                 )
+                db.execute(LOG, (job_id,))
                 self._keep_delivery(db, job_id, END, ended_body(job_id, FAILED, error, attempt))
             row = db.execute(
                 f"SELECT id, attempt, {IMAGE}, image_name, controls FROM jobs WHERE status = '{PENDING}'"
@@ -241,6 +291,7 @@ class SQLiteJobs:
                 },
             )
             self._keep_delivery(db, job_id, START, started_body(job_id, attempt + 1))
+            db.execute(LOG, (job_id,))
         return Claim(job_id, attempt + 1, image, image_name, json.loads(controls))
 
     def renew(self, claim: Claim) -> bool:
@@ -250,10 +301,19 @@ class SQLiteJobs:
         )
 
     def report(self, claim: Claim, progress: Progress) -> bool:
-        return self._update(
-            f"UPDATE jobs SET progress = :progress, lease_until = :until WHERE {HELD}",
-            progress=json.dumps(asdict(progress)), until=time.time() + self.lease, id=claim.id, attempt=claim.attempt,
-        )
+        with self._transaction() as db:
+            held = db.execute(
+                f"UPDATE jobs SET progress = :progress, lease_until = :until WHERE {HELD}",
+                {
+                    "progress": json.dumps(asdict(progress)),
+                    "until": time.time() + self.lease,
+                    "id": claim.id,
+                    "attempt": claim.attempt,
+                },
+            ).rowcount > 0
+            if held:
+                db.execute(LOG, (claim.id,))
+        return held
 
     def finish(
         self,
@@ -277,10 +337,16 @@ class SQLiteJobs:
                     "attempt": claim.attempt,
                 },
             )
-            if updated.rowcount == 1 and ended is not None:
-                self._keep_delivery(db, claim.id, END, ended)
+            if updated.rowcount == 1:
+                db.execute(LOG, (claim.id,))
+                if ended is not None:
+                    self._keep_delivery(db, claim.id, END, ended)
             db.execute(
                 f"DELETE FROM jobs WHERE status IN ('{COMPLETED}', '{FAILED}', '{CANCELED}') AND finished < ?",
+                (now - RETENTION_SECONDS,),
+            )
+            db.execute(
+                "DELETE FROM job_events WHERE created < ? AND id NOT IN (SELECT id FROM jobs)",
                 (now - RETENTION_SECONDS,),
             )
         return updated.rowcount == 1
@@ -296,6 +362,7 @@ class SQLiteJobs:
                 f"UPDATE jobs SET status = '{CANCELED}', finished = ?, lease_until = NULL WHERE id = ?",
                 (time.time(), job_id),
             )
+            db.execute(LOG, (job_id,))
             self._keep_delivery(db, job_id, END, ended_body(job_id, CANCELED, None, job.attempt))
             return _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
@@ -313,6 +380,40 @@ class SQLiteJobs:
             f" WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
         )
         return QueueDepth(waiting, running, 0.0 if oldest is None else max(0.0, time.time() - oldest))
+
+    def events(self, job_id: str, after: str | None = None) -> list[tuple[str, Job]]:
+        seen = int(after) if after and after.isdigit() else 0
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT seq, {JOB_COLUMNS} FROM job_events WHERE id = ? AND seq > ? ORDER BY seq", (job_id, seen)
+            ).fetchall()
+        return [(str(seq), _job(row)) for seq, *row in rows]
+
+    def unfinished(self) -> list[Unfinished]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, status, started, controls FROM jobs WHERE status IN ('{IN_PROGRESS}', '{PENDING}')"
+                f" ORDER BY status = '{PENDING}', started, seq"
+            ).fetchall()
+        return [
+            Unfinished(job_id, JobStatus(status), started, json.loads(data))
+            for job_id, status, started, data in rows
+        ]
+
+    def learn(self, size: str, work: float, seconds: float) -> None:
+        with self._transaction() as db:
+            for key, value in ((size, seconds), ("", seconds / work)):
+                old = db.execute("SELECT seconds FROM speeds WHERE size = ?", (key,)).fetchone()
+                db.execute(
+                    "INSERT OR REPLACE INTO speeds (size, seconds) VALUES (?, ?)",
+                    (key, learned(old and old[0], value)),
+                )
+
+    def speeds(self) -> Speeds:
+        with self._lock:
+            known = dict(self._db.execute("SELECT size, seconds FROM speeds").fetchall())
+        per_work = known.pop("", None)
+        return Speeds(known, per_work)
 
     def reachable(self) -> bool:
         return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from svd.base.progress import Progress
-from svd.jobs.model import Claim, Delivery, Job, QueueDepth, Webhook
+from svd.jobs.model import Claim, Delivery, Idempotency, Job, QueueDepth, Speeds, Unfinished, Webhook
 
 
 class JobStore(Protocol):
@@ -27,10 +27,12 @@ class JobStore(Protocol):
     """
 
     def submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None
+        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None,
+        idempotency: Idempotency | None = None,
     ) -> Job:
         """Queue a job, which calls `hook` back; QueueFull when `per_worker` jobs for each worker
-        taking jobs are already pending or in progress."""
+        taking jobs are already pending or in progress. With `idempotency`, a key already used
+        answers its job, queuing nothing, or raises KeyReused when its request was another."""
         ...
 
     def claim(self, worker: str) -> Claim | None:
@@ -71,6 +73,22 @@ class JobStore(Protocol):
         ...
 
     def depth(self) -> QueueDepth:
+        ...
+
+    def events(self, job_id: str, after: str | None = None) -> list[tuple[str, Job]]:
+        """The job's recorded changes after the one with id `after` (all without), oldest first, each
+        with its id: every change of its status or progress, kept as long as the job."""
+        ...
+
+    def unfinished(self) -> list[Unfinished]:
+        """The jobs running, by when they started, then those waiting, in the order they are taken."""
+        ...
+
+    def learn(self, size: str, work: float, seconds: float) -> None:
+        """Record that a job of `size` and `work` (svd/jobs/eta.py) took `seconds` to run."""
+        ...
+
+    def speeds(self) -> Speeds:
         ...
 
     def notify(self, job_id: str, event: str, body: bytes) -> bool:

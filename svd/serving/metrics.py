@@ -56,3 +56,8 @@ OLDEST_WAITING_SECONDS = bentoml.metrics.Gauge(
     documentation="Seconds the oldest waiting job has waited; 0 when none waits.",
     multiprocess_mode="mostrecent",
 )
+EVENT_STREAMS = bentoml.metrics.Gauge(
+    name="svd_event_streams",
+    documentation="Clients following a job's events (ROUTE/events) now.",
+    multiprocess_mode="livesum",
+)

@@ -1,9 +1,10 @@
 // The web page at /ui: pick an image, set a few knobs, watch the progress, get the video.
 //
 // It builds its form from controls.json (the service's own fields) and calls the service's API
-// on the same origin: POST /generate_task/submit, then /progress and /generate_task/status until
-// the task ends, showing the live preview /progress points to, then /generate_task/get for the
-// video and its X-Seed and X-Settings. Cancel sends PUT /generate_task/cancel, which stops the
+// on the same origin: POST /generate_task/submit, then follows the task's event stream
+// (/generate_task/events, or /progress and /generate_task/status when the stream is refused) until
+// the task ends, showing the live preview, its place in the queue and its ETA, then
+// /generate_task/get for the video and its X-Seed and X-Settings. Cancel sends PUT /generate_task/cancel, which stops the
 // job on the GPU at its next step.
 // A token given as `?token=` or under Advanced is sent as `Authorization: Bearer`.
 "use strict";
@@ -195,13 +196,27 @@ const STAGES = {
 };
 const IN_SEGMENT = new Set(["encode", "denoise", "decode"]);
 
-function showProgress(stage, step, steps, started, segment = 1, segments = 1) {
+// Where the job is in the queue and when its video will be ready: "3rd in line, about 2 min".
+function ordinal(n) {
+  const ends = ["th", "st", "nd", "rd"], last = n % 100;
+  return n + (ends[(last - 20) % 10] || ends[last] || ends[0]);
+}
+function placeText(p) {
+  const parts = [];
+  if (p.queue_position != null) parts.push(`${ordinal(p.queue_position + 1)} in line`);
+  if (p.eta_seconds != null) {
+    parts.push(p.eta_seconds < 60 ? `about ${Math.max(1, Math.round(p.eta_seconds))} s` : `about ${Math.round(p.eta_seconds / 60)} min`);
+  }
+  return parts.length ? " — " + parts.join(", ") : "";
+}
+
+function showProgress(stage, step, steps, started, segment = 1, segments = 1, place = "") {
   const [words, span] = STAGES[stage] || [stage, null];
   const counted = (stage === "denoise" || stage === "decode") && steps > 0;
   const elapsed = Math.round((performance.now() - started) / 1000);
   const part = segments > 1 && IN_SEGMENT.has(stage) ? `Segment ${segment} of ${segments}: ` : "";
   $("progress-text").textContent = part + (counted ? `${words} ${step} of ${steps}` : words + (stage === "done" ? "" : "…")) +
-    ` (${elapsed} s)`;
+    place + ` (${elapsed} s)`;
   $("progress-text").dataset.stage = stage;
   const bar = $("progress");
   if (!span) { if (stage !== "interpolate" && stage !== "video") bar.removeAttribute("value"); return; }
@@ -234,7 +249,61 @@ function hideLivePreview() {
   livePath = liveUrl = null;
 }
 
+// One change of the task, from its stream or a poll: true once it has ended with a video or an error
+// (which /generate_task/get then says).
+async function showChange(p, started) {
+  if (p.status === "completed" || p.status === "failed") return true;
+  if (p.status === "canceled") throw new Problem("Cancelled: the service stopped the job and made no video.");
+  showProgress(p.stage, p.step, p.steps, started, p.segment, p.segments, placeText(p));
+  $("progress-text").dataset.via = p.via;
+  await showLivePreview(p.preview);
+  return false;
+}
+
+// Follows the task's server-sent events, picking up after the last one when the connection drops;
+// false when the stream is refused (a proxy, an older service), and the page polls instead.
+async function followEvents(taskId, started) {
+  let lastId = null, drops = 0;
+  for (;;) {
+    let response;
+    try {
+      const headers = lastId ? { "Last-Event-ID": lastId } : {};
+      response = await api("generate_task/events?task_id=" + encodeURIComponent(taskId), { headers });
+    } catch (err) {
+      if (++drops >= 10) throw new Problem("Lost contact with the service:", [err.message]);
+      await sleep(1000);
+      continue;
+    }
+    if (!response.ok || !response.body) return false;
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (_) {
+        break;  // dropped: reconnect below
+      }
+      if (chunk.done) break;
+      buffer += chunk.value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const lines = buffer.slice(0, end).split("\n");
+        buffer = buffer.slice(end + 2);
+        const data = lines.filter((line) => line.startsWith("data: ")).map((line) => line.slice(6)).join("\n");
+        if (!data) continue;  // a heartbeat
+        lastId = (lines.find((line) => line.startsWith("id: ")) || "id: ").slice(4) || lastId;
+        drops = 0;
+        if (await showChange({ ...JSON.parse(data), via: "events" }, started)) return true;
+      }
+    }
+    if (++drops >= 10) throw new Problem("Lost contact with the service: its event stream keeps closing.");
+    await sleep(1000);
+  }
+}
+
 async function waitForTask(taskId, started) {
+  if (await followEvents(taskId, started)) return;
   const query = "?task_id=" + encodeURIComponent(taskId);
   let misses = 0;
   for (;;) {
@@ -258,11 +327,7 @@ async function waitForTask(taskId, started) {
     if (!status.ok) throw await problem(status);
     const p = progress.ok ? await progress.json() : { stage: "unknown" };
     const { status: state } = await status.json();
-    if (state === "completed") return;
-    if (state === "failed") return;  // /generate_task/get says why
-    if (state === "canceled") throw new Problem("Cancelled: the service stopped the job and made no video.");
-    showProgress(p.stage, p.step, p.steps, started, p.segment, p.segments);
-    await showLivePreview(p.preview);
+    if (await showChange({ ...p, status: state, via: "polling" }, started)) return;
   }
 }
 
