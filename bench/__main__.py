@@ -18,8 +18,19 @@ from bench.report import Section, machine, table, write_json
 from harness import PHOTO, ROOT
 from svd.base.params import CONTROLS
 
-SECTIONS = ("encoding", "interpolation", "jobs", "preview", "replicas", "coldstart", "memory", "serving", "load")
-# The sections that share one server; replicas starts its own.
+SECTIONS = (
+    "encoding",
+    "interpolation",
+    "jobs",
+    "preview",
+    "replicas",
+    "roles",
+    "coldstart",
+    "memory",
+    "serving",
+    "load",
+)
+# The sections that share one server; replicas and roles start their own.
 SERVER_SECTIONS = ("coldstart", "memory", "serving", "load")
 # What --quick changes: enough to prove every section still runs, in well under a minute.
 QUICK = {
@@ -39,6 +50,7 @@ QUICK = {
     "preview_steps": 2,
     "replica_jobs": 2,
     "replica_steps": 1,
+    "role_runs": 1,
 }
 
 
@@ -80,6 +92,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     group = parser.add_argument_group("replicas (one and two `bentoml serve` replicas on one redis-server queue)")
     group.add_argument("--replica-jobs", type=int, default=8, help="jobs submitted at once, each way")
     group.add_argument("--replica-steps", type=int, default=20, help="denoising steps of each job")
+    group = parser.add_argument_group("roles (all against api + worker on one redis-server queue)")
+    group.add_argument("--role-runs", type=int, default=5, help="synchronous requests each way; the median counts")
     group = parser.add_argument_group("server")
     group.add_argument(
         "--torch-threads",
@@ -124,7 +138,7 @@ def _intervals(text: str) -> list[int]:
 
 def run_cpu(args: argparse.Namespace) -> list[Section]:
     # Here, not above: these need BentoML and a server, which `--gpu` runs without.
-    from bench import coldstart, encoding, interpolation, jobs, load, memory, preview, replicas, serving
+    from bench import coldstart, encoding, interpolation, jobs, load, memory, preview, replicas, roles, serving
     from bench.server import QUICK_REQUEST, REQUEST, started
 
     sections: list[Section] = []
@@ -155,6 +169,9 @@ def run_cpu(args: argparse.Namespace) -> list[Section]:
         start = time.perf_counter()
         replica_request = {**request, "num_inference_steps": args.replica_steps}
         done(replicas.run(replica_request, args.replica_jobs, args.torch_threads), start)
+    if "roles" in args.sections:
+        start = time.perf_counter()
+        done(roles.run(request, args.role_runs, args.torch_threads), start)
     if not set(args.sections) & set(SERVER_SECTIONS):
         return sections
     start = time.perf_counter()

@@ -87,10 +87,12 @@ local unfinished = redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
 if unfinished >= limit then
   return {unfinished, limit, redis.call('GET', KEYS[5]) or ''}
 end
+-- The entry is named in the job from the start, so a cancel removes it even before any worker reads it.
+local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[5])
 redis.call('HSET', KEYS[4], 'status', 'pending', 'created', ARGV[6], 'attempt', 0, 'image', ARGV[7],
-  'image_name', ARGV[8], 'controls', ARGV[9], 'progress', ARGV[10], 'webhook', ARGV[11], 'webhook_events', ARGV[12])
+  'image_name', ARGV[8], 'controls', ARGV[9], 'progress', ARGV[10], 'webhook', ARGV[11], 'webhook_events', ARGV[12],
+  'entry', entry)
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
-redis.call('XADD', KEYS[1], '*', 'id', ARGV[5])
 return {}
 """
 
@@ -181,7 +183,8 @@ if status ~= 'pending' and status ~= 'in_progress' then return 0 end
 redis.call('HSET', KEYS[2], 'status', 'canceled', 'finished', ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('ZREM', KEYS[4], ARGV[2])
--- A running job's entry leaves the group now; a waiting one's is dropped by the claim that reaches it.
+-- Its entry leaves the stream now, waiting or running: the stream's length is the jobs waiting or
+-- running, which the worker autoscaler reads (deploy/keda.yaml), and a cancelled job wakes no GPU.
 if entry then
   redis.call('XACK', KEYS[1], ARGV[1], entry)
   redis.call('XDEL', KEYS[1], entry)
