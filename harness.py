@@ -371,3 +371,57 @@ def s3_server() -> Iterator[S3]:
         yield server
     finally:
         server.stop()
+
+
+def require_redis_server() -> None:
+    """For a test module that needs Redis: skip it where redis-server is missing, fail in CI, where
+    scripts/test.sh installs it."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("redis-server") is not None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(
+            "no redis-server on PATH: scripts/test.sh installs it (apt-get install redis-server)", pytrace=False
+        )
+    pytest.skip(
+        "no redis-server on PATH (apt-get install redis-server, or run scripts/test.sh)", allow_module_level=True
+    )
+
+
+def submit_job(server: Server, **data: str | int) -> str:
+    """A job of the rocket photo at SMALL (with `data` over it), submitted; its task id."""
+    import httpx
+
+    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
+    response = httpx.post(f"{server.url}/generate_task/submit", files=files, data={**SMALL, **data}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["task_id"]
+
+
+def job_status(server: Server, task_id: str) -> dict:
+    import httpx
+
+    response = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def job_video(server: Server, task_id: str, path: Path, frames: int = SMALL["num_frames"]) -> None:
+    """The job's video from /generate_task/get, written to `path` and decoded: `frames` frames."""
+    import httpx
+
+    response = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task_id}, timeout=60)
+    assert response.status_code == 200, response.text
+    path.write_bytes(response.content)
+    assert len(decode_video(path).frames) == frames
+
+
+def metric(server: Server, name: str) -> float:
+    """A gauge's value on the server's /metrics."""
+    import httpx
+
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))

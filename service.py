@@ -24,15 +24,16 @@ from svd.base.ids import ID, new_id
 from svd.base.params import GenerationParams
 from svd.base.settings import ConfigError, Settings
 from svd.http.answers import answer
-from svd.http.auth import OPEN_PATHS, BearerAuth
+from svd.http.middleware.auth import OPEN_PATHS, BearerAuth
+from svd.http.middleware.published_schema import PublishedSchema
+from svd.http.middleware.readable_refusals import ReadableRefusals
+from svd.http.middleware.served_by import ServedBy
+from svd.http.middleware.upload_guard import UploadGuard
+from svd.http.middleware.worker_only import WorkerOnly
 from svd.http.outputs_routes import library_app
 from svd.http.page import PUBLIC_FILES, ui_app
-from svd.http.published_schema import PublishedSchema
-from svd.http.readable_refusals import ReadableRefusals
 from svd.http.request_fields import JOB_ONLY, GenerateInput, JobInput
-from svd.http.served_by import ServedBy
 from svd.http.task_routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
-from svd.http.upload_guard import UploadGuard
 from svd.jobs.addresses import WebhookHosts
 from svd.jobs.following import QueuePlaces, progress_of
 from svd.jobs.model import StoreUnavailable
@@ -86,6 +87,8 @@ It needs an NVIDIA GPU with 16 GB of memory or more; a default video takes 30 s 
   413 and 415 for the image, 429 and 503 with `Retry-After` when busy or loading, 504 past the
   time limit, 507 when the output disk or bucket is full.
 - `/livez` and `/readyz` are the probes: `/readyz` answers 200 once the model is loaded and warm.
+- Split deployments (SVD_ROLE): api replicas answer every route above without a GPU and queue the
+  work for GPU workers, which may scale to zero; `/generate` then waits for a worker.
 """
 
 
@@ -101,8 +104,8 @@ class DescribedService(bentoml.Service):
 @bentoml.service(
     description=DESCRIPTION,
     service_class=DescribedService,
-    # One worker per GPU (SVD_WORKERS), each with its own model and queue.
-    resources={"gpu": SETTINGS.workers, "gpu_type": "nvidia-l4"},
+    # One worker per GPU (SVD_WORKERS), each with its own model and queue; an api replica needs no GPU.
+    resources={"cpu": "1"} if SETTINGS.role == "api" else {"gpu": SETTINGS.workers, "gpu_type": "nvidia-l4"},
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
     # Enough threads that every admitted request reaches the engine, which
@@ -125,19 +128,21 @@ class StableDiffusionVideo:
             end_with_parent()
         quiet_library_noise()  # before the imports below, which already warn
 
-        from svd.jobs.runner import JobRunner
-        from svd.serving.engine import Engine
-
         settings = replace(SETTINGS, worker=bentoml.server_context.worker_index or 1)
         logger.info(JOB_OUTPUTS.describe())
-        # Loads and warms up in the background: /livez answers at once, /readyz once warm.
-        self.engine = Engine(settings, (lambda: self.hub_model) if self.hub_model else None)
         self.jobs = open_store(settings)
         self.places = QueuePlaces(lambda: self.jobs)
-        # Takes jobs from the store whenever this worker's GPU is free.
-        self.runner = JobRunner(self.engine, self.jobs, JOB_OUTPUTS, settings.job_lease)
-        self.runner.start()
-        self.deliverer = None
+        self.engine = self.runner = self.deliverer = None
+        # An api replica (SVD_ROLE=api) never imports torch: its requests wait in the queue for the GPU workers.
+        if settings.role != "api":
+            from svd.jobs.runner import JobRunner
+            from svd.serving.engine import Engine
+
+            # Loads and warms up in the background: /livez answers at once, /readyz once warm.
+            self.engine = Engine(settings, (lambda: self.hub_model) if self.hub_model else None)
+            # Takes jobs from the store whenever this worker's GPU is free.
+            self.runner = JobRunner(self.engine, self.jobs, JOB_OUTPUTS, settings.job_lease)
+            self.runner.start()
         if WEBHOOK_HOSTS is not None:
             from svd.jobs.delivery import Deliverer
 
@@ -151,15 +156,16 @@ class StableDiffusionVideo:
         webhooks not yet sent wait in the store for the next worker."""
         if self.deliverer is not None:
             self.deliverer.stop()
-        self.runner.stop(self.engine.settings.timeout)
+        if self.runner is not None:
+            self.runner.stop(SETTINGS.timeout)
 
     def __is_ready__(self) -> bool:
         # Not ready while the job store (Redis) is unreachable: a load balancer then sends
         # submits to replicas that can queue them.
-        return self.engine.ready and self.jobs.reachable()
+        return (self.engine is None or self.engine.ready) and self.jobs.reachable()
 
     def __is_alive__(self) -> bool:
-        return self.engine.alive
+        return self.engine is None or self.engine.alive
 
     @bentoml.api(input_spec=GenerateInput)
     def generate(
@@ -227,6 +233,8 @@ if OUTPUTS:
 # reading any upload.
 StableDiffusionVideo.add_asgi_middleware(ServedBy, worker=lambda: bentoml.server_context.worker_index or 1)
 StableDiffusionVideo.add_asgi_middleware(ReadableRefusals)
+if SETTINGS.role == "worker":
+    StableDiffusionVideo.add_asgi_middleware(WorkerOnly)
 if SETTINGS.api_token:
     StableDiffusionVideo.add_asgi_middleware(
         BearerAuth,
@@ -257,6 +265,8 @@ StableDiffusionVideo.add_asgi_middleware(
     outputs=JOB_OUTPUTS,
     max_pixels=SETTINGS.max_pixels,
     webhook_hosts=WEBHOOK_HOSTS,
+    # Where no model runs, the synchronous route is a job that its request waits for.
+    queued=(StableDiffusionVideo.apis["generate"].route, GenerateInput) if SETTINGS.role == "api" else None,
 )
 
 StableDiffusionVideo.add_asgi_middleware(

@@ -25,13 +25,14 @@ SECTIONS = (
     "preview",
     "replicas",
     "bucket",
+    "roles",
     "coldstart",
     "memory",
     "serving",
     "load",
     "streams",
 )
-# The sections that share one server; replicas starts its own.
+# The sections that share one server; replicas, roles and bucket start their own.
 SERVER_SECTIONS = ("coldstart", "memory", "serving", "load", "streams")
 # What --quick changes: enough to prove every section still runs, in well under a minute.
 QUICK = {
@@ -53,6 +54,7 @@ QUICK = {
     "replica_steps": 1,
     "bucket_runs": 1,
     "streams": 5,
+    "role_runs": 1,
 }
 
 
@@ -96,6 +98,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     group = parser.add_argument_group("replicas (one and two `bentoml serve` replicas on one redis-server queue)")
     group.add_argument("--replica-jobs", type=int, default=8, help="jobs submitted at once, each way")
     group.add_argument("--replica-steps", type=int, default=20, help="denoising steps of each job")
+    group = parser.add_argument_group("roles (all against api + worker on one redis-server queue)")
+    group.add_argument("--role-runs", type=int, default=5, help="synchronous requests each way; the median counts")
     group = parser.add_argument_group("server")
     group.add_argument(
         "--torch-threads",
@@ -151,6 +155,7 @@ def run_cpu(args: argparse.Namespace) -> list[Section]:
         memory,
         preview,
         replicas,
+        roles,
         serving,
         streams,
     )
@@ -187,6 +192,9 @@ def run_cpu(args: argparse.Namespace) -> list[Section]:
     if "bucket" in args.sections:
         start = time.perf_counter()
         done(bucket.run(args.photo, args.bucket_runs), start)
+    if "roles" in args.sections:
+        start = time.perf_counter()
+        done(roles.run(request, args.role_runs, args.torch_threads), start)
     if not set(args.sections) & set(SERVER_SECTIONS):
         return sections
     start = time.perf_counter()

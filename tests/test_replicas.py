@@ -9,8 +9,6 @@ nothing; Redis stopped and started again loses nothing.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -20,19 +18,28 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import PHOTO, S3, SMALL, Redis, Server, _ready, decode_video, redis_server, s3_server, serve, wait_until
+from harness import (
+    PHOTO,
+    S3,
+    SMALL,
+    Redis,
+    Server,
+    _ready,
+    decode_video,
+    job_status,
+    job_video,
+    metric,
+    redis_server,
+    require_redis_server,
+    s3_server,
+    serve,
+    submit_job,
+    wait_until,
+)
 from svd.jobs.model import COMPLETED, IN_PROGRESS
 from svd.tools.client import follow
 
-# Found as scripts/test.sh finds it, which installs it where it is missing.
-if shutil.which("redis-server") is None:
-    if os.environ.get("CI"):
-        pytest.fail(
-            "no redis-server on PATH: scripts/test.sh installs it (apt-get install redis-server)", pytrace=False
-        )
-    pytest.skip(
-        "no redis-server on PATH (apt-get install redis-server, or run scripts/test.sh)", allow_module_level=True
-    )
+require_redis_server()
 
 # Long enough in denoising (seconds on two cores) to act while it runs.
 SLOW = {**SMALL, "num_inference_steps": 40}
@@ -63,19 +70,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(redis, replicas, s3, "replicas")
 
 
-def _submit(server: Server, **data) -> str:
-    files = {"image": ("rocket.jpg", PHOTO.read_bytes(), "image/jpeg")}
-    response = httpx.post(f"{server.url}/generate_task/submit", files=files, data={**SMALL, **data}, timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()["task_id"]
-
-
-def _status(server: Server, task_id: str) -> dict:
-    response = httpx.get(f"{server.url}/generate_task/status", params={"task_id": task_id}, timeout=30)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def _ran_on(cluster: Cluster, task_id: str) -> list[int]:
     """Which replicas' logs say they started the job, by index."""
     return [
@@ -83,28 +77,16 @@ def _ran_on(cluster: Cluster, task_id: str) -> list[int]:
     ]
 
 
-def _video(server: Server, task_id: str, path: Path) -> None:
-    response = httpx.get(f"{server.url}/generate_task/get", params={"task_id": task_id}, timeout=60)
-    assert response.status_code == 200, response.text
-    path.write_bytes(response.content)
-    assert len(decode_video(path).frames) == SMALL["num_frames"]
-
-
-def _metric(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
-
-
 def test_jobs_submitted_to_one_replica_run_on_both_and_either_answers_for_any(cluster: Cluster, tmp_path: Path):
     a, b = cluster.replicas
     # Two jobs long enough to watch, two short ones waiting behind them.
-    jobs = [_submit(a, seed=str(seed), **(SLOW if seed < 2 else {})) for seed in range(4)]
+    jobs = [submit_job(a, seed=str(seed), **(SLOW if seed < 2 else {})) for seed in range(4)]
     # Both GPUs take work at once, and the jobs waiting are counted on every replica.
     wait_until(lambda: all(_ran_on(cluster, job) for job in jobs[:2]), 30, 0.1, "two jobs started")
     assert {index for job in jobs[:2] for index in _ran_on(cluster, job)} == {0, 1}
-    assert _metric(a, "svd_jobs_running") == _metric(b, "svd_jobs_running") == 2
-    assert _metric(a, "svd_jobs_waiting") == _metric(b, "svd_jobs_waiting") == 2
-    assert _metric(b, "svd_jobs_oldest_waiting_seconds") > 0
+    assert metric(a, "svd_jobs_running") == metric(b, "svd_jobs_running") == 2
+    assert metric(a, "svd_jobs_waiting") == metric(b, "svd_jobs_waiting") == 2
+    assert metric(b, "svd_jobs_oldest_waiting_seconds") > 0
     # Progress and status from the replica the job was not submitted to, whichever runs it.
     progress = wait_until(
         lambda: (
@@ -133,14 +115,14 @@ def test_jobs_submitted_to_one_replica_run_on_both_and_either_answers_for_any(cl
     assert steps and steps == list(range(steps[0], SLOW["num_inference_steps"] + 1)), seen
     assert seen[-1]["status"] == COMPLETED and seen[-1]["output_path"] == f"/generate_task/get?task_id={jobs[0]}"
     for job in jobs:
-        wait_until(lambda: _status(b, job)["status"] == COMPLETED, 120, 0.2, "job completed")
-        assert _status(a, job)["status"] == COMPLETED
+        wait_until(lambda: job_status(b, job)["status"] == COMPLETED, 120, 0.2, "job completed")
+        assert job_status(a, job)["status"] == COMPLETED
     assert all(len(_ran_on(cluster, job)) == 1 for job in jobs), "each job ran once"
     assert {index for job in jobs for index in _ran_on(cluster, job)} == {0, 1}, "both replicas ran jobs"
     # Every video from either replica, and from the bucket through /outputs/, byte for byte as kept there.
     stored = cluster.s3.objects(cluster.bucket)
     for index, job in enumerate(jobs):
-        _video(cluster.replicas[index % 2], job, tmp_path / f"{job}.mp4")
+        job_video(cluster.replicas[index % 2], job, tmp_path / f"{job}.mp4")
         kept = httpx.get(f"{cluster.replicas[(index + 1) % 2].url}/outputs/{job}", timeout=30)
         assert kept.status_code == 200 and kept.content == (tmp_path / f"{job}.mp4").read_bytes()
         assert kept.content == stored[f"outputs/{job}.mp4"]
@@ -148,16 +130,16 @@ def test_jobs_submitted_to_one_replica_run_on_both_and_either_answers_for_any(cl
     log = a.log_text() + b.log_text()
     assert "SVD keeps videos in s3://replicas/outputs/" in log
     assert cluster.s3.secret not in log and cluster.s3.env["AWS_ACCESS_KEY_ID"] not in log, "no credentials logged"
-    assert _metric(a, "svd_jobs_waiting") == _metric(a, "svd_jobs_running") == 0
+    assert metric(a, "svd_jobs_waiting") == metric(a, "svd_jobs_running") == 0
     cancel = httpx.put(f"{b.url}/generate_task/cancel", params={"task_id": jobs[0]}, timeout=30)
     assert cancel.status_code == 409, "a job one replica finished is finished for the other"
 
 
 def test_redis_stopped_refuses_jobs_keeps_generating_and_loses_nothing(cluster: Cluster, tmp_path: Path):
     a, b = cluster.replicas
-    running = [_submit(a, seed=str(seed), **SLOW) for seed in range(2)]
-    waiting = _submit(b, seed="9")
-    wait_until(lambda: all(_status(a, job)["status"] == IN_PROGRESS for job in running), 30, 0.1, "both running")
+    running = [submit_job(a, seed=str(seed), **SLOW) for seed in range(2)]
+    waiting = submit_job(b, seed="9")
+    wait_until(lambda: all(job_status(a, job)["status"] == IN_PROGRESS for job in running), 30, 0.1, "both running")
     cluster.redis.stop()
 
     refused = httpx.post(
@@ -183,11 +165,11 @@ def test_redis_stopped_refuses_jobs_keeps_generating_and_loses_nothing(cluster: 
         lambda: all(httpx.get(f"{r.url}/readyz", timeout=30).status_code == 200 for r in (a, b)), 30, 0.2, "ready"
     )
     for job in [*running, waiting]:
-        wait_until(lambda: _status(a, job)["status"] == COMPLETED, 120, 0.2, "job completed after Redis came back")
+        wait_until(lambda: job_status(a, job)["status"] == COMPLETED, 120, 0.2, "job completed after Redis came back")
     # The jobs that ran through the outage ended on their first attempt: their videos were kept.
-    assert [_status(b, job)["attempt"] for job in running] == [1, 1]
+    assert [job_status(b, job)["attempt"] for job in running] == [1, 1]
     for job in [*running, waiting]:
-        _video(b, job, tmp_path / f"{job}.mp4")
+        job_video(b, job, tmp_path / f"{job}.mp4")
     log = a.log_text() + b.log_text()
     assert "SVD cannot reach the job store" in log and "SVD reaches the job store again" in log
     assert "Traceback" not in log
@@ -195,8 +177,8 @@ def test_redis_stopped_refuses_jobs_keeps_generating_and_loses_nothing(cluster: 
 
 def test_a_replica_killed_mid_job_leaves_its_job_to_the_other(cluster: Cluster, tmp_path: Path):
     a, b = cluster.replicas
-    job = _submit(a, **SLOW)
-    behind = _submit(a, seed="5")
+    job = submit_job(a, **SLOW)
+    behind = submit_job(a, seed="5")
     wait_until(lambda: _ran_on(cluster, job), 30, 0.1, "the job started")
     wait_until(
         lambda: httpx.post(f"{a.url}/progress", json={"task_id": job}, timeout=30).json()["step"] >= 2,
@@ -210,10 +192,12 @@ def test_a_replica_killed_mid_job_leaves_its_job_to_the_other(cluster: Cluster, 
     dead.process.wait(10)
     wait_until(lambda: not dead.workers(), 10, 0.1, "the dead replica's workers gone")
 
-    wait_until(lambda: _status(alive, job)["status"] == COMPLETED, 120, 0.2, "the job completed on the other replica")
-    assert _status(alive, job)["attempt"] == 2
+    wait_until(
+        lambda: job_status(alive, job)["status"] == COMPLETED, 120, 0.2, "the job completed on the other replica"
+    )
+    assert job_status(alive, job)["attempt"] == 2
     assert (
         f"SVD job {job} started on worker 1, attempt 2, retried after its worker stopped 1 time(s)" in alive.log_text()
     )
-    wait_until(lambda: _status(alive, behind)["status"] == COMPLETED, 120, 0.2, "the job behind completed")
-    _video(alive, job, tmp_path / "retried.mp4")
+    wait_until(lambda: job_status(alive, behind)["status"] == COMPLETED, 120, 0.2, "the job behind completed")
+    job_video(alive, job, tmp_path / "retried.mp4")

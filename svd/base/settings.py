@@ -19,6 +19,8 @@ BUILT_IN_MODEL_IDS = (TINY_MODEL_ID, "random-svd-xt", "random-svd")
 Device = Literal["auto", "cuda", "cpu"]
 Memory = Literal["full", "model_offload", "sequential_offload"]
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+# all: the whole service; api: requests only, no model; worker: the model and the queue, no public API.
+Role = Literal["all", "api", "worker"]
 
 
 class ConfigError(ValueError):
@@ -164,6 +166,7 @@ class Settings:
     webhook_secret: str = ""
     webhook_hosts: str = ""
     test_faults: str = ""
+    role: Role = "all"
     # Not from the environment: which of the workers this process is (from 1), set by the
     # service in each worker; it picks the worker's GPU.
     worker: int = 1
@@ -192,6 +195,13 @@ class Settings:
                 f"SVD_COMPILE cannot be combined with SVD_MEMORY={self.memory}: offloading moves "
                 "weights inside the compiled model on every call. Use SVD_MEMORY=full with "
                 "SVD_COMPILE, or turn SVD_COMPILE off to offload."
+            )
+        if self.role != "all" and not (self.queue_url and self.output_dir):
+            raise ConfigError(
+                f"SVD_ROLE={self.role} splits the service in two: api replicas take the requests and GPU workers "
+                "run the jobs, and they meet only in the shared queue and the shared videos. Set SVD_QUEUE_URL to "
+                "the Redis both use and SVD_OUTPUT_DIR to a folder every replica mounts, or leave SVD_ROLE unset "
+                "(all) to run the whole service in one process."
             )
         if self.queue_url and not self.output_dir:
             raise ConfigError(
@@ -232,4 +242,5 @@ class Settings:
             webhook_secret=_webhook_secret("SVD_WEBHOOK_SECRET"),
             webhook_hosts=os.environ.get("SVD_WEBHOOK_HOSTS", "").strip(),
             test_faults=os.environ.get("SVD_TEST_FAULTS", ""),
+            role=_choice("SVD_ROLE", "all", ("all", "api", "worker")),  # type: ignore[arg-type]
         )

@@ -6,7 +6,8 @@ empties its store at every start. This ASGI middleware answers ROUTE/submit,
 Swagger, `bentoml.SyncHTTPClient` and the web page work unchanged; the runners
 (svd/jobs/runner.py) do the work. It also serves ROUTE/preview, a running job's live
 preview (svd/storage/previews.py), and ROUTE/events, a job's changes as server-sent events
-(svd/jobs/following.py).
+(svd/jobs/following.py). On a replica that runs no model (SVD_ROLE=api) it answers the
+synchronous route too: queued as a job, answered with the job's video.
 
 A submit with an `Idempotency-Key` header is answered once per key and token: the same key
 and request again answer the job first queued, queuing nothing; the same key with another
@@ -67,6 +68,8 @@ Handler = Callable[["JobRoutes", Request], Awaitable[Response]]
 UNAVAILABLE_RETRY_AFTER = 5
 # What an Idempotency-Key may be: visible ASCII, as the IETF draft's examples (UUIDs and the like).
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+# How often a synchronous request queued as a job looks at its job, and at its client.
+QUEUED_POLL_SECONDS = 0.5
 
 
 class JobRoutes:
@@ -74,7 +77,8 @@ class JobRoutes:
 
     `fields` validates a submitted job as the route's API would; `per_worker` bounds the jobs
     waiting or running for each worker taking jobs; `outputs` is where jobs keep their videos;
-    `webhook_hosts` admits webhook URLs (None: the server sends no webhooks).
+    `webhook_hosts` admits webhook URLs (None: the server sends no webhooks). With `queued`, the
+    synchronous route it names, with its fields, is queued as a job and answered when the job ends.
     It also brings the queue's gauges up to date for each read of /metrics.
     """
 
@@ -88,6 +92,7 @@ class JobRoutes:
         outputs: Outputs,
         max_pixels: int,
         webhook_hosts: WebhookHosts | None = None,
+        queued: tuple[str, type[BaseModel]] | None = None,
     ):
         self.app = app
         self.open_store = open_store
@@ -110,6 +115,9 @@ class JobRoutes:
             ("GET", f"{route}/preview"): JobRoutes.preview,
             ("GET", f"{route}/events"): JobRoutes.events,
         }
+        self.queued_fields = queued[1] if queued else None
+        if queued:
+            self.routes[("POST", queued[0])] = JobRoutes.generate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = (scope.get("method", ""), scope.get("path", "")) if scope["type"] == "http" else None
@@ -156,8 +164,56 @@ class JobRoutes:
                 400, "`Idempotency-Key` must be 1 to 255 visible ASCII characters, such as a UUID; "
                 f"got {key[:80]!r}",
             )
+        read = await self._read_job(request, self.fields)
+        if isinstance(read, Response):
+            return read
+        image, image_name, controls, hook = read
+        once = None if key is None else _idempotency(request, key, image, controls, hook)
+        return _accepted(await self._queue(image, image_name, controls, hook, once))
+
+    async def generate(self, request: Request) -> Response:
+        """The synchronous route on a replica without the model: its job waits in the queue for a GPU
+        worker, and the answer is the job's video, as the route answers where the model runs. A client
+        that goes away, or a request past the time limit, cancels the job."""
+        assert self.queued_fields is not None
+        read = await self._read_job(request, self.queued_fields)
+        if isinstance(read, Response):
+            return read
+        job = await self._queue(*read)
+        if isinstance(job, Response):
+            return job
+        ended = None
         try:
-            form = await request.form(max_files=1, max_fields=len(self.fields.model_fields))
+            while ended is None:
+                found = await run_in_threadpool(self.store.get, job.id)
+                if found is not None and found.status in FINISHED:
+                    ended = found
+                elif await request.is_disconnected():
+                    break
+                else:
+                    await anyio.sleep(QUEUED_POLL_SECONDS)
+        finally:
+            if ended is None:
+                await self._drop(job.id)
+        return await self._answer(ended) if ended else error_response(499, "the client went away")
+
+    async def _drop(self, job_id: str) -> None:
+        """Cancel the job of a synchronous request that ended first: nobody is left to take its video."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await run_in_threadpool(self.store.cancel, job_id)
+            except StoreUnavailable as exc:
+                logger.warning("SVD job %s outlives its synchronous request, which ended: %s", job_id, exc)
+                return
+        logger.info("SVD job %s canceled: its synchronous request ended before the job", job_id)
+
+    async def _read_job(
+        self, request: Request, fields: type[BaseModel]
+    ) -> tuple[bytes, str, dict[str, Any], Webhook | None] | Response:
+        """The image, its name, its controls and its webhook from a job's form, or the refusal that says what was
+        wrong with it."""
+        try:
+            form = await request.form(max_files=1, max_fields=len(fields.model_fields))
         except Exception as exc:  # python-multipart and Starlette raise several kinds for a body that does not parse
             return error_response(
                 400, f"the body could not be read as multipart/form-data: {exc or type(exc).__name__}"
@@ -167,8 +223,8 @@ class JobRoutes:
             if not isinstance(upload, UploadFile):
                 return error_response(400, "`image` is required: upload the still image as a multipart file part.")
             values = {name: _decoded(value) for name, value in form.multi_items() if name != "image"}
-            controls = self.fields.model_validate({"image": "upload", **values}).model_dump(exclude={"image"})
-            webhook, events = controls.pop("webhook"), tuple(controls.pop("webhook_events_filter"))
+            controls = fields.model_validate({"image": "upload", **values}).model_dump(exclude={"image"})
+            webhook, events = controls.pop("webhook", None), tuple(controls.pop("webhook_events_filter", ()))
             GenerationParams(**controls).check()
             if webhook is not None:
                 if self.webhook_hosts is None:
@@ -187,18 +243,16 @@ class JobRoutes:
             return error_response(exc.status, str(exc))
         finally:
             await form.close()
-        hook = Webhook(webhook, events) if webhook else None
-        once = None if key is None else _idempotency(request, key, image, controls, hook)
-        return await self._submit(image, upload.filename or "image", controls, hook, once)
+        return image, upload.filename or "image", controls, Webhook(webhook, events) if webhook else None
 
-    async def _submit(
+    async def _queue(
         self,
         image: bytes,
         image_name: str,
         controls: dict[str, Any],
         hook: Webhook | None = None,
         once: Idempotency | None = None,
-    ) -> Response:
+    ) -> Job | Response:
         try:
             job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, hook, once)
         except KeyReused as reused:
@@ -218,7 +272,7 @@ class JobRoutes:
                 headers={"Retry-After": str(retry_after)},
             )
         logger.info("SVD job %s submitted", job.id)
-        return JSONResponse({"task_id": job.id, "status": job.status})
+        return job
 
     async def status(self, request: Request) -> Response:
         job = await self._job(request)
@@ -247,8 +301,10 @@ class JobRoutes:
 
     async def get(self, request: Request) -> Response:
         job = await self._job(request)
-        if isinstance(job, Response):
-            return job
+        return job if isinstance(job, Response) else await self._answer(job)
+
+    async def _answer(self, job: Job) -> Response:
+        """A job's video, or why there is none."""
         if job.status == COMPLETED:
             found = await run_in_threadpool(self.outputs.find_job, job.id, job.attempt)
             if found is None:
@@ -282,7 +338,7 @@ class JobRoutes:
         kept = await run_in_threadpool(self.store.input, job.id)
         if kept is None:
             return error_response(404, f"the input of task {job.id} is no longer kept; submit it again")
-        return await self._submit(*kept)
+        return _accepted(await self._queue(*kept))
 
     async def preview(self, request: Request) -> Response:
         """The latest preview of a running job (svd/storage/previews.py), from the storage every replica shares."""
@@ -362,6 +418,10 @@ def _task_id(request: Request) -> str | Response:
     if job_id is None:
         return error_response(400, "task_id is required: ?task_id=<the id /generate_task/submit answered>")
     return job_id if ID.fullmatch(job_id) else _unknown(job_id)
+
+
+def _accepted(job: Job | Response) -> Response:
+    return job if isinstance(job, Response) else JSONResponse({"task_id": job.id, "status": job.status})
 
 
 def _unknown(job_id: str) -> JSONResponse:

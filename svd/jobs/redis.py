@@ -159,10 +159,12 @@ if redis.call('EXISTS', ARGV[14] .. ARGV[13]) == 0 then
   redis.call('INCRBY', KEYS[7], #ARGV[7])
 end
 redis.call('ZADD', KEYS[6], ARGV[6], ARGV[13])
+-- The entry is named in the job from the start, so a cancel removes it even before any worker reads it.
+local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[5])
 redis.call('HSET', KEYS[4], 'status', 'pending', 'created', ARGV[6], 'attempt', 0, 'image_hash', ARGV[13],
-  'image_name', ARGV[8], 'controls', ARGV[9], 'progress', ARGV[10], 'webhook', ARGV[11], 'webhook_events', ARGV[12])
+  'image_name', ARGV[8], 'controls', ARGV[9], 'progress', ARGV[10], 'webhook', ARGV[11], 'webhook_events', ARGV[12],
+  'entry', entry)
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
-redis.call('XADD', KEYS[1], '*', 'id', ARGV[5])
 log(KEYS[4])
 if ARGV[18] ~= '' then
   redis.call('HSET', KEYS[8], 'request', ARGV[18], 'job', ARGV[5])
@@ -310,7 +312,8 @@ if status ~= 'pending' and status ~= 'in_progress' then return 0 end
 redis.call('HSET', KEYS[2], 'status', 'canceled', 'finished', ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('ZREM', KEYS[4], ARGV[2])
--- A running job's entry leaves the group now; a waiting one's is dropped by the claim that reaches it.
+-- Its entry leaves the stream now, waiting or running: the stream's length is the jobs waiting or
+-- running, which the worker autoscaler reads (deploy/keda.yaml), and a cancelled job wakes no GPU.
 if entry then
   redis.call('XACK', KEYS[1], ARGV[1], entry)
   redis.call('XDEL', KEYS[1], entry)

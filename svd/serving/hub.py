@@ -43,7 +43,8 @@ class HubModel(HuggingFaceModel):
 
 def hub_reference(settings: Settings) -> HubModel | None:
     """The hub model as a BentoML model, so a Bento pins its revision and bakes the weights in."""
-    if not settings.is_hub_model:
+    # An api replica (SVD_ROLE=api) runs no model, so BentoML downloads none before it starts.
+    if settings.role == "api" or not settings.is_hub_model:
         return None
     model = HubModel(settings.model_id, revision=settings.revision, include=FP16_FILES)
     if re.fullmatch(r"[0-9a-f]{40}", settings.revision):

@@ -8,7 +8,7 @@
 - Only the fields a route accepts: BentoML ignores the others, so a misspelt
   `motion_bucket=3` would cost minutes of GPU for a video made with the defaults.
 
-The token check is svd/http/auth.py.
+The token check is svd/http/middleware/auth.py.
 """
 
 from __future__ import annotations
