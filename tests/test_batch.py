@@ -21,6 +21,7 @@ from svd.media.video import VideoWriter
 from svd.tools import batch
 
 SMALL_OPTIONS = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL.items()]
+TINY_OPTIONS = ["--width=64", "--height=64", "--num-frames=4", "--num-inference-steps=2"]
 
 
 @pytest.fixture
@@ -273,25 +274,31 @@ def test_retries_are_bounded_and_leave_no_partial_file(one_image, tmp_path, mp4,
     assert capsys.readouterr().out.strip() == "0 ok, 0 skipped, 1 failed; failed: rocket.jpg"
 
 
-def test_a_failed_job_records_its_error_and_is_not_sent_again(one_image, tmp_path):
+@pytest.mark.parametrize(
+    ("end", "error"),
+    [
+        (ended("failed", error="ran out of GPU memory", error_status=422), "HTTP 422: ran out of GPU memory"),
+        (ended("canceled"), "the job was canceled"),
+    ],
+)
+def test_a_job_that_ends_without_a_video_records_why_and_is_not_sent_again(one_image, tmp_path, end, error):
     out = tmp_path / "out"
-    failed = ended("failed", error="ran out of GPU memory: lower width and height", error_status=422)
-    with stub_server({SUBMIT: [QUEUED], EVENTS: [failed]}) as stub:
+    with stub_server({SUBMIT: [QUEUED], EVENTS: [end]}) as stub:
         assert batch.main([str(one_image), str(out), "--url", stub.url]) == 1
     assert [route for route, _, _ in stub.requests] == [SUBMIT, EVENTS]
     [line] = manifest(out)
-    assert line["status"] == "failed"
-    assert line["error"] == f"HTTP 422: ran out of GPU memory: lower width and height (task {TASK_ID})"
+    assert line["status"] == "failed" and line["error"] == f"{error} (task {TASK_ID})"
     assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
 
 
-def test_a_submit_whose_answer_is_lost_is_retried_into_the_same_one_job(server, one_image, tmp_path):
+def test_a_submit_whose_answer_is_lost_is_retried_into_the_same_one_job(server, one_image, tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "BACKOFF_SECONDS", 0.01)
     logged_before = len(server.log_text())
     out = tmp_path / "out"
     # The service queues the first submit, but its answer never reaches the client.
     with stub_server({SUBMIT: ["lost"]}, upstream=server.url) as stub:
-        command = [str(one_image), str(out), "--url", stub.url, "--seed", "4", *SMALL_OPTIONS]
-        assert batch.main([*command, "--retries", "1"]) == 0
+        command = [str(one_image), str(out), "--url", stub.url, "--seed", "4", "--retries", "1", *TINY_OPTIONS]
+        assert batch.main(command) == 0
     # Both submits reached the service, which answered them one job, and ran it once.
     log = server.log_text()[logged_before:]
     submitted = re.findall(r"SVD job (\w+) submitted", log)
@@ -303,4 +310,4 @@ def test_a_submit_whose_answer_is_lost_is_retried_into_the_same_one_job(server, 
     [line] = manifest(out)
     assert line["status"] == "ok" and line["seed"] == 4
     video = decode_video(out / "rocket.mp4")
-    assert video.size == (256, 128) and len(video.frames) == 8
+    assert video.size == (64, 64) and len(video.frames) == 4

@@ -160,6 +160,12 @@ def wait(service: Service, task_id: str) -> dict[str, Any]:
     return ended
 
 
+def why_not(ended: dict[str, Any]) -> str:
+    """Why a job that ended made no video, as /progress says: its error and its HTTP status, or its status."""
+    why = ended.get("error") or f"the job was {ended['status']}"
+    return f"HTTP {ended['error_status']}: {why}" if ended.get("error_status") else why
+
+
 def download(client: httpx.Client, job: BatchItem, task_id: str) -> tuple[int | None, Any]:
     """The job's video, at job.output only once it has arrived whole; its seed and settings."""
     with client.stream("GET", f"{TASK_ROUTE}/get", params={"task_id": task_id}) as response:
@@ -196,8 +202,7 @@ def generate(service: Service, job: BatchItem, fields: dict[str, str], retries: 
             task_id = submit(service.client, job, fields, key)
             ended = wait(service, task_id)
             if ended["status"] != "completed":
-                why = ended.get("error") or f"the job was {ended['status']}"
-                return outcome("failed", error=f"HTTP {ended.get('error_status') or 500}: {why} (task {task_id})")
+                return outcome("failed", error=f"{why_not(ended)} (task {task_id})")
             seed, settings = download(service.client, job, task_id)
             return outcome("ok", seed=seed, settings=settings)
         except Rejected as exc:
