@@ -207,7 +207,7 @@ def generate(service: Service, job: BatchItem, fields: dict[str, str], retries: 
             return outcome("ok", seed=seed, settings=settings)
         except Rejected as exc:
             return outcome("failed", error=str(exc))
-        except TimeoutError:
+        except TimeoutError:  # follow()'s deadline; before OSError, which it is one of
             return outcome("failed", error=f"no video within {service.timeout} s; raise --timeout")
         except OSError as exc:
             # An unreadable image or a full disk fails this image, not the whole batch.
