@@ -11,21 +11,17 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from harness import ASSETS, PHOTO, SMALL, Server, decode_video, serve
+from harness import ASSETS, PHOTO, SMALL, decode_video
 from svd.media.video import VideoWriter
 from svd.tools import batch
 
 SMALL_OPTIONS = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL.items()]
-
-
-@pytest.fixture(scope="module")
-def batch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serve(tmp_path_factory.mktemp("batch-server")) as running:
-        yield running
+TINY_OPTIONS = ["--width=64", "--height=64", "--num-frames=4", "--num-inference-steps=2"]
 
 
 @pytest.fixture
@@ -51,11 +47,11 @@ def by_input(lines: list[dict]) -> dict[str, dict]:
     return {Path(line["input"]).name: line for line in lines}
 
 
-def test_a_folder_becomes_videos_and_a_rerun_resumes(batch_server, images, tmp_path, capsys):
+def test_a_folder_becomes_videos_and_a_rerun_resumes(server, images, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "done.mp4").write_bytes(b"made earlier")
-    command = [str(images), str(out), "--url", batch_server.url, "--concurrency", "2", "--seed", "7", *SMALL_OPTIONS]
+    command = [str(images), str(out), "--url", server.url, "--concurrency", "2", "--seed", "7", *SMALL_OPTIONS]
 
     assert batch.main(command) == 1
     assert capsys.readouterr().out.strip() == "2 ok, 1 skipped, 1 failed; failed: bad.jpg"
@@ -95,11 +91,11 @@ def test_a_folder_becomes_videos_and_a_rerun_resumes(batch_server, images, tmp_p
     assert len(manifest(out)) == 11
 
 
-def test_format_names_the_video(batch_server, images, tmp_path, capsys):
+def test_format_names_the_video(server, images, tmp_path, capsys):
     for name in ("rocket.jpg", "bad.jpg", "done.JPEG"):
         (images / name).unlink()
     out = tmp_path / "out"
-    assert batch.main([str(images), str(out), "--url", batch_server.url, "--format", "gif", *SMALL_OPTIONS]) == 0
+    assert batch.main([str(images), str(out), "--url", server.url, "--format", "gif", *SMALL_OPTIONS]) == 0
     video = decode_video(out / "astronaut.gif")
     assert video.size == (256, 128) and len(video.frames) == 8
     assert manifest(out)[0]["settings"]["format"] == "gif"
@@ -121,31 +117,63 @@ def test_two_images_with_one_name_do_not_overwrite_each_other(tmp_path, capsys):
     assert lines["rocket.png"]["error"] == "rocket.jpg already makes rocket.mp4"
 
 
-# A scripted stand-in for the service: each request gets the next answer, "drop" hangs up without one.
+# A scripted stand-in for the service: each request to a route gets the route's next answer; "drop"
+# hangs up without one. With `upstream`, the routes it has no answer for are passed on to that
+# service, and "lost" passes the request on but hangs up without its answer.
 @dataclass
 class Stub:
     url: str
-    requests: list[tuple[dict[str, str], bytes]]
+    requests: list[tuple[str, dict[str, str], bytes]]
+
+    def sent(self, route: str) -> list[tuple[dict[str, str], bytes]]:
+        return [(headers, body) for request, headers, body in self.requests if request == route]
+
+
+SUBMIT = "POST /generate_task/submit"
+EVENTS = "GET /generate_task/events"
+GET = "GET /generate_task/get"
+HOP_BY_HOP = {"connection", "content-length", "keep-alive", "transfer-encoding"}
 
 
 @contextmanager
-def stub_server(answers: list) -> Iterator[Stub]:
-    script = iter(answers)
-    requests: list[tuple[dict[str, str], bytes]] = []
+def stub_server(answers: dict[str, list], upstream: str | None = None) -> Iterator[Stub]:
+    scripts = {route: iter(script) for route, script in answers.items()}
+    requests: list[tuple[str, dict[str, str], bytes]] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            requests.append((dict(self.headers), body))
-            answer = next(script)
-            if answer == "drop":
-                return  # HTTP/1.0: the connection closes with no response at all
-            status, headers, content = answer
-            self.send_response(status)
-            for key, value in {"Content-Length": str(len(content)), **headers}.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(content)
+        def answer(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            route = f"{self.command} {self.path.partition('?')[0]}"
+            requests.append((route, dict(self.headers), body))
+            answer = next(scripts.get(route, iter(())), None)
+            if answer is None or answer == "lost":
+                assert upstream is not None, f"no answer scripted for {route}"
+                self.forward(body, send=answer is None)
+            elif answer != "drop":  # HTTP/1.0: a drop closes the connection with no response at all
+                status, headers, content = answer
+                self.send_response(status)
+                for key, value in {"Content-Length": str(len(content)), **headers}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(content)
+
+        def forward(self, body: bytes, send: bool) -> None:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in {"host", *HOP_BY_HOP}}
+            with httpx.stream(self.command, f"{upstream}{self.path}", headers=headers, content=body, timeout=60) as got:
+                if not send:
+                    got.read()  # answered, but the client never hears it
+                    return
+                self.send_response(got.status_code)
+                for key, value in got.headers.items():
+                    if key.lower() not in HOP_BY_HOP:
+                        self.send_header(key, value)
+                self.end_headers()
+                # Chunk by chunk, so that the event stream's events come as they are sent.
+                for chunk in got.iter_raw():
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+
+        do_GET = do_POST = answer
 
         def log_message(self, *args: object) -> None:
             pass
@@ -178,19 +206,34 @@ def one_image(tmp_path: Path) -> Path:
     return folder
 
 
+TASK_ID = "0123456789abcdef0123456789abcdef"
+QUEUED = (200, {"Content-Type": "application/json"}, json.dumps({"task_id": TASK_ID, "status": "in_queue"}).encode())
+
+
+def ended(status: str, **progress: object) -> tuple[int, dict[str, str], bytes]:
+    """An event stream whose one event is the job's end."""
+    event = json.dumps({"task_id": TASK_ID, "status": status, "error": None, "error_status": None, **progress})
+    return 200, {"Content-Type": "text/event-stream"}, f"id: 1\ndata: {event}\n\n".encode()
+
+
 def ok(mp4: bytes) -> tuple[int, dict[str, str], bytes]:
     settings = json.dumps({"width": 64, "height": 64, "num_frames": 3, "seed": 5})
     return 200, {"Content-Type": "video/mp4", "X-Seed": "5", "X-Settings": settings}, mp4
 
 
-def test_busy_answers_are_retried_after_retry_after(one_image, tmp_path, mp4, monkeypatch, capsys):
+def keys(stub: Stub) -> set[str]:
+    return {headers["Idempotency-Key"] for headers, _ in stub.sent(SUBMIT)}
+
+
+def test_busy_answers_are_retried_after_retry_after_with_the_same_key(one_image, tmp_path, mp4, monkeypatch, capsys):
     # Were Retry-After ignored, the backoff would wait at least 30 s before each retry.
     monkeypatch.setattr(batch, "BACKOFF_SECONDS", 60.0)
     monkeypatch.setenv("SVD_API_TOKEN", "secret")
     busy = (503, {"Retry-After": "0"}, b'{"error":"out of GPU memory"}')
     limited = (429, {"Retry-After": "0"}, b'[{"error":"too many requests"}]')
     out = tmp_path / "out"
-    with stub_server([busy, limited, ok(mp4)]) as stub:
+    script = {SUBMIT: [busy, limited, QUEUED], EVENTS: [ended("completed")], GET: [ok(mp4)]}
+    with stub_server(script) as stub:
         assert batch.main([str(one_image), str(out), "--url", stub.url, "--fps", "5", "--sizing", "crop"]) == 0
     assert (out / "rocket.mp4").read_bytes() == mp4
     [line] = manifest(out)
@@ -198,9 +241,10 @@ def test_busy_answers_are_retried_after_retry_after(one_image, tmp_path, mp4, mo
     err = capsys.readouterr().err
     assert "retry  rocket.jpg in 0.0 s: HTTP 503: out of GPU memory" in err
     assert "retry  rocket.jpg in 0.0 s: HTTP 429: too many requests" in err
-    assert len(stub.requests) == 3
-    for headers, body in stub.requests:
-        assert headers["Authorization"] == "Bearer secret"
+    assert [route for route, _, _ in stub.requests] == [SUBMIT, SUBMIT, SUBMIT, EVENTS, GET]
+    assert all(headers["Authorization"] == "Bearer secret" for _, headers, _ in stub.requests)
+    assert len(keys(stub)) == 1
+    for _, body in stub.sent(SUBMIT):
         # Only the options given are sent, so the server's defaults apply to the rest.
         assert re.findall(rb'; name="([^"]+)"', body) == [b"fps", b"sizing", b"image"]
 
@@ -209,9 +253,10 @@ def test_dropped_connections_are_retried_and_half_videos_never_kept(one_image, t
     monkeypatch.setattr(batch, "BACKOFF_SECONDS", 0.01)
     cut_short = (200, {"Content-Length": str(len(mp4))}, mp4[:100])
     out = tmp_path / "out"
-    with stub_server(["drop", cut_short, ok(mp4)]) as stub:
+    script = {SUBMIT: ["drop", QUEUED, QUEUED], EVENTS: [ended("completed")] * 2, GET: [cut_short, ok(mp4)]}
+    with stub_server(script) as stub:
         assert batch.main([str(one_image), str(out), "--url", stub.url, "--retries", "2"]) == 0
-    assert len(stub.requests) == 3
+    assert len(stub.sent(SUBMIT)) == 3 and len(keys(stub)) == 1
     assert (out / "rocket.mp4").read_bytes() == mp4
     assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl", "rocket.mp4"]
 
@@ -220,10 +265,49 @@ def test_retries_are_bounded_and_leave_no_partial_file(one_image, tmp_path, mp4,
     busy = (503, {"Retry-After": "0"}, b'{"error":"busy"}')
     cut_short = (200, {"Content-Length": str(len(mp4))}, mp4[:100])
     out = tmp_path / "out"
-    with stub_server([busy, cut_short]) as stub:
+    with stub_server({SUBMIT: [busy, QUEUED], EVENTS: [ended("completed")], GET: [cut_short]}) as stub:
         assert batch.main([str(one_image), str(out), "--url", stub.url, "--retries", "1"]) == 1
-    assert len(stub.requests) == 2
+    assert len(stub.sent(SUBMIT)) == 2
     assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
     [line] = manifest(out)
     assert line["status"] == "failed" and "gave up after 2 attempts" in line["error"]
     assert capsys.readouterr().out.strip() == "0 ok, 0 skipped, 1 failed; failed: rocket.jpg"
+
+
+@pytest.mark.parametrize(
+    ("end", "error"),
+    [
+        (ended("failed", error="ran out of GPU memory", error_status=422), "HTTP 422: ran out of GPU memory"),
+        (ended("canceled"), "the job was canceled"),
+    ],
+)
+def test_a_job_that_ends_without_a_video_records_why_and_is_not_sent_again(one_image, tmp_path, end, error):
+    out = tmp_path / "out"
+    with stub_server({SUBMIT: [QUEUED], EVENTS: [end]}) as stub:
+        assert batch.main([str(one_image), str(out), "--url", stub.url]) == 1
+    assert [route for route, _, _ in stub.requests] == [SUBMIT, EVENTS]
+    [line] = manifest(out)
+    assert line["status"] == "failed" and line["error"] == f"{error} (task {TASK_ID})"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
+
+
+def test_a_submit_whose_answer_is_lost_is_retried_into_the_same_one_job(server, one_image, tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "BACKOFF_SECONDS", 0.01)
+    logged_before = len(server.log_text())
+    out = tmp_path / "out"
+    # The service queues the first submit, but its answer never reaches the client.
+    with stub_server({SUBMIT: ["lost"]}, upstream=server.url) as stub:
+        command = [str(one_image), str(out), "--url", stub.url, "--seed", "4", "--retries", "1", *TINY_OPTIONS]
+        assert batch.main(command) == 0
+    # Both submits reached the service, which answered them one job, and ran it once.
+    log = server.log_text()[logged_before:]
+    submitted = re.findall(r"SVD job (\w+) submitted", log)
+    assert len(submitted) == 2 and len(set(submitted)) == 1, log
+    assert len(re.findall(rf"SVD job {submitted[0]} started", log)) == 1, log
+    status = httpx.get(f"{server.url}/generate_task/status", params={"task_id": submitted[0]}, timeout=30).json()
+    assert status["status"] == "completed" and status["attempt"] == 1
+    assert len(stub.sent(SUBMIT)) == 2 and len(keys(stub)) == 1
+    [line] = manifest(out)
+    assert line["status"] == "ok" and line["seed"] == 4
+    video = decode_video(out / "rocket.mp4")
+    assert video.size == (64, 64) and len(video.frames) == 4

@@ -4,6 +4,10 @@
 
 One video per image, named after it; outputs that already exist are skipped, so an
 interrupted run picks up where it stopped. Every image gets a line in OUT_DIR/manifest.jsonl.
+
+Each image is a job: submitted to /generate_task/submit, followed until it ends, its video
+fetched from /generate_task/get. Every submit of one image carries the same Idempotency-Key, so a
+retry after a lost answer gets the task already queued and the image is never generated twice.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import random
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -27,12 +32,16 @@ import httpx
 from tqdm import tqdm
 
 from svd.base.params import CONTROLS, Control
+from svd.tools.client import follow
 
+TASK_ROUTE = "/generate_task"
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 RETRY_STATUSES = {429, 503}
 # The first wait when the server gives no Retry-After; doubled per attempt up to BACKOFF_CAP.
 BACKOFF_SECONDS = 2.0
 BACKOFF_CAP = 60.0
+# A submit or a download quiet for this long has stalled: it is retried, with the same key.
+REQUEST_TIMEOUT = 60.0
 MANIFEST = "manifest.jsonl"
 
 Status = Literal["ok", "skipped", "failed"]
@@ -111,33 +120,78 @@ def error_message(response: httpx.Response) -> str:
     return f"{prefix}: {body.get('error')}" + (f" ({'; '.join(details)})" if details else "")
 
 
-def post_once(client: httpx.Client, job: BatchItem, fields: dict[str, str]) -> tuple[int | None, Any]:
-    """One request; the video lands at job.output only once it has arrived whole."""
+@dataclass(frozen=True)
+class Service:
+    """The running service, and how long one image's job may take (--timeout)."""
+
+    client: httpx.Client
+    token: str | None
+    timeout: float
+
+
+def refusal(response: httpx.Response) -> Busy | Rejected:
+    """A refusal in the server's words: Busy when worth retrying, Rejected otherwise."""
+    if response.status_code in RETRY_STATUSES:
+        return Busy(error_message(response), parse_retry_after(response.headers.get("retry-after")))
+    return Rejected(error_message(response))
+
+
+def checked_answer(response: httpx.Response) -> httpx.Response:
+    """The response if it is a 200; its refusal raised otherwise."""
+    if response.status_code != 200:
+        raise refusal(response)
+    return response
+
+
+def submit(client: httpx.Client, job: BatchItem, fields: dict[str, str], key: str) -> str:
+    """The task id of the image's job: a new one, or the one its key already queued."""
     with job.image.open("rb") as image:
         files = {"image": (job.image.name, image, IMAGE_TYPES[job.image.suffix.lower()])}
-        with client.stream("POST", "/generate", files=files, data=fields) as response:
-            if response.status_code in RETRY_STATUSES:
-                raise Busy(error_message(response), parse_retry_after(response.headers.get("retry-after")))
-            if response.status_code != 200:
-                raise Rejected(error_message(response))
-            # A temporary name in the same directory, so the final rename is atomic and
-            # a killed run never leaves a partial file that the next run would skip.
-            fd, part = tempfile.mkstemp(dir=job.output.parent, prefix=f".{job.output.name}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as sink:
-                    for chunk in response.iter_bytes():
-                        sink.write(chunk)
-                os.replace(part, job.output)
-            except BaseException:
-                os.unlink(part)
-                raise
-            seed = response.headers.get("x-seed")
-            settings = response.headers.get("x-settings")
+        response = client.post(f"{TASK_ROUTE}/submit", files=files, data=fields, headers={"Idempotency-Key": key})
+    return checked_answer(response).json()["task_id"]
+
+
+def wait(service: Service, task_id: str) -> dict[str, Any]:
+    """What /progress last says of the job: where it ended."""
+    try:
+        *_, ended = follow(str(service.client.base_url), task_id, service.token, service.timeout)
+    except httpx.HTTPStatusError as exc:
+        raise refusal(exc.response) from None
+    return ended
+
+
+def why_not(ended: dict[str, Any]) -> str:
+    """Why a job that ended made no video, as /progress says: its error and its HTTP status, or its status."""
+    why = ended.get("error") or f"the job was {ended['status']}"
+    return f"HTTP {ended['error_status']}: {why}" if ended.get("error_status") else why
+
+
+def download(client: httpx.Client, job: BatchItem, task_id: str) -> tuple[int | None, Any]:
+    """The job's video, at job.output only once it has arrived whole; its seed and settings."""
+    with client.stream("GET", f"{TASK_ROUTE}/get", params={"task_id": task_id}) as response:
+        checked_answer(response)
+        # A temporary name in the same directory, so the final rename is atomic and
+        # a killed run never leaves a partial file that the next run would skip.
+        fd, part = tempfile.mkstemp(dir=job.output.parent, prefix=f".{job.output.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                for chunk in response.iter_bytes():
+                    sink.write(chunk)
+            os.replace(part, job.output)
+        except BaseException:
+            os.unlink(part)
+            raise
+        seed = response.headers.get("x-seed")
+        settings = response.headers.get("x-settings")
     return (int(seed) if seed else None), (json.loads(settings) if settings else None)
 
 
-def generate(client: httpx.Client, job: BatchItem, fields: dict[str, str], retries: int) -> Outcome:
+def generate(service: Service, job: BatchItem, fields: dict[str, str], retries: int) -> Outcome:
     start = time.monotonic()
+    # One key per image and run, kept for all its retries: the server answers them the task
+    # the first submit queued. Not derived from the image: a rerun must try again an image whose
+    # job failed, and make again a video deleted since, where the server would answer the old task.
+    key = uuid.uuid4().hex
 
     def outcome(status: Status, **extra: Any) -> Outcome:
         return Outcome.of(job, status, seconds=round(time.monotonic() - start, 2), **extra)
@@ -145,17 +199,21 @@ def generate(client: httpx.Client, job: BatchItem, fields: dict[str, str], retri
     attempt = 0
     while True:
         try:
-            seed, settings = post_once(client, job, fields)
+            task_id = submit(service.client, job, fields, key)
+            ended = wait(service, task_id)
+            if ended["status"] != "completed":
+                return outcome("failed", error=f"{why_not(ended)} (task {task_id})")
+            seed, settings = download(service.client, job, task_id)
             return outcome("ok", seed=seed, settings=settings)
         except Rejected as exc:
             return outcome("failed", error=str(exc))
+        except TimeoutError:  # follow()'s deadline; before OSError, which it is one of
+            return outcome("failed", error=f"no video within {service.timeout} s; raise --timeout")
         except OSError as exc:
             # An unreadable image or a full disk fails this image, not the whole batch.
             return outcome("failed", error=f"{type(exc).__name__}: {exc}")
-        except httpx.ReadTimeout:
-            # The server is still working on it; asking again would only queue a second copy.
-            return outcome("failed", error=f"no answer within {client.timeout.read} s; raise --timeout")
         except (Busy, httpx.TransportError) as exc:
+            # A read timeout too: submitted again with the same key, the job is not queued twice.
             error = str(exc) or type(exc).__name__
             if attempt == retries:
                 return outcome("failed", error=f"{error} (gave up after {retries + 1} attempts)")
@@ -183,7 +241,7 @@ def triage(jobs: list[BatchItem]) -> tuple[list[BatchItem], list[Outcome]]:
 
 
 def run(
-    jobs: list[BatchItem], out_dir: Path, client: httpx.Client, fields: dict[str, str], concurrency: int, retries: int
+    jobs: list[BatchItem], out_dir: Path, service: Service, fields: dict[str, str], concurrency: int, retries: int
 ) -> list[Outcome]:
     """Every job with a progress bar; each outcome reaches the manifest as soon as it is known.
 
@@ -193,7 +251,7 @@ def run(
     outcomes: list[Outcome] = []
     counts = dict.fromkeys(get_args(Status), 0)
     with tqdm(total=len(jobs), unit="image") as bar, ThreadPoolExecutor(concurrency) as pool:
-        futures = [pool.submit(generate, client, job, fields, retries) for job in todo]
+        futures = [pool.submit(generate, service, job, fields, retries) for job in todo]
         try:
             for outcome in chain(known, (future.result() for future in as_completed(futures))):
                 outcomes.append(outcome)
@@ -205,7 +263,7 @@ def run(
                 bar.set_postfix(counts, refresh=False)
                 bar.update()
         except KeyboardInterrupt:
-            # Drop the queue; requests in flight still finish and keep their videos.
+            # Drop the queue; jobs in flight still finish and keep their videos.
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     return outcomes
@@ -260,10 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     add = parser.add_argument
     add("--url", default="http://localhost:3000", help="the service (default: %(default)s)")
-    add("--concurrency", type=at_least(1), default=1, metavar="N", help="requests in flight (default: 1)")
+    add("--concurrency", type=at_least(1), default=1, metavar="N", help="jobs in flight (default: 1)")
     add("--token", default=os.environ.get("SVD_API_TOKEN"), help="sent as a Bearer token (default: $SVD_API_TOKEN)")
     add("--timeout", type=float, default=900, metavar="SECONDS", help="to wait for one video (default: 900)")
-    add("--retries", type=at_least(0), default=5, metavar="N", help="on 429, 503, dropped connections (default: 5)")
+    add("--retries", type=at_least(0), default=5, metavar="N", help="on 429, 503, lost answers (default: 5)")
     options = parser.add_argument_group(
         "generation options",
         "The same for every image; each left out takes the server's default (a seed: a random one each).",
@@ -290,10 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     fields = {c.name: str(getattr(args, c.name)) for c in CONTROLS if getattr(args, c.name) is not None}
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     jobs = find_jobs(args.images_dir, args.out_dir, args.format or "mp4")
-    timeout = httpx.Timeout(args.timeout, connect=min(args.timeout, 30.0))
+    timeout = httpx.Timeout(min(args.timeout, REQUEST_TIMEOUT), connect=min(args.timeout, 30.0))
     try:
         with httpx.Client(base_url=args.url, headers=headers, timeout=timeout) as client:
-            outcomes = run(jobs, args.out_dir, client, fields, args.concurrency, args.retries)
+            service = Service(client, args.token, args.timeout)
+            outcomes = run(jobs, args.out_dir, service, fields, args.concurrency, args.retries)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume")
         return 130
