@@ -90,7 +90,7 @@ def test_positions_count_down_and_the_eta_is_the_learned_time_of_the_jobs_ahead(
     ids = [store.submit(b"x", "a.png", controls, per_worker=10).id for controls in (small, large, small)]
 
     def places(now: float) -> list[tuple[int | None, float | None]]:
-        return [eta.place(job_id, store.unfinished(), store.speeds(), now) for job_id in ids]
+        return [eta.place(job_id, store.unfinished(), store.speeds(), now, workers=1)[:2] for job_id in ids]
 
     assert places(time.time()) == [(0, 15.0), (1, 55.0), (2, 70.0)]
     claimed = store.claim("w")
@@ -98,15 +98,82 @@ def test_positions_count_down_and_the_eta_is_the_learned_time_of_the_jobs_ahead(
     assert places(started + 5) == [(None, 10.0), (0, 50.0), (1, 65.0)]
     store.finish(claimed, COMPLETED)
     assert places(time.time())[1:] == [(0, 40.0), (1, 55.0)]
-    assert eta.place(ids[0], store.unfinished(), store.speeds(), time.time()) == (None, None), "ended"
+    assert eta.place(ids[0], store.unfinished(), store.speeds(), time.time(), 1) == (None, None, None), "ended"
+
+
+def _worker_asks_for_work(store: JobStore, worker: str) -> None:
+    """A worker of the store's kind taking jobs: SQLite's are the server's own; Redis's ask it for work."""
+    if isinstance(store, RedisJobs):
+        assert store.claim(worker) is None, "nothing waits yet"
+
+
+def test_idle_workers_take_the_jobs_ahead_at_once_and_with_none_the_eta_waits_for_one(stores):  # noqa: F811
+    store = stores(workers=2) if isinstance(stores(), SQLiteJobs) else stores()
+    job = {"width": 64, "height": 64}
+    store.learn(eta.size_of(job), eta.work_of(job), 10.0)
+    if isinstance(store, RedisJobs):
+        assert store.live_workers() == 0, "no worker has asked for work: scaled to zero"
+        ids = [store.submit(b"x", "a.png", job, per_worker=10).id for _ in range(3)]
+        assert eta.place(ids[0], store.unfinished(), store.speeds(), time.time(), 0) == (0, None, "worker")
+        assert eta.place(ids[0], store.unfinished(), store.speeds(), time.time(), 1) == (0, 10.0, None)
+        for job_id in ids:
+            store.cancel(job_id)
+    for worker in ("w1", "w2"):
+        _worker_asks_for_work(store, worker)
+    assert store.live_workers() == 2
+    ids = [store.submit(b"x", "a.png", job, per_worker=10).id for _ in range(3)]
+
+    def places(now: float, workers: int) -> list[eta.Place]:
+        return [eta.place(job_id, store.unfinished(), store.speeds(), now, workers) for job_id in ids]
+
+    assert places(time.time(), 1) == [(0, 10.0, None), (1, 20.0, None), (2, 30.0, None)]
+    assert places(time.time(), 2) == [(0, 10.0, None), (1, 10.0, None), (2, 20.0, None)], "both workers at once"
+    claim = store.claim("w1")
+    started = store.get(claim.id).started
+    assert places(started + 4, 2) == [(None, 6.0, None), (0, 10.0, None), (1, 16.0, None)]
+    assert places(started + 4, 1) == [(None, 6.0, None), (0, 16.0, None), (1, 26.0, None)]
+    if isinstance(store, RedisJobs):
+        wait_until(
+            lambda: stores(lease=1).live_workers() == 0, 10, 0.05, "workers that stopped asking for work left"
+        )
+
+
+def test_with_no_worker_the_status_and_the_events_say_the_job_waits_for_one(tmp_path: Path):
+    with redis_server(tmp_path / "redis") as server:
+        store = RedisJobs(server.url)  # an api replica's; no worker runs
+        store.learn(eta.size_of(TINY), eta.work_of(TINY), 10.0)
+        routes = routes_on(store, tmp_path)
+        job_id = store.submit(b"x", "a.png", TINY, per_worker=10).id
+
+        async def scenario() -> tuple[dict[str, Any], bytes]:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=routes), base_url="http://svd") as client:
+                status = await client.get(f"{ROUTE}/status", params={"task_id": job_id})
+            follower = Follower(routes, job_id)
+            first = await follower.first()
+            follower.gone.set()
+            await asyncio.wait_for(follower.answering, 10)
+            return status.json(), first
+
+        status, first = asyncio.run(scenario())
+    event = json.loads(first.decode().split("data: ", 1)[1])
+    for answer in (status, event):
+        assert (answer["queue_position"], answer["eta_seconds"], answer["waiting_for"]) == (0, None, "worker"), answer
+
+
+def test_the_readme_and_the_page_say_the_same_of_a_job_waiting_for_a_worker():
+    root = Path(__file__).parent.parent
+    words = "waiting for a GPU worker to start"
+    assert f'"{words}"' in (root / "svd/http/static/app.js").read_text()
+    readme = " ".join((root / "README.md").read_text().split())
+    assert "`waiting_for` (`\"worker\"`" in readme and f"“{words}”" in readme
 
 
 def test_a_size_never_run_is_estimated_from_the_seconds_per_unit_of_work():
     small, double = {"width": 64, "height": 64}, {"width": 128, "height": 64}
     speeds = eta.Speeds({eta.size_of(small): 10.0}, 10.0 / eta.work_of(small))
     queue = [Unfinished("a", PENDING, None, double)]
-    assert eta.place("a", queue, speeds, time.time()) == (0, pytest.approx(20.0))
-    assert eta.place("a", queue, eta.Speeds({}, None), time.time()) == (0, None), "nothing measured yet"
+    assert eta.place("a", queue, speeds, time.time(), 1) == (0, pytest.approx(20.0), None)
+    assert eta.place("a", queue, eta.Speeds({}, None), time.time(), 1) == (0, None, None), "nothing measured yet"
 
 
 class Follower:

@@ -4,14 +4,16 @@ The runners record how long each job took (JobStore.learn), by its size: the con
 decide its work (frames, pixels, steps, DeepCache interval, decode chunk, segments,
 interpolation, format). A job of a size the service has run is estimated at that size's
 measured time; another at the measured seconds per unit of work. The jobs ahead of it take
-the workers in turn, each worker free once its running job's remaining time has passed.
+the workers taking jobs (JobStore.live_workers) in turn: an idle one at once, a busy one once
+its running job's remaining time has passed. With no worker taking jobs (scaled to zero), a
+waiting job's ETA is unknown: it waits for a worker to start.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from svd.base.params import GenerationParams
 from svd.jobs.model import IN_PROGRESS, PENDING, Speeds, Unfinished
@@ -58,30 +60,46 @@ def seconds_for(controls: dict[str, Any], speeds: Speeds) -> float | None:
     return None if speeds.per_work is None else speeds.per_work * work_of(controls)
 
 
-def place(job_id: str, queue: list[Unfinished], speeds: Speeds, now: float) -> tuple[int | None, float | None]:
-    """The job's queue position (jobs waiting ahead of it; None once it runs or has ended) and the
-    seconds until its video is ready (None once it has ended, or while the service has no measurement)."""
+class Place(NamedTuple):
+    """Where a job is: its queue position (jobs waiting ahead of it; None once it runs or has ended),
+    the seconds until its video is ready (None once it has ended, while the service has no
+    measurement, or while no worker takes jobs), and what it waits for: "worker" while no worker
+    takes jobs (scaled to zero: one must start first), else None."""
+
+    position: int | None
+    eta: float | None
+    waiting_for: str | None = None
+
+
+def place(job_id: str, queue: list[Unfinished], speeds: Speeds, now: float, workers: int) -> Place:
+    """The job's place in `queue`, with `workers` taking jobs (JobStore.live_workers)."""
     waiting = [job for job in queue if job.status == PENDING]
     position = next((index for index, job in enumerate(waiting) if job.id == job_id), None)
     # Each running job holds a worker until its remaining time has passed.
-    free: list[float] = []
+    busy: list[float] = []
     for job in queue:
         if job.status != IN_PROGRESS:
             continue
         seconds = seconds_for(job.controls, speeds)
         if seconds is None:
-            return position, None
+            return Place(position, None)
         remaining = max(0.0, seconds - (now - (job.started or now)))
         if job.id == job_id:
-            return None, remaining
-        free.append(remaining)
+            return Place(None, remaining)
+        busy.append(remaining)
     if position is None:
-        return None, None
-    free = sorted(free) or [0.0]
+        return Place(None, None)
+    if workers < 1:
+        return Place(position, None, "worker")
+    # Each worker is free when its running job ends, an idle one now. A worker may run two jobs,
+    # the next one while the last one's video is written: it is free when the later one ends.
+    busy.sort()
+    free = busy[max(0, len(busy) - workers) :] + [0.0] * max(0, workers - len(busy))
+    heapq.heapify(free)
     for job in waiting[: position + 1]:
         seconds = seconds_for(job.controls, speeds)
         if seconds is None:
-            return position, None
+            return Place(position, None)
         ready = heapq.heappop(free) + seconds
         heapq.heappush(free, ready)
-    return position, ready
+    return Place(position, ready)

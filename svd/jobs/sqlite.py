@@ -369,6 +369,10 @@ class SQLiteJobs:
     def get(self, job_id: str) -> Job | None:
         return _job(self._one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id", id=job_id))
 
+    def live_workers(self) -> int:
+        # The server's own workers: with SQLite they run in the server that answers, so they are there.
+        return self.workers
+
     def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
         row = self._one(f"SELECT {IMAGE}, image_name, controls FROM jobs WHERE id = :id", id=job_id)
         return None if row is None or row[0] is None else (row[0], row[1], json.loads(row[2]))

@@ -68,6 +68,10 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None:
         ...
 
+    def live_workers(self) -> int:
+        """How many workers take jobs now: 0 while none runs (scaled to zero, or all stopped)."""
+        ...
+
     def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
         """A job's image, its file name and its controls, kept with its record."""
         ...
