@@ -35,7 +35,7 @@ from redis.retry import Retry
 
 from svd.base.ids import new_id
 from svd.base.progress import Progress
-from svd.jobs.eta import NEW_RUN_WEIGHT
+from svd.jobs.eta import NEW_RUN_WEIGHT, runs_of, speeds_of
 from svd.jobs.model import (
     IDEMPOTENCY_SECONDS,
     IN_PROGRESS,
@@ -75,7 +75,7 @@ SERVING_RUN_ID = "svd:serving-run-id"  # the run id of the Redis process that se
 SERVING_SINCE = "svd:serving-since"  # since when it does, in its clock's milliseconds
 EVENTS = ":events"  # after a job's key: the stream of its changes
 IDEMPOTENCY = "svd:idempotency:"  # + the scoped Idempotency-Key: its request and job
-SPEEDS = "svd:speeds"  # size -> seconds per job (svd/jobs/eta.py); '' -> seconds per unit of work
+SPEEDS = "svd:speeds"  # key -> learned seconds (svd/jobs/eta.py's runs_of)
 DELIVERIES = "svd:deliveries"  # delivery id -> when it is due
 DELIVERY = "svd:delivery:"
 JOB_FIELDS = ("status", "created", "started", "finished", "attempt", "progress", "error", "error_status")
@@ -375,11 +375,11 @@ return 1
 """
 
 LEARN = """
--- KEYS: speeds; ARGV: size, seconds, seconds per unit of work, weight of the new run (svd/jobs/eta.py's learned)
-for _, pair in ipairs({{ARGV[1], ARGV[2]}, {'', ARGV[3]}}) do
-  local old, new = redis.call('HGET', KEYS[1], pair[1]), tonumber(pair[2])
-  if old then new = tonumber(old) + tonumber(ARGV[4]) * (new - tonumber(old)) end
-  redis.call('HSET', KEYS[1], pair[1], string.format('%.17g', new))
+-- KEYS: speeds; ARGV: weight of the new run (svd/jobs/eta.py's learned), then each key and the run's seconds for it
+for i = 2, #ARGV, 2 do
+  local old, new = redis.call('HGET', KEYS[1], ARGV[i]), tonumber(ARGV[i + 1])
+  if old then new = tonumber(old) + tonumber(ARGV[1]) * (new - tonumber(old)) end
+  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.17g', new))
 end
 """
 # A stream entry's id, as a client may send it back in Last-Event-ID.
@@ -579,14 +579,13 @@ class RedisJobs:
         ]
 
     @_reaching
-    def learn(self, size: str, work: float, seconds: float) -> None:
-        self._learn(keys=[SPEEDS], args=[size, repr(seconds), repr(seconds / work), NEW_RUN_WEIGHT])
+    def learn(self, size: str, work: float, seconds: float, turn_seconds: float | None = None) -> None:
+        runs = runs_of(size, work, seconds, turn_seconds)
+        self._learn(keys=[SPEEDS], args=[NEW_RUN_WEIGHT, *(part for key, run in runs for part in (key, repr(run)))])
 
     @_reaching
     def speeds(self) -> Speeds:
-        known = {size.decode(): float(seconds) for size, seconds in self._redis.hgetall(SPEEDS).items()}
-        per_work = known.pop("", None)
-        return Speeds(known, per_work)
+        return speeds_of({key.decode(): float(seconds) for key, seconds in self._redis.hgetall(SPEEDS).items()})
 
     @_reaching
     def live_workers(self) -> int:

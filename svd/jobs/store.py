@@ -88,8 +88,9 @@ class JobStore(Protocol):
         """The jobs running, by when they started, then those waiting, in the order they are taken."""
         ...
 
-    def learn(self, size: str, work: float, seconds: float) -> None:
-        """Record that a job of `size` and `work` (svd/jobs/eta.py) took `seconds` to run."""
+    def learn(self, size: str, work: float, seconds: float, turn_seconds: float | None = None) -> None:
+        """Record that a job of `size` and `work` (svd/jobs/eta.py) took `seconds` to run, of which it
+        held its worker's GPU turn for the first `turn_seconds` (None: not measured)."""
         ...
 
     def speeds(self) -> Speeds:
