@@ -206,8 +206,9 @@ class StableDiffusionVideo:
         video, done), its step and its segment, `preview`: where its latest live preview is served
         (an animated WebP; a new address for each new one) or null while it has none, `queue_position`
         (jobs waiting ahead of it; 0: it is next; null once it runs), `eta_seconds` (seconds until its
-        video is ready, from this service's measured speed; null before it has one, or once the job ended),
-        and how it ended: `output_id` and `output_path`, or `error` and `error_status`.
+        video is ready, from this service's measured speed; null before it has one, while no GPU worker
+        runs, or once the job ended), `waiting_for` ("worker" while no GPU worker runs: one must start;
+        else null), and how it ended: `output_id` and `output_path`, or `error` and `error_status`.
         `GET /generate_task/events` streams the same as server-sent events."""
         try:
             job = self.jobs.get(task_id) if ID.fullmatch(task_id) else None

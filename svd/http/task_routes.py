@@ -41,7 +41,7 @@ from svd.http.asgi import App, Receive, Scope, Send
 from svd.http.outputs_routes import serve_output
 from svd.jobs.addresses import WebhookHosts, checked_address
 from svd.jobs.following import CONTENT_TYPE as EVENTS_TYPE
-from svd.jobs.following import READERS, JobEvents, QueuePlaces, progress_of
+from svd.jobs.following import QUEUE_FIELDS, READERS, JobEvents, QueuePlaces, progress_of
 from svd.jobs.model import (
     CANCELED,
     COMPLETED,
@@ -279,7 +279,7 @@ class JobRoutes:
         if isinstance(job, Response):
             return job
         where = await run_in_threadpool(self._progress, job)
-        return JSONResponse({**job.as_json(), **{name: where[name] for name in ("queue_position", "eta_seconds")}})
+        return JSONResponse({**job.as_json(), **{name: where[name] for name in QUEUE_FIELDS}})
 
     async def events(self, request: Request) -> Response | EventStreamResponse:
         """The job's changes as server-sent events, until its end (svd/jobs/following.py)."""

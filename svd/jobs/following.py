@@ -27,7 +27,7 @@ import anyio
 import anyio.to_thread
 
 from svd.base.progress import Progress
-from svd.jobs.eta import place
+from svd.jobs.eta import Place, place
 from svd.jobs.model import COMPLETED, FINISHED, IN_PROGRESS, Job, Speeds, Unfinished
 from svd.jobs.store import JobStore
 from svd.storage.previews import Previews
@@ -46,21 +46,27 @@ class QueuePlaces:
         self._read_at = -math.inf
         self._queue: list[Unfinished] = []
         self._speeds = Speeds({}, None)
+        self._workers = 0
 
-    def of(self, job_id: str) -> tuple[int | None, float | None]:
+    def of(self, job_id: str) -> Place:
         with self._lock:
             if time.monotonic() - self._read_at >= REFRESH_SECONDS:
                 store = self._store()
-                self._queue, self._speeds = store.unfinished(), store.speeds()
+                self._queue, self._speeds, self._workers = store.unfinished(), store.speeds(), store.live_workers()
                 self._read_at = time.monotonic()
-            queue, speeds = self._queue, self._speeds
-        return place(job_id, queue, speeds, time.time())
+            queue, speeds, workers = self._queue, self._speeds, self._workers
+        return place(job_id, queue, speeds, time.time(), workers)
+
+
+# What /generate_task/status adds to BentoML's task status, from progress_of.
+QUEUE_FIELDS = ("queue_position", "eta_seconds", "waiting_for")
 
 
 def progress_of(job: Job, places: QueuePlaces, previews: Previews, route: str) -> dict[str, Any]:
     """Where the job is: its status, stage, step and segment, its live preview's address, its queue
-    position and ETA, and how it ended: the video's id and address, or the error and its HTTP status."""
-    position, eta = (None, None) if job.status in FINISHED else places.of(job.id)
+    position and ETA, what it waits for ("worker": no worker takes jobs now), and how it ended: the
+    video's id and address, or the error and its HTTP status."""
+    position, eta, waiting_for = Place(None, None) if job.status in FINISHED else places.of(job.id)
     completed = job.status == COMPLETED
     return {
         "task_id": job.id,
@@ -69,6 +75,7 @@ def progress_of(job: Job, places: QueuePlaces, previews: Previews, route: str) -
         "preview": previews.link(job.id, route) if job.status == IN_PROGRESS else None,
         "queue_position": position,
         "eta_seconds": None if eta is None else round(eta, 1),
+        "waiting_for": waiting_for,
         "output_id": job.id if completed else None,
         "output_path": f"{route}/get?task_id={job.id}" if completed else None,
         "error": job.error,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any
@@ -142,10 +142,13 @@ class Unfinished:
 @dataclass(frozen=True)
 class Speeds:
     """This service's measured speed: seconds per job of each size it has run (svd/jobs/eta.py's
-    size_of), and seconds per unit of work for sizes it has not."""
+    size_of), and seconds per unit of work for sizes it has not; the same for the seconds each job
+    held its worker's GPU turn, after which the worker's next job starts (`turn_`)."""
 
     by_size: dict[str, float]
     per_work: float | None
+    turn_by_size: dict[str, float] = field(default_factory=dict)
+    turn_per_work: float | None = None
 
 
 @dataclass(frozen=True)

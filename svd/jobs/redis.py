@@ -35,7 +35,7 @@ from redis.retry import Retry
 
 from svd.base.ids import new_id
 from svd.base.progress import Progress
-from svd.jobs.eta import NEW_RUN_WEIGHT
+from svd.jobs.eta import NEW_RUN_WEIGHT, runs_of, speeds_of
 from svd.jobs.model import (
     IDEMPOTENCY_SECONDS,
     IN_PROGRESS,
@@ -75,12 +75,11 @@ SERVING_RUN_ID = "svd:serving-run-id"  # the run id of the Redis process that se
 SERVING_SINCE = "svd:serving-since"  # since when it does, in its clock's milliseconds
 EVENTS = ":events"  # after a job's key: the stream of its changes
 IDEMPOTENCY = "svd:idempotency:"  # + the scoped Idempotency-Key: its request and job
-SPEEDS = "svd:speeds"  # size -> seconds per job (svd/jobs/eta.py); '' -> seconds per unit of work
+SPEEDS = "svd:speeds"  # key -> learned seconds (svd/jobs/eta.py's runs_of)
 DELIVERIES = "svd:deliveries"  # delivery id -> when it is due
 DELIVERY = "svd:delivery:"
 JOB_FIELDS = ("status", "created", "started", "finished", "attempt", "progress", "error", "error_status")
-# Workers that last asked for work or renewed a lease longer ago than a lease count as gone;
-# those gone this long with nothing pending are removed from the group.
+# Workers gone this long with nothing pending are removed from the group (LIVE_WORKERS).
 FORGET_WORKERS_MS = 24 * 3600 * 1000
 
 # Every script first makes sure the group exists: Redis restarted without persistence has none.
@@ -127,7 +126,30 @@ local function ended(job_id, status, error, attempt, timestamp)
 end
 """
 
-SUBMIT = ENSURE_GROUP + """
+# The workers taking jobs: the group's consumers that asked for work or renewed a lease within a
+# lease (lease_ms); those gone forget_ms with nothing pending are removed from the group.
+LIVE_WORKERS = """
+local function live_workers(stream, group, lease_ms, forget_ms)
+  local live = 0
+  for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', stream, group)) do
+    local consumer = {}
+    for i = 1, #fields, 2 do consumer[fields[i]] = fields[i + 1] end
+    if consumer['idle'] < tonumber(lease_ms) then
+      live = live + 1
+    elseif consumer['pending'] == 0 and consumer['idle'] > tonumber(forget_ms) then
+      redis.call('XGROUP', 'DELCONSUMER', stream, group, consumer['name'])
+    end
+  end
+  return live
+end
+"""
+
+WORKERS = ENSURE_GROUP + LIVE_WORKERS + """
+-- KEYS: stream; ARGV: group, lease_ms, forget_ms
+return live_workers(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+"""
+
+SUBMIT = ENSURE_GROUP + LIVE_WORKERS + """
 -- KEYS: stream, waiting, running, job, last-seconds, images, image bytes, idempotency key
 -- ARGV: group, per_worker, lease_ms, forget_ms, id, created, image, image_name, controls, progress, webhook, events,
 --       image hash, image key prefix, input_keep, retention, job key prefix, request ('' without a key), key seconds
@@ -138,16 +160,7 @@ if ARGV[18] ~= '' then
   if request and request ~= ARGV[18] then return {-1, first} end
   if request and redis.call('EXISTS', ARGV[17] .. first) == 1 then return {0, first} end
 end
-local live = 0
-for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local consumer = {}
-  for i = 1, #fields, 2 do consumer[fields[i]] = fields[i + 1] end
-  if consumer['idle'] < tonumber(ARGV[3]) then
-    live = live + 1
-  elseif consumer['pending'] == 0 and consumer['idle'] > tonumber(ARGV[4]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer['name'])
-  end
-end
+local live = live_workers(KEYS[1], ARGV[1], ARGV[3], ARGV[4])
 local limit = tonumber(ARGV[2]) * math.max(live, 1)
 local unfinished = redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
 if unfinished >= limit then
@@ -232,7 +245,13 @@ while true do
   end
   if #found == 0 then
     local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
-    if not read then return {'', failed} end
+    if not read then
+      -- Asking for work makes the worker one taking jobs (LIVE_WORKERS). Redis before 7.2 neither
+      -- creates a consumer nor resets its idle time for a read that found nothing new; a read of the
+      -- worker's own pending entries does both.
+      redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '0')
+      return {'', failed}
+    end
     found = read[1][2]
   end
   local entry, id = found[1][1], found[1][2][2]
@@ -356,11 +375,11 @@ return 1
 """
 
 LEARN = """
--- KEYS: speeds; ARGV: size, seconds, seconds per unit of work, weight of the new run (svd/jobs/eta.py's learned)
-for _, pair in ipairs({{ARGV[1], ARGV[2]}, {'', ARGV[3]}}) do
-  local old, new = redis.call('HGET', KEYS[1], pair[1]), tonumber(pair[2])
-  if old then new = tonumber(old) + tonumber(ARGV[4]) * (new - tonumber(old)) end
-  redis.call('HSET', KEYS[1], pair[1], string.format('%.17g', new))
+-- KEYS: speeds; ARGV: weight of the new run (svd/jobs/eta.py's learned), then each key and the run's seconds for it
+for i = 2, #ARGV, 2 do
+  local old, new = redis.call('HGET', KEYS[1], ARGV[i]), tonumber(ARGV[i + 1])
+  if old then new = tonumber(old) + tonumber(ARGV[1]) * (new - tonumber(old)) end
+  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.17g', new))
 end
 """
 # A stream entry's id, as a client may send it back in Last-Event-ID.
@@ -414,9 +433,12 @@ class RedisJobs:
             self._next,
             self._retry,
             self._learn,
+            self._workers,
         ) = (
             self._redis.register_script(script)
-            for script in (SUBMIT, CLAIM, RENEW, FINISH, CANCEL, KEEP_DELIVERY, NEXT_DELIVERY, RETRY_DELIVERY, LEARN)
+            for script in (
+                SUBMIT, CLAIM, RENEW, FINISH, CANCEL, KEEP_DELIVERY, NEXT_DELIVERY, RETRY_DELIVERY, LEARN, WORKERS
+            )
         )
 
     @_reaching
@@ -557,14 +579,17 @@ class RedisJobs:
         ]
 
     @_reaching
-    def learn(self, size: str, work: float, seconds: float) -> None:
-        self._learn(keys=[SPEEDS], args=[size, repr(seconds), repr(seconds / work), NEW_RUN_WEIGHT])
+    def learn(self, size: str, work: float, seconds: float, turn_seconds: float | None = None) -> None:
+        runs = runs_of(size, work, seconds, turn_seconds)
+        self._learn(keys=[SPEEDS], args=[NEW_RUN_WEIGHT, *(part for key, run in runs for part in (key, repr(run)))])
 
     @_reaching
     def speeds(self) -> Speeds:
-        known = {size.decode(): float(seconds) for size, seconds in self._redis.hgetall(SPEEDS).items()}
-        per_work = known.pop("", None)
-        return Speeds(known, per_work)
+        return speeds_of({key.decode(): float(seconds) for key, seconds in self._redis.hgetall(SPEEDS).items()})
+
+    @_reaching
+    def live_workers(self) -> int:
+        return int(self._workers(keys=[STREAM], args=[GROUP, int(self.lease * 1000), FORGET_WORKERS_MS]))
 
     @_reaching
     def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:

@@ -195,7 +195,7 @@ class JobRunner:
             logger.info(
                 "SVD job %s completed on worker %d, attempt %d, in %.1f s", claim.id, worker, claim.attempt, seconds
             )
-            self._learn(claim, seconds)
+            self._learn(claim, seconds, None if turn.given_back_at is None else turn.given_back_at - start)
         finally:
             turn.give_back()
             ended.set()
@@ -261,10 +261,11 @@ class JobRunner:
             self._unreachable.clear()
             logger.info("SVD reaches the job store again")
 
-    def _learn(self, claim: Claim, seconds: float) -> None:
-        """Record the job's time for its size: what the queue's ETAs are estimated from."""
+    def _learn(self, claim: Claim, seconds: float, turn_seconds: float | None) -> None:
+        """Record the job's time, and how long it held the GPU turn, for its size: what the queue's
+        ETAs are estimated from."""
         try:
-            self.store.learn(size_of(claim.controls), work_of(claim.controls), seconds)
+            self.store.learn(size_of(claim.controls), work_of(claim.controls), seconds, turn_seconds)
         except Exception as exc:
             logger.warning("SVD job %s: its time could not be recorded for the ETAs: %s", claim.id, exc)
 

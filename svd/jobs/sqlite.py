@@ -21,7 +21,7 @@ from typing import Any
 
 from svd.base.ids import new_id
 from svd.base.progress import Progress
-from svd.jobs.eta import learned
+from svd.jobs.eta import learned, runs_of, speeds_of
 from svd.jobs.events import END, START, ended_body, started_body, wants
 from svd.jobs.model import (
     CANCELED,
@@ -104,7 +104,7 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     job_id TEXT NOT NULL,
     created REAL NOT NULL
 );
--- Seconds per job of each size run (svd/jobs/eta.py); the size '' holds seconds per unit of work.
+-- Seconds per job of each size run, and per unit of work (svd/jobs/eta.py's runs_of).
 CREATE TABLE IF NOT EXISTS speeds (
     size TEXT PRIMARY KEY,
     seconds REAL NOT NULL
@@ -369,6 +369,10 @@ class SQLiteJobs:
     def get(self, job_id: str) -> Job | None:
         return _job(self._one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id", id=job_id))
 
+    def live_workers(self) -> int:
+        # The server's own workers: with SQLite they run in the server that answers, so they are there.
+        return self.workers
+
     def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
         row = self._one(f"SELECT {IMAGE}, image_name, controls FROM jobs WHERE id = :id", id=job_id)
         return None if row is None or row[0] is None else (row[0], row[1], json.loads(row[2]))
@@ -400,9 +404,9 @@ class SQLiteJobs:
             for job_id, status, started, data in rows
         ]
 
-    def learn(self, size: str, work: float, seconds: float) -> None:
+    def learn(self, size: str, work: float, seconds: float, turn_seconds: float | None = None) -> None:
         with self._transaction() as db:
-            for key, value in ((size, seconds), ("", seconds / work)):
+            for key, value in runs_of(size, work, seconds, turn_seconds):
                 old = db.execute("SELECT seconds FROM speeds WHERE size = ?", (key,)).fetchone()
                 db.execute(
                     "INSERT OR REPLACE INTO speeds (size, seconds) VALUES (?, ?)",
@@ -411,9 +415,7 @@ class SQLiteJobs:
 
     def speeds(self) -> Speeds:
         with self._lock:
-            known = dict(self._db.execute("SELECT size, seconds FROM speeds").fetchall())
-        per_work = known.pop("", None)
-        return Speeds(known, per_work)
+            return speeds_of(dict(self._db.execute("SELECT size, seconds FROM speeds").fetchall()))
 
     def reachable(self) -> bool:
         return True

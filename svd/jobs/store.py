@@ -68,6 +68,10 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None:
         ...
 
+    def live_workers(self) -> int:
+        """How many workers take jobs now: 0 while none runs (scaled to zero, or all stopped)."""
+        ...
+
     def input(self, job_id: str) -> tuple[bytes, str, dict[str, Any]] | None:
         """A job's image, its file name and its controls, kept with its record."""
         ...
@@ -84,8 +88,9 @@ class JobStore(Protocol):
         """The jobs running, by when they started, then those waiting, in the order they are taken."""
         ...
 
-    def learn(self, size: str, work: float, seconds: float) -> None:
-        """Record that a job of `size` and `work` (svd/jobs/eta.py) took `seconds` to run."""
+    def learn(self, size: str, work: float, seconds: float, turn_seconds: float | None = None) -> None:
+        """Record that a job of `size` and `work` (svd/jobs/eta.py) took `seconds` to run, of which it
+        held its worker's GPU turn for the first `turn_seconds` (None: not measured)."""
         ...
 
     def speeds(self) -> Speeds:

@@ -8,6 +8,7 @@ requests that have waited for minutes. Here each waits for the ones before it.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 
@@ -54,6 +55,8 @@ class HandedTurn:
         self._turns = turns
         self._lock = threading.Lock()
         self.given_back = threading.Event()
+        # When it was given back (time.perf_counter()): how long a job held the GPU.
+        self.given_back_at: float | None = None
 
     def __enter__(self) -> HandedTurn:
         return self
@@ -67,4 +70,5 @@ class HandedTurn:
             if self.given_back.is_set():
                 return
             self._turns.release()
+            self.given_back_at = time.perf_counter()
             self.given_back.set()

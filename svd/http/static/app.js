@@ -204,7 +204,9 @@ function ordinal(n) {
 function placeText(p) {
   const parts = [];
   if (p.queue_position != null) parts.push(`${ordinal(p.queue_position + 1)} in line`);
-  if (p.eta_seconds != null) {
+  // Scaled to zero: no worker takes jobs, so no time can be promised until one has started.
+  if (p.waiting_for === "worker") parts.push("waiting for a GPU worker to start");
+  else if (p.eta_seconds != null) {
     parts.push(p.eta_seconds < 60 ? `about ${Math.max(1, Math.round(p.eta_seconds))} s` : `about ${Math.round(p.eta_seconds / 60)} min`);
   }
   return parts.length ? " — " + parts.join(", ") : "";
