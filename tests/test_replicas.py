@@ -112,7 +112,9 @@ def test_jobs_submitted_to_one_replica_run_on_both_and_either_answers_for_any(cl
     (runner,) = _ran_on(cluster, jobs[0])
     seen = list(follow(cluster.replicas[1 - runner].url, jobs[0], timeout=120))
     steps = [event["step"] for event in seen if event["stage"] == "denoise" and event["status"] == IN_PROGRESS]
-    assert steps and steps == list(range(steps[0], SLOW["num_inference_steps"] + 1)), seen
+    # A step may come twice: a new preview within it is a change a user sees too.
+    assert steps and steps == sorted(steps), seen
+    assert sorted(set(steps)) == list(range(steps[0], SLOW["num_inference_steps"] + 1)), seen
     assert seen[-1]["status"] == COMPLETED and seen[-1]["output_path"] == f"/generate_task/get?task_id={jobs[0]}"
     for job in jobs:
         wait_until(lambda: job_status(b, job)["status"] == COMPLETED, 120, 0.2, "job completed")
