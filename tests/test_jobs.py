@@ -616,7 +616,8 @@ def test_sigterm_lets_the_running_job_finish_and_starts_no_other(tmp_path: Path)
 
 def test_the_readme_client_example_waits_for_the_job_and_gets_its_video(server: Server, tmp_path: Path):
     readme = (ROOT / "README.md").read_text()
-    example = readme.split("### Async jobs", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in readme.split("### Async jobs", 1)[1].split("```python\n")[1:]]
+    example = next(block for block in blocks if "SyncHTTPClient" in block)
     assert 'task.get_status().value in ("pending", "in_progress")' in example
     # Only the address, the photo's path and the size change: the default size takes minutes here.
     code = (
