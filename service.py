@@ -176,6 +176,7 @@ class StableDiffusionVideo:
         The seed actually used comes back in the X-Seed header, every effective
         setting in X-Settings, and the milliseconds per stage in Server-Timing.
         """
+        # Never reached on an api replica (SVD_ROLE=api): JobRoutes queues the request as a job there.
         output_id = new_id()
         try:
             result = self.engine.run(image, GenerationParams(**controls), Path(context.temp_dir))
