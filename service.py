@@ -24,7 +24,7 @@ from svd.base.ids import ID, new_id
 from svd.base.params import GenerationParams
 from svd.base.settings import ConfigError, Settings
 from svd.http.answers import answer
-from svd.http.middleware.auth import OPEN_PATHS, BearerAuth
+from svd.http.middleware.auth import OPEN_PATHS, BearerAuth, caller_of
 from svd.http.middleware.published_schema import PublishedSchema
 from svd.http.middleware.readable_refusals import ReadableRefusals
 from svd.http.middleware.served_by import ServedBy
@@ -34,10 +34,10 @@ from svd.http.outputs_routes import library_app
 from svd.http.page import PUBLIC_FILES, ui_app
 from svd.http.request_fields import JOB_ONLY, GenerateInput, JobInput
 from svd.http.task_routes import UNAVAILABLE_RETRY_AFTER, JobRoutes, no_such_task
-from svd.jobs.addresses import WebhookHosts
 from svd.jobs.following import QueuePlaces, progress_of
 from svd.jobs.model import StoreUnavailable
 from svd.jobs.open import open_store
+from svd.jobs.webhooks.addresses import WebhookHosts
 from svd.serving.hub import hub_reference
 from svd.serving.records import headers_of, record_of
 from svd.storage.open import storage_at
@@ -64,6 +64,9 @@ JOB_OUTPUTS = OUTPUTS or Outputs(Path(SETTINGS.jobs_db).parent, SETTINGS.output_
 JOB_PREVIEWS = previews_of(JOB_OUTPUTS)
 # Webhook URLs the service calls; None: it sends none (SVD_WEBHOOK_SECRET unset).
 WEBHOOK_HOSTS = WebhookHosts.parse(SETTINGS.webhook_hosts) if SETTINGS.webhook_secret else None
+# The named users (SVD_API_TOKENS), name -> token; with the admin's token (SVD_API_TOKEN) or none, the service is
+# open to whoever holds one.
+USERS = dict(SETTINGS.api_tokens)
 
 DESCRIPTION = """\
 Turns a still image into a short video with [Stable Video Diffusion XT](https://huggingface.co/stabilityai/stable-video-diffusion-img2vid-xt):
@@ -82,8 +85,10 @@ It needs an NVIDIA GPU with 16 GB of memory or more; a default video takes 30 s 
   `X-Worker` and `X-Output-Id`: the video stays available at `GET /outputs/<id>`, and
   `GET /outputs/` lists the recent ones.
 - `interpolate`, `segments` and `loop` make smoother, longer and looping videos.
+- With API tokens set, each user sees only their own jobs and videos (another's answer 404), and
+  the GPU takes the next job of the user who has had the least GPU time lately.
 - A refusal is JSON with an `error` that says what was wrong and what is allowed: 400 for a bad
-  field or an unknown one, 401 without the API token when one is set, 408 for a stalled upload,
+  field or an unknown one, 401 without an API token when they are set, 408 for a stalled upload,
   413 and 415 for the image, 429 and 503 with `Retry-After` when busy or loading, 504 past the
   time limit, 507 when the output disk or bucket is full.
 - `/livez` and `/readyz` are the probes: `/readyz` answers 200 once the model is loaded and warm.
@@ -144,7 +149,7 @@ class StableDiffusionVideo:
             self.runner = JobRunner(self.engine, self.jobs, JOB_OUTPUTS, settings.job_lease)
             self.runner.start()
         if WEBHOOK_HOSTS is not None:
-            from svd.jobs.delivery import Deliverer
+            from svd.jobs.webhooks.delivery import Deliverer
 
             # Sends the jobs' webhooks kept in the store, whichever worker's job they are.
             self.deliverer = Deliverer(self.jobs, settings.webhook_secret, WEBHOOK_HOSTS)
@@ -182,7 +187,7 @@ class StableDiffusionVideo:
             result = self.engine.run(image, GenerationParams(**controls), Path(context.temp_dir))
             record = record_of(result, image, self.engine.settings)
             if OUTPUTS:
-                OUTPUTS.put(output_id, result.path, record)
+                OUTPUTS.put(output_id, result.path, {**record, "owner": caller_of(context.request.scope).name})
         except Refused as refused:
             return refuse(context, refused)  # type: ignore[return-value]
         headers = headers_of(output_id, record)
@@ -213,7 +218,8 @@ class StableDiffusionVideo:
         `GET /generate_task/events` streams the same as server-sent events."""
         try:
             job = self.jobs.get(task_id) if ID.fullmatch(task_id) else None
-            if job is not None:
+            # Another user's job is one that does not exist.
+            if job is not None and caller_of(context.request.scope).sees(job.owner):
                 return progress_of(job, self.places, JOB_PREVIEWS, StableDiffusionVideo.apis["generate_task"].route)
         except StoreUnavailable as exc:
             refused = Refused(HTTPStatus.SERVICE_UNAVAILABLE, "queue_unavailable", str(exc), UNAVAILABLE_RETRY_AFTER)
@@ -237,10 +243,11 @@ StableDiffusionVideo.add_asgi_middleware(ServedBy, worker=lambda: bentoml.server
 StableDiffusionVideo.add_asgi_middleware(ReadableRefusals)
 if SETTINGS.role == "worker":
     StableDiffusionVideo.add_asgi_middleware(WorkerOnly)
-if SETTINGS.api_token:
+if SETTINGS.api_token or USERS:
     StableDiffusionVideo.add_asgi_middleware(
         BearerAuth,
-        token=SETTINGS.api_token,
+        admin=SETTINGS.api_token,
+        users=USERS,
         pages=frozenset({UI_PATH, f"{UI_PATH}/", f"{UI_PATH}/index.html"}),
         public=frozenset(f"{UI_PATH}/{name}" for name in PUBLIC_FILES),
     )
@@ -262,8 +269,10 @@ StableDiffusionVideo.add_asgi_middleware(
     route=StableDiffusionVideo.apis["generate_task"].route,
     open_store=partial(open_store, SETTINGS),
     fields=JobInput,
-    # SVD_MAX_QUEUE per worker taking jobs, as for synchronous requests.
+    # SVD_MAX_QUEUE per worker taking jobs, as for synchronous requests, and SVD_MAX_QUEUE_PER_USER per user.
     per_worker=SETTINGS.max_queue,
+    per_user=SETTINGS.max_queue_per_user,
+    users=frozenset(USERS),
     outputs=JOB_OUTPUTS,
     max_pixels=SETTINGS.max_pixels,
     webhook_hosts=WEBHOOK_HOSTS,
@@ -276,7 +285,7 @@ StableDiffusionVideo.add_asgi_middleware(
     spec=lambda: StableDiffusionVideo.openapi_spec.asdict(),
     job_fields={name: JobInput.model_json_schema()["properties"][name] for name in JOB_ONLY},
     open_paths=OPEN_PATHS,
-    token=bool(SETTINGS.api_token),
+    token=bool(SETTINGS.api_token or USERS),
 )
 
 

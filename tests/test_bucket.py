@@ -206,16 +206,17 @@ def test_the_bucket_stopped_mid_run_fails_the_job_with_a_503_naming_it_and_keeps
     runner = JobRunner(engine, store, outputs, lease=30)
     runner.start()
     try:
-        # A running job's preview, as its Previewer keeps it, served from the bucket.
-        shown = b"RIFF\x04\x00\x00\x00WEBP"
-        previews_of(outputs).start("ef" * 16, 600)(shown)
-        with routes() as client:
-            preview = client.get("/generate_task/preview", params={"task_id": "ef" * 16})
-        assert preview.status_code == 200 and preview.headers["content-type"] == "image/webp"
-        assert preview.content == shown == s3.objects(name)[f"out/previews/{'ef' * 16}.webp"]
 
         doomed = store.submit(PHOTO.read_bytes(), PHOTO.name, {**TINY, "seed": 1}, per_worker=10).id
         assert reached.wait(120), "denoising started"
+        # The running job's preview, as its Previewer keeps it (the job's own waits behind the held
+        # report), served from the bucket.
+        shown = b"RIFF\x04\x00\x00\x00WEBP"
+        previews_of(outputs).start(doomed, 600)(shown)
+        with routes() as client:
+            preview = client.get("/generate_task/preview", params={"task_id": doomed})
+        assert preview.status_code == 200 and preview.headers["content-type"] == "image/webp"
+        assert preview.content == shown == s3.objects(name)[f"out/previews/{doomed}.webp"]
         s3.stop()
         assert store.get(doomed).status == IN_PROGRESS, "stopped mid-run"
         resume.set()

@@ -89,7 +89,7 @@ def test_the_bucket_variant_mounts_no_shared_volume_and_is_otherwise_the_deploym
     main, variant = _load(name), _load(f"bucket/{name}")
     pod = variant["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    shared = [volume for volume in pod.get("volumes", []) if "emptyDir" not in volume]
+    shared = [volume for volume in pod.get("volumes", []) if not {"emptyDir", "secret"} & volume.keys()]
     assert shared == [], "nothing shared, nothing kept"
     secrets = {
         doc["metadata"]["name"]: doc["stringData"] for doc in (_load("secret.yaml"), _load("bucket/secret.yaml"))
@@ -103,7 +103,8 @@ def test_the_bucket_variant_mounts_no_shared_volume_and_is_otherwise_the_deploym
             values[env["name"]] = env["value"]
     assert values["SVD_OUTPUT_DIR"].startswith("s3://") and values["SVD_QUEUE_URL"].startswith("redis://")
     for env_name, value in values.items():
-        monkeypatch.setenv(env_name, value)
+        if env_name != "SVD_API_TOKENS_FILE":  # the secret's file, in the pod only (below)
+            monkeypatch.setenv(env_name, value)
     assert Settings.from_env().output_dir == values["SVD_OUTPUT_DIR"], "the service starts with it"
     # The rest as the main Deployment, so that the two cannot drift apart.
     for deployment in (main, variant):
@@ -233,3 +234,26 @@ def test_the_readme_builds_pushes_and_applies_the_image_the_deployment_runs(bent
     assert commands[3] == "kubectl apply -f deploy/"
     assert commands[4] == f"kubectl apply -f deploy/scaling/{KEDA}"
     assert _container("api.yaml")["image"] == _container("worker.yaml")["image"] == image
+
+
+@pytest.mark.parametrize("name", ["api.yaml", "worker.yaml", "bucket/api.yaml", "bucket/worker.yaml"])
+def test_every_pod_reads_the_users_from_the_secret_as_a_file(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The secret's SVD_API_TOKENS, mounted where SVD_API_TOKENS_FILE points; the service reads it, and
+    an empty one (the secret as shipped) names no user."""
+    pod = _load(name)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    path = next(env["value"] for env in container["env"] if env["name"] == "SVD_API_TOKENS_FILE")
+    (volume,) = [volume for volume in pod["volumes"] if "secret" in volume]
+    assert volume["secret"]["secretName"] == _load("secret.yaml")["metadata"]["name"]
+    (item,) = volume["secret"]["items"]
+    assert item["key"] in _load("secret.yaml")["stringData"]
+    (mount,) = [mount for mount in container["volumeMounts"] if mount["name"] == volume["name"]]
+    assert f"{mount['mountPath']}/{item['path']}" == path and mount["readOnly"]
+    tokens = tmp_path / "tokens"
+    tokens.write_text(_load("secret.yaml")["stringData"][item["key"]])
+    monkeypatch.setenv("SVD_API_TOKENS_FILE", str(tokens))
+    assert Settings.from_env().api_tokens == ()
+    tokens.write_text("ann:a-token\nbob:b-token\n")
+    assert Settings.from_env().api_tokens == (("ann", "a-token"), ("bob", "b-token"))

@@ -26,7 +26,6 @@ from harness import PHOTO, ROOT, SMALL, Server, decode_video, redis_server, serv
 from svd.base.progress import Progress
 from svd.base.retention import Retention
 from svd.base.settings import ConfigError, Settings
-from svd.jobs.events import ended_body, started_body
 from svd.jobs.model import (
     CANCELED,
     COMPLETED,
@@ -43,6 +42,7 @@ from svd.jobs.redis import RedisJobs
 from svd.jobs.runner import keep_video
 from svd.jobs.sqlite import SQLiteJobs
 from svd.jobs.store import JobStore
+from svd.jobs.webhooks.events import ended_body, started_body
 from svd.serving.gpu_turns import Turns
 from svd.storage.outputs import Outputs
 
@@ -82,7 +82,7 @@ def test_the_store_hands_out_each_job_once_oldest_first(stores):
     assert first.claim("a") is None
     assert first.get(ids[0]).status == IN_PROGRESS and first.get(ids[0]).attempt == 1
     assert claims[0].image == b"image" and claims[0].image_name == "photo.png"
-    assert second.depth() == QueueDepth(0, 3, 0.0)
+    assert second.depth() == QueueDepth(0, 3, 0.0, {"": (0, 3)})
 
 
 def test_the_store_bounds_the_jobs_waiting_or_running(stores):
@@ -246,7 +246,7 @@ def test_a_jobs_end_event_is_kept_in_the_step_that_ends_it_and_only_by_the_attem
         kept[delivery.job_id] = json.loads(delivery.body)
         store.delivered(delivery.id)
     assert kept[done] == json.loads(ended)
-    # The stores write the cancel's and the give-up's events themselves, as svd/jobs/events.py does.
+    # The stores write the cancel's and the give-up's events themselves, as svd/jobs/webhooks/events.py does.
     error = store.get(given_up).error
     written = {canceled: ended_body(canceled, CANCELED, None, 0), given_up: ended_body(given_up, FAILED, error, 1)}
     for job_id, body in written.items():

@@ -61,7 +61,7 @@ def layer_of(module: str) -> str | None:
 
 def imports_of(path: Path) -> list[tuple[str, int]]:
     """Every module `path` imports, at any depth of its code, with the line: `from svd.jobs import
-    events` counts as svd.jobs.events."""
+    events` counts as svd.jobs.webhooks.events."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):

@@ -313,7 +313,7 @@ def test_progress_points_to_a_live_preview_that_needs_the_token_and_goes_when_th
 
 def test_the_preview_route_names_what_is_wrong_with_a_task_id(locked: Server):
     unknown = httpx.get(f"{locked.url}/generate_task/preview", params={"task_id": "0" * 32}, headers=AUTH, timeout=30)
-    assert unknown.status_code == 404 and "has no preview now" in unknown.json()["error"]
+    assert unknown.status_code == 404 and f"no task {'0' * 32}" in unknown.json()["error"]
     malformed = httpx.get(
         f"{locked.url}/generate_task/preview", params={"task_id": "../jobs"}, headers=AUTH, timeout=30
     )

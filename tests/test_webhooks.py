@@ -26,11 +26,11 @@ from standardwebhooks import Webhook
 
 from harness import PHOTO, ROOT, SMALL, Server, decode_video, free_port, serve, wait_until
 from svd.base.errors import BadInput
-from svd.jobs.addresses import Unresolved, WebhookHosts, checked_address
-from svd.jobs.delivery import Deliverer, retry_delay
-from svd.jobs.events import END
 from svd.jobs.model import Webhook as Hook
 from svd.jobs.sqlite import SQLiteJobs
+from svd.jobs.webhooks.addresses import Unresolved, WebhookHosts, checked_address
+from svd.jobs.webhooks.delivery import Deliverer, retry_delay
+from svd.jobs.webhooks.events import END
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes, long!").decode()
 
@@ -243,8 +243,8 @@ def _huge(connection: socket.socket, webhook_id: str) -> None:
 DELIVER_ONE = """
 import resource, sys, time
 from pathlib import Path
-from svd.jobs.addresses import WebhookHosts
-from svd.jobs.delivery import Deliverer
+from svd.jobs.webhooks.addresses import WebhookHosts
+from svd.jobs.webhooks.delivery import Deliverer
 from svd.jobs.sqlite import SQLiteJobs
 
 store = SQLiteJobs(Path(sys.argv[1]))
@@ -316,7 +316,7 @@ def test_a_4xx_answer_is_final_and_a_429_is_tried_again_after_its_retry_after(
     store = SQLiteJobs(tmp_path / "jobs.db")
     kinds = {_kept_delivery(store, receiver.url): kind for kind in answers}
     deliverer = Deliverer(store, SECRET, WebhookHosts.parse("127.0.0.1"))
-    caplog.set_level("INFO", logger="bentoml.svd.jobs.delivery")
+    caplog.set_level("INFO", logger="bentoml.svd.jobs.webhooks.delivery")
     deliverer.start()
     try:
         wait_until(lambda: _pending(store) == 0, 30, 0.1, "both deliveries done")

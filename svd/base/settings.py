@@ -7,9 +7,11 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from svd.base.retention import Retention, parse_retention
+from svd.base.users import parse_users
 
 DEFAULT_MODEL_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
 TINY_MODEL_ID = "tiny"
@@ -46,16 +48,19 @@ def _compile_backend(raw: str) -> str:
     return "inductor" if value in ("1", "true", "yes") else value
 
 
-def _positive_int(name: str, default: int) -> int:
+def _positive_int(name: str, default: int, zero: bool = False) -> int:
+    """A whole number above 0, or from 0 where `zero` allows it (0: no bound)."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        value = 0
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be a positive whole number.")
+        value = -1
+    if value < (0 if zero else 1):
+        raise ConfigError(
+            f"{name}={raw!r} must be a {'' if zero else 'positive '}whole number{', 0 for none' if zero else ''}."
+        )
     return value
 
 
@@ -99,6 +104,27 @@ def _size(name: str, default: str) -> int:
     if size is None:
         raise ConfigError(f"{name}={text!r} is not a size: use a number and KB, MB, GB or TB, such as {default}")
     return size
+
+
+def _users(name: str, admin_token: str) -> tuple[tuple[str, str], ...]:
+    """SVD_API_TOKENS, or the file SVD_API_TOKENS_FILE names (a mounted secret), as (name, token) pairs."""
+    text, path = os.environ.get(name, "").strip(), os.environ.get(f"{name}_FILE", "").strip()
+    if text and path:
+        raise ConfigError(f"{name} and {name}_FILE are both set; set one.")
+    source = name
+    if path:
+        source = f"{name}_FILE ({path})"
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source} cannot be read: {exc.strerror}.") from None
+    try:
+        users = parse_users(text, source)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}.") from None
+    if admin_token and admin_token in users.values():
+        raise ConfigError(f"{source}: a user has SVD_API_TOKEN, the admin's token; each needs their own.")
+    return tuple(users.items())
 
 
 def _queue_url(name: str) -> str:
@@ -149,8 +175,12 @@ class Settings:
     max_upload_bytes: int = 20_000_000
     upload_timeout: int = 60
     api_token: str = ""
+    # Named users (SVD_API_TOKENS): (name, token) pairs.
+    api_tokens: tuple[tuple[str, str], ...] = ()
     timeout: int = 600
     max_queue: int = 4
+    # Jobs one user may have waiting or running; 0: no bound but SVD_MAX_QUEUE's.
+    max_queue_per_user: int = 0
     max_concurrency: int = 32
     workers: int = 1
     output_dir: str = "outputs"
@@ -227,8 +257,10 @@ class Settings:
             max_upload_bytes=_positive_int("SVD_MAX_UPLOAD_BYTES", 20_000_000),
             upload_timeout=_positive_int("SVD_UPLOAD_TIMEOUT", 60),
             api_token=os.environ.get("SVD_API_TOKEN", "").strip(),
+            api_tokens=_users("SVD_API_TOKENS", os.environ.get("SVD_API_TOKEN", "").strip()),
             timeout=_positive_int("SVD_TIMEOUT", 600),
             max_queue=_positive_int("SVD_MAX_QUEUE", 4),
+            max_queue_per_user=_positive_int("SVD_MAX_QUEUE_PER_USER", 0, zero=True),
             max_concurrency=_positive_int("SVD_MAX_CONCURRENCY", 32),
             workers=_workers("SVD_WORKERS"),
             output_dir=output_dir,

@@ -1,6 +1,7 @@
 """GET /outputs/ and /outputs/{id}: the kept videos (svd/storage/outputs.py) over HTTP, from the
 folder or the bucket they are kept in. A video in a bucket passes through the service, with the
-same headers as from a folder (see the README: Kept outputs)."""
+same headers as from a folder (see the README: Kept outputs). A user lists and fetches their own
+videos only; another's is answered as one that does not exist."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from starlette.routing import Route
 
 from svd.base.ids import ID
 from svd.http.answers import unavailable
+from svd.http.middleware.auth import caller_of
 from svd.serving.records import headers_of
 from svd.storage.outputs import Outputs
 from svd.storage.storage import Download, StorageUnavailable
@@ -36,8 +38,9 @@ def library_app(outputs: Outputs) -> Starlette:
         limit = _page_number(request, "limit", 20, 1, MAX_PAGE)
         offset = _page_number(request, "offset", 0, 0)
         # File reads off the event loop, which must keep answering probes meanwhile.
+        caller = caller_of(request.scope)
         try:
-            records = await run_in_threadpool(outputs.recent, limit + 1, offset)
+            records = await run_in_threadpool(outputs.recent, limit + 1, offset, None if caller.admin else caller.name)
         except StorageUnavailable as down:
             return unavailable(down)
         more = len(records) > limit
@@ -55,7 +58,7 @@ def library_app(outputs: Outputs) -> Starlette:
         if not ID.fullmatch(output_id):
             return JSONResponse({"error": f"not an output id: ids are 32 hex digits, got {output_id[:80]!r}"}, 400)
         try:
-            found = await run_in_threadpool(outputs.find, output_id)
+            found = await run_in_threadpool(outputs.find, output_id, caller_of(request.scope))
         except StorageUnavailable as down:
             return unavailable(down)
         if found is None:

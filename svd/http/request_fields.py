@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from svd.base.params import CONTROLS, Control, Range
-from svd.jobs.events import EVENTS
+from svd.jobs.webhooks.events import EVENTS
 
 
 def _text(value: Any) -> Any:

@@ -9,9 +9,12 @@ preview (svd/storage/previews.py), and ROUTE/events, a job's changes as server-s
 (svd/jobs/following.py). On a replica that runs no model (SVD_ROLE=api) it answers the
 synchronous route too: queued as a job, answered with the job's video.
 
-A submit with an `Idempotency-Key` header is answered once per key and token: the same key
+A submit with an `Idempotency-Key` header is answered once per key and user: the same key
 and request again answer the job first queued, queuing nothing; the same key with another
 request is refused (422). Keys are kept IDEMPOTENCY_SECONDS, in the job store.
+
+Each job is its submitter's (svd/base/users.py): every route answers another user's job as it
+answers one that does not exist (404), and the admin's sees all.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from starlette.responses import JSONResponse, Response
 from svd.base.errors import InputError, validation_message
 from svd.base.ids import ID
 from svd.base.params import GenerationParams
+from svd.base.users import ADMIN, NOBODY, Caller, label_of
 from svd.http.answers import error_response, unavailable
 from svd.http.asgi import App, Receive, Scope, Send
+from svd.http.middleware.auth import caller_of
 from svd.http.outputs_routes import serve_output
-from svd.jobs.addresses import WebhookHosts, checked_address
 from svd.jobs.following import CONTENT_TYPE as EVENTS_TYPE
 from svd.jobs.following import QUEUE_FIELDS, READERS, JobEvents, QueuePlaces, progress_of
 from svd.jobs.model import (
@@ -53,9 +57,11 @@ from svd.jobs.model import (
     QueueFull,
     StoreUnavailable,
     UnknownJob,
+    UserQueueFull,
     Webhook,
 )
 from svd.jobs.store import JobStore
+from svd.jobs.webhooks.addresses import WebhookHosts, checked_address
 from svd.serving import metrics
 from svd.storage.outputs import Outputs
 from svd.storage.previews import CONTENT_TYPE, previews_of
@@ -79,7 +85,8 @@ class JobRoutes:
     waiting or running for each worker taking jobs; `outputs` is where jobs keep their videos;
     `webhook_hosts` admits webhook URLs (None: the server sends no webhooks). With `queued`, the
     synchronous route it names, with its fields, is queued as a job and answered when the job ends.
-    It also brings the queue's gauges up to date for each read of /metrics.
+    `per_user` bounds each user's jobs waiting or running (0: no bound); `users` are the names the
+    configuration gives them. It also brings the queue's gauges up to date for each read of /metrics.
     """
 
     def __init__(
@@ -93,8 +100,12 @@ class JobRoutes:
         max_pixels: int,
         webhook_hosts: WebhookHosts | None = None,
         queued: tuple[str, type[BaseModel]] | None = None,
+        per_user: int = 0,
+        users: frozenset[str] = frozenset(),
     ):
         self.app = app
+        self.per_user = per_user
+        self.users = users
         self.open_store = open_store
         self.fields = fields
         self.per_worker = per_worker
@@ -149,6 +160,14 @@ class JobRoutes:
         metrics.JOBS_WAITING.set(depth.waiting)
         metrics.JOBS_RUNNING.set(depth.running)
         metrics.OLDEST_WAITING_SECONDS.set(depth.oldest_waiting_seconds)
+        # Every label, those with no job too: a user's gauges come back to 0 when their queue empties.
+        counts = {label_of(owner, self.users): [0, 0] for owner in (*self.users, ADMIN, NOBODY)}
+        for owner, jobs in depth.by_owner.items():
+            count = counts.setdefault(label_of(owner, self.users), [0, 0])
+            count[0], count[1] = count[0] + jobs[0], count[1] + jobs[1]
+        for label, (waiting, running) in counts.items():
+            metrics.USER_JOBS_WAITING.labels(user=label).set(waiting)
+            metrics.USER_JOBS_RUNNING.labels(user=label).set(running)
 
     @property
     def store(self) -> JobStore:
@@ -161,15 +180,16 @@ class JobRoutes:
         key = request.headers.get("idempotency-key")
         if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
             return error_response(
-                400, "`Idempotency-Key` must be 1 to 255 visible ASCII characters, such as a UUID; "
-                f"got {key[:80]!r}",
+                400,
+                f"`Idempotency-Key` must be 1 to 255 visible ASCII characters, such as a UUID; got {key[:80]!r}",
             )
         read = await self._read_job(request, self.fields)
         if isinstance(read, Response):
             return read
         image, image_name, controls, hook = read
-        once = None if key is None else _idempotency(request, key, image, controls, hook)
-        return _accepted(await self._queue(image, image_name, controls, hook, once))
+        caller = caller_of(request.scope)
+        once = None if key is None else _idempotency(caller, key, image, controls, hook)
+        return _accepted(await self._queue(caller.name, image, image_name, controls, hook, once))
 
     async def generate(self, request: Request) -> Response:
         """The synchronous route on a replica without the model: its job waits in the queue for a GPU
@@ -179,7 +199,7 @@ class JobRoutes:
         read = await self._read_job(request, self.queued_fields)
         if isinstance(read, Response):
             return read
-        job = await self._queue(*read)
+        job = await self._queue(caller_of(request.scope).name, *read)
         if isinstance(job, Response):
             return job
         ended = None
@@ -247,6 +267,7 @@ class JobRoutes:
 
     async def _queue(
         self,
+        owner: str,
         image: bytes,
         image_name: str,
         controls: dict[str, Any],
@@ -254,7 +275,9 @@ class JobRoutes:
         once: Idempotency | None = None,
     ) -> Job | Response:
         try:
-            job = await run_in_threadpool(self.store.submit, image, image_name, controls, self.per_worker, hook, once)
+            job = await run_in_threadpool(
+                self.store.submit, image, image_name, controls, self.per_worker, hook, once, owner, self.per_user
+            )
         except KeyReused as reused:
             return error_response(
                 422,
@@ -265,13 +288,15 @@ class JobRoutes:
         except QueueFull as full:
             metrics.REFUSED.labels(reason="busy").inc()
             retry_after = max(1, round(full.retry_after or 1))
-            return error_response(
-                429,
-                f"{full.unfinished} jobs are already waiting or running ({full.limit} at most: SVD_MAX_QUEUE, "
-                f"{self.per_worker}, per worker taking jobs); retry later",
-                headers={"Retry-After": str(retry_after)},
+            why = (
+                f"you have {full.unfinished} jobs waiting or running, as many as one user may "
+                "(SVD_MAX_QUEUE_PER_USER); retry once one has ended"
+                if isinstance(full, UserQueueFull)
+                else f"{full.unfinished} jobs are already waiting or running ({full.limit} at most: SVD_MAX_QUEUE, "
+                f"{self.per_worker}, per worker taking jobs); retry later"
             )
-        logger.info("SVD job %s submitted", job.id)
+            return error_response(429, why, headers={"Retry-After": str(retry_after)})
+        logger.info("SVD job %s submitted%s", job.id, f" by {owner}" if owner else "")
         return job
 
     async def status(self, request: Request) -> Response:
@@ -317,16 +342,17 @@ class JobRoutes:
         return error_response(400, f"task {job.id} is not completed yet: it is {job.status}", status=job.status)
 
     async def cancel(self, request: Request) -> Response:
-        job_id = _task_id(request)
-        if isinstance(job_id, Response):
-            return job_id
+        job = await self._job(request)
+        if isinstance(job, Response):
+            return job
         try:
-            job, canceled = await run_in_threadpool(self.store.cancel, job_id)
+            job, canceled = await run_in_threadpool(self.store.cancel, job.id)
         except UnknownJob:
-            return _unknown(job_id)
+            return _unknown(job.id)
         if not canceled:
-            return error_response(409, f"task {job_id} already finished: it is {job.status}", **job.as_json())
-        logger.info("SVD job %s canceled by request", job_id)
+            return error_response(409, f"task {job.id} already finished: it is {job.status}", **job.as_json())
+        caller = caller_of(request.scope)
+        logger.info("SVD job %s canceled by request%s", job.id, f" of {caller.name}" if caller.name else "")
         return JSONResponse(job.as_json())
 
     async def retry(self, request: Request) -> Response:
@@ -338,13 +364,15 @@ class JobRoutes:
         kept = await run_in_threadpool(self.store.input, job.id)
         if kept is None:
             return error_response(404, f"the input of task {job.id} is no longer kept; submit it again")
-        return _accepted(await self._queue(*kept))
+        # The new job is the first one's owner's, whoever asks for it (the admin may).
+        return _accepted(await self._queue(job.owner, *kept))
 
     async def preview(self, request: Request) -> Response:
         """The latest preview of a running job (svd/storage/previews.py), from the storage every replica shares."""
-        job_id = _task_id(request)
-        if isinstance(job_id, Response):
-            return job_id
+        job = await self._job(request)
+        if isinstance(job, Response):
+            return job
+        job_id = job.id
         # Read whole, not streamed from the path: the next preview may replace the file meanwhile.
         image = await run_in_threadpool(self.previews.read, job_id)
         if image is None:
@@ -356,19 +384,20 @@ class JobRoutes:
         return Response(image, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
 
     async def _job(self, request: Request) -> Job | Response:
-        """The job the query's task_id names, or the response that says why there is none."""
+        """The job the query's task_id names, or the response that says why there is none: another
+        user's job is answered as one that does not exist."""
         job_id = _task_id(request)
         if isinstance(job_id, Response):
             return job_id
         job = await run_in_threadpool(self.store.get, job_id)
-        if job is not None:
-            return job
-        # The store forgets finished jobs after a day; their videos are kept longer.
-        record = await run_in_threadpool(self.outputs.record, job_id)
-        if record is None:
-            return _unknown(job_id)
-        created = datetime.fromisoformat(record["created"]).timestamp()
-        return Job(job_id, COMPLETED, created, created, created)
+        if job is None:
+            # The store forgets finished jobs after a day; their videos are kept longer.
+            record = await run_in_threadpool(self.outputs.record, job_id)
+            if record is None:
+                return _unknown(job_id)
+            created = datetime.fromisoformat(record["created"]).timestamp()
+            job = Job(job_id, COMPLETED, created, created, created, owner=record.get("owner", NOBODY))
+        return job if caller_of(request.scope).sees(job.owner) else _unknown(job_id)
 
 
 class EventStreamResponse:
@@ -388,16 +417,18 @@ class EventStreamResponse:
                     group.cancel_scope.cancel()
 
                 group.start_soon(until_gone)
-                await send({
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", f"{EVENTS_TYPE}; charset=utf-8".encode()),
-                        (b"cache-control", b"no-store"),
-                        # Proxies such as nginx would hold the events back in their buffers.
-                        (b"x-accel-buffering", b"no"),
-                    ],
-                })
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", f"{EVENTS_TYPE}; charset=utf-8".encode()),
+                            (b"cache-control", b"no-store"),
+                            # Proxies such as nginx would hold the events back in their buffers.
+                            (b"x-accel-buffering", b"no"),
+                        ],
+                    }
+                )
                 async for chunk in self.events:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -428,14 +459,11 @@ def _unknown(job_id: str) -> JSONResponse:
     return error_response(*no_such_task(job_id))
 
 
-def _idempotency(
-    request: Request, key: str, image: bytes, controls: dict[str, Any], hook: Webhook | None
-) -> Idempotency:
-    """The key scoped to the request's token, and a digest of what it asks for."""
-    token = hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
+def _idempotency(caller: Caller, key: str, image: bytes, controls: dict[str, Any], hook: Webhook | None) -> Idempotency:
+    """The key scoped to the caller, and a digest of what it asks for."""
     asked = hashlib.sha256(image)
     asked.update(json.dumps([controls, hook and [hook.url, hook.events]], sort_keys=True).encode())
-    return Idempotency(f"{token}:{key}", asked.hexdigest())
+    return Idempotency(f"{caller.name}:{key}", asked.hexdigest())
 
 
 def _decoded(value: Any) -> Any:

@@ -1,1 +1,1 @@
-"""The job queue: the job model, webhook events, the stores, the runner and the webhook delivery."""
+"""The job queue: the job model, the stores, the runner, fair turns, ETAs and the jobs' webhooks."""

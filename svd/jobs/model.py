@@ -7,7 +7,7 @@ worker claim the job again, up to the store's attempts; then it fails, saying so
 The statuses are BentoML's, so its clients read them unchanged.
 
 The interface every store implements is svd/jobs/store.py; the webhook events a job
-sends are svd/jobs/events.py.
+sends are svd/jobs/webhooks/events.py.
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class UserQueueFull(QueueFull):
+    """Submit refused: the user already has as many unfinished jobs (`limit`) as SVD_MAX_QUEUE_PER_USER allows."""
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached now (Redis down or restarting); the message names it."""
 
@@ -78,6 +82,8 @@ class QueueDepth:
     waiting: int
     running: int
     oldest_waiting_seconds: float
+    # Each owner's jobs waiting and running, for those who have any.
+    by_owner: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class KeyReused(Exception):
@@ -106,6 +112,8 @@ class Job:
     # A failed job's error, and the HTTP status /generate_task/get answers it with.
     error: str | None = None
     error_status: int | None = None
+    # The user who submitted it (svd/base/users.py).
+    owner: str = ""
 
     def as_json(self) -> dict[str, Any]:
         """BentoML's task status, with the attempt and a failed job's error."""
@@ -137,6 +145,8 @@ class Unfinished:
     status: JobStatus
     started: float | None
     controls: dict[str, Any]
+    owner: str = ""
+    created: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,7 @@ class Claim:
     image: bytes
     image_name: str
     controls: dict[str, Any]
+    owner: str = ""
 
 
 def image_hash(image: bytes) -> str:

@@ -1,10 +1,11 @@
 """The job store every replica shares: Redis, with a stream and a consumer group.
 
 Redis gives the guarantees; each step below is one Lua script, which Redis runs
-atomically. A submitted job is a hash (its record and input) and an entry in the
-stream `svd:queue`. The first idle worker anywhere reads the oldest entry through
-the consumer group `workers`, which delivers each entry once; the entry then stays in
-the group's pending list, owned by that worker, until the job ends. The worker's
+atomically. A submitted job is a hash (its record, input and owner) and an entry in the
+stream `svd:queue`. The first idle worker anywhere takes the job the fair-turn rule picks
+(svd/jobs/fair.py) by claiming its entry for itself in the consumer group `workers` (XCLAIM
+FORCE), which hands each entry to one consumer; the entry then stays in the group's pending
+list, owned by that worker, until the job ends. The worker's
 lease is the entry's idle time in that list: every renewal re-claims the entry for
 itself, which resets it. An entry idle for longer than a lease belongs to a worker
 that stopped (killed, its machine gone), and the next claim anywhere takes it over
@@ -36,6 +37,7 @@ from redis.retry import Retry
 from svd.base.ids import new_id
 from svd.base.progress import Progress
 from svd.jobs.eta import NEW_RUN_WEIGHT, runs_of, speeds_of
+from svd.jobs.fair import HALF_LIFE_SECONDS, turn_order
 from svd.jobs.model import (
     IDEMPOTENCY_SECONDS,
     IN_PROGRESS,
@@ -55,6 +57,7 @@ from svd.jobs.model import (
     StoreUnavailable,
     Unfinished,
     UnknownJob,
+    UserQueueFull,
     Webhook,
     image_hash,
     new_delivery_id,
@@ -76,9 +79,11 @@ SERVING_SINCE = "svd:serving-since"  # since when it does, in its clock's millis
 EVENTS = ":events"  # after a job's key: the stream of its changes
 IDEMPOTENCY = "svd:idempotency:"  # + the scoped Idempotency-Key: its request and job
 SPEEDS = "svd:speeds"  # key -> learned seconds (svd/jobs/eta.py's runs_of)
+USAGE = "svd:usage"  # owner -> GPU seconds, as they counted when last recorded (svd/jobs/fair.py)
+USAGE_AT = "svd:usage-at"  # owner -> when they were recorded
 DELIVERIES = "svd:deliveries"  # delivery id -> when it is due
 DELIVERY = "svd:delivery:"
-JOB_FIELDS = ("status", "created", "started", "finished", "attempt", "progress", "error", "error_status")
+JOB_FIELDS = ("status", "created", "started", "finished", "attempt", "progress", "error", "error_status", "owner")
 # Workers gone this long with nothing pending are removed from the group (LIVE_WORKERS).
 FORGET_WORKERS_MS = 24 * 3600 * 1000
 
@@ -104,6 +109,33 @@ local function forget(job, seconds)
 end
 """
 
+# Each owner's recent GPU time (svd/jobs/fair.py): charge() counts a job that stops running to its
+# owner; used() is every owner's, with what their running jobs have run so far.
+USAGE_LUA = """
+local function decayed(seconds, at, now, half_life)
+  return tonumber(seconds) * 0.5 ^ (math.max(0, now - tonumber(at or now)) / half_life)
+end
+local function charge(usage, usage_at, owner, seconds, now, half_life)
+  local old, at = redis.call('HGET', usage, owner), redis.call('HGET', usage_at, owner)
+  local kept = old and decayed(old, at, now, half_life) or 0
+  redis.call('HSET', usage, owner, string.format('%.17g', kept + math.max(0, seconds)))
+  redis.call('HSET', usage_at, owner, string.format('%.17g', now))
+end
+local function used(usage, usage_at, running, prefix, now, half_life)
+  local seconds = {}
+  local kept = redis.call('HGETALL', usage)
+  for i = 1, #kept, 2 do
+    seconds[kept[i]] = decayed(kept[i + 1], redis.call('HGET', usage_at, kept[i]), now, half_life)
+  end
+  local started = redis.call('ZRANGE', running, 0, -1, 'WITHSCORES')
+  for i = 1, #started, 2 do
+    local owner = redis.call('HGET', prefix .. started[i], 'owner') or ''
+    seconds[owner] = (seconds[owner] or 0) + math.max(0, now - tonumber(started[i + 1]))
+  end
+  return seconds
+end
+"""
+
 # Keeps a delivery of `body` to the job's webhook when it wants `event` (its end, always). Every
 # script that ends a job calls it, so a job's end event is kept in the step that ends it.
 KEEP = """
@@ -116,7 +148,7 @@ local function keep(job, job_id, event, body, delivery_id, now, deliveries, pref
   redis.call('ZADD', deliveries, now, delivery_id)
   return 1
 end
--- The events the scripts write themselves, as svd/jobs/events.py's started_body and ended_body do.
+-- The events the scripts write themselves, as svd/jobs/webhooks/events.py's started_body and ended_body do.
 local function event(type, data, timestamp)
   return cjson.encode({type = type, timestamp = timestamp, data = data})
 end
@@ -152,9 +184,10 @@ return live_workers(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 SUBMIT = ENSURE_GROUP + LIVE_WORKERS + """
 -- KEYS: stream, waiting, running, job, last-seconds, images, image bytes, idempotency key
 -- ARGV: group, per_worker, lease_ms, forget_ms, id, created, image, image_name, controls, progress, webhook, events,
---       image hash, image key prefix, input_keep, retention, job key prefix, request ('' without a key), key seconds
--- Returns {} when queued, {unfinished, limit, last seconds} when full, {0, id} for the key's job, {-1, id} when
--- the key was used with another request.
+--       image hash, image key prefix, input_keep, retention, job key prefix, request ('' without a key), key seconds,
+--       owner, per_user (0: no bound)
+-- Returns {} when queued, {unfinished, limit, last seconds} when full, {owned, per_user, last seconds, 'user'} when
+-- the owner's share is, {0, id} for the key's job, {-1, id} when the key was used with another request.
 if ARGV[18] ~= '' then
   local request, first = unpack(redis.call('HMGET', KEYS[8], 'request', 'job'))
   if request and request ~= ARGV[18] then return {-1, first} end
@@ -166,6 +199,15 @@ local unfinished = redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3])
 if unfinished >= limit then
   return {unfinished, limit, redis.call('GET', KEYS[5]) or ''}
 end
+if tonumber(ARGV[21]) > 0 then
+  local owned = 0
+  for _, key in ipairs({KEYS[2], KEYS[3]}) do
+    for _, id in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+      if (redis.call('HGET', ARGV[17] .. id, 'owner') or '') == ARGV[20] then owned = owned + 1 end
+    end
+  end
+  if owned >= tonumber(ARGV[21]) then return {owned, tonumber(ARGV[21]), redis.call('GET', KEYS[5]) or '', 'user'} end
+end
 -- The image kept once by its hash, however many jobs (retries) use it.
 if redis.call('EXISTS', ARGV[14] .. ARGV[13]) == 0 then
   redis.call('SET', ARGV[14] .. ARGV[13], ARGV[7])
@@ -176,7 +218,7 @@ redis.call('ZADD', KEYS[6], ARGV[6], ARGV[13])
 local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[5])
 redis.call('HSET', KEYS[4], 'status', 'pending', 'created', ARGV[6], 'attempt', 0, 'image_hash', ARGV[13],
   'image_name', ARGV[8], 'controls', ARGV[9], 'progress', ARGV[10], 'webhook', ARGV[11], 'webhook_events', ARGV[12],
-  'entry', entry)
+  'entry', entry, 'owner', ARGV[20])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
 log(KEYS[4])
 if ARGV[18] ~= '' then
@@ -208,11 +250,11 @@ end
 return {}
 """
 
-CLAIM = ENSURE_GROUP + KEEP + """
--- KEYS: stream, waiting, running, deliveries, serving run id, serving since
+CLAIM = ENSURE_GROUP + KEEP + USAGE_LUA + """
+-- KEYS: stream, waiting, running, deliveries, serving run id, serving since, usage, usage at
 -- ARGV: group, worker, lease_ms, attempts, now, retention, job key prefix, progress,
---       delivery id, delivery key prefix, timestamp, image key prefix
--- Returns {id, failed, attempt, image, image_name, controls}, or {'', failed} when nothing waits;
+--       delivery id, delivery key prefix, timestamp, image key prefix, half-life
+-- Returns {id, failed, attempt, image, image_name, controls, owner}, or {'', failed} when nothing waits;
 -- failed lists {id, attempt, worker, started, error} of jobs given up on the way.
 local failed = {}
 -- How long this Redis process has served the queue: since the first claim that found another
@@ -230,6 +272,24 @@ local function done(entry)
   redis.call('XACK', KEYS[1], ARGV[1], entry)
   redis.call('XDEL', KEYS[1], entry)
 end
+-- The oldest waiting job of the owner with the least GPU time (svd/jobs/fair.py), and its stream
+-- entry, now this worker's: XCLAIM FORCE takes an entry no worker has read yet.
+local function fair_turn()
+  local seconds = used(KEYS[7], KEYS[8], KEYS[3], ARGV[7], tonumber(ARGV[5]), tonumber(ARGV[13]))
+  local best, least
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local owner = redis.call('HGET', ARGV[7] .. id, 'owner') or ''
+    if not best or (seconds[owner] or 0) < least then best, least = id, seconds[owner] or 0 end
+  end
+  if not best then return nil end
+  local entry = redis.call('HGET', ARGV[7] .. best, 'entry')
+  if not entry or #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'FORCE', 'JUSTID') == 0 then
+    -- Its entry is gone from the stream (its record expired, or Redis lost the stream): a new one.
+    entry = redis.call('XADD', KEYS[1], '*', 'id', best)
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'FORCE', 'JUSTID')
+  end
+  return {{entry, {'id', best}}}
+end
 while true do
   -- A job whose worker stopped renewing comes first: it is older than any waiting one. Not in the
   -- first lease after Redis restarts, though: an entry's idle time then counts the time Redis was
@@ -244,15 +304,13 @@ while true do
     until #found > 0 or cursor == '0-0'
   end
   if #found == 0 then
-    local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
-    if not read then
-      -- Asking for work makes the worker one taking jobs (LIVE_WORKERS). Redis before 7.2 neither
-      -- creates a consumer nor resets its idle time for a read that found nothing new; a read of the
-      -- worker's own pending entries does both.
+    found = fair_turn()
+    if not found then
+      -- Asking for work makes the worker one taking jobs (LIVE_WORKERS): a read of its own pending
+      -- entries creates its consumer and resets its idle time, on every Redis 7.
       redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '0')
       return {'', failed}
     end
-    found = read[1][2]
   end
   local entry, id = found[1][1], found[1][2][2]
   local job = ARGV[7] .. id
@@ -263,6 +321,7 @@ while true do
       .. 'machine restarted); it is not tried again'
     redis.call('HSET', job, 'status', 'failed', 'finished', ARGV[5], 'error', error, 'error_status', 500)
     redis.call('ZREM', KEYS[3], id)
+    redis.call('ZREM', KEYS[2], id)
     log(job)
     forget(job, ARGV[6])
     done(entry)
@@ -277,12 +336,13 @@ while true do
     log(job)
     keep(job, id, 'start', event('task.start', {task_id = id, status = 'in_progress', attempt = attempt + 1}, ARGV[11]),
       ARGV[9], ARGV[5], KEYS[4], ARGV[10])
-    local image, digest, image_name, controls = unpack(
-      redis.call('HMGET', job, 'image', 'image_hash', 'image_name', 'controls'))
+    local image, digest, image_name, controls, owner = unpack(
+      redis.call('HMGET', job, 'image', 'image_hash', 'image_name', 'controls', 'owner'))
     if digest then image = redis.call('GET', ARGV[12] .. digest) end
-    return {id, failed, attempt + 1, image, image_name, controls}
+    return {id, failed, attempt + 1, image, image_name, controls, owner or ''}
   else
     -- Cancelled while it waited, or its record is gone: nothing to run.
+    redis.call('ZREM', KEYS[2], id)
     done(entry)
   end
 end
@@ -306,9 +366,12 @@ end
 return 1
 """
 
-FINISH = ENSURE_GROUP + KEEP + HELD + """
--- KEYS: stream, job, running, last-seconds, deliveries
--- ARGV: group, attempt, id, status, now, retention, error, error_status, end event, delivery id, delivery prefix
+FINISH = ENSURE_GROUP + KEEP + USAGE_LUA + HELD + """
+-- KEYS: stream, job, running, last-seconds, deliveries, usage, usage at
+-- ARGV: group, attempt, id, status, now, retention, error, error_status, end event, delivery id, delivery prefix,
+--       half-life
+charge(KEYS[6], KEYS[7], redis.call('HGET', KEYS[2], 'owner') or '', tonumber(ARGV[5]) - tonumber(started),
+  tonumber(ARGV[5]), tonumber(ARGV[12]))
 redis.call('HSET', KEYS[2], 'status', ARGV[4], 'finished', ARGV[5])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[7], 'error_status', ARGV[8]) end
 redis.call('ZREM', KEYS[3], ARGV[3])
@@ -321,13 +384,17 @@ if ARGV[9] ~= '' then keep(KEYS[2], ARGV[3], 'completed', ARGV[9], ARGV[10], ARG
 return 1
 """
 
-CANCEL = ENSURE_GROUP + KEEP + """
--- KEYS: stream, job, waiting, running, deliveries
--- ARGV: group, id, now, retention, delivery id, delivery key prefix, timestamp
+CANCEL = ENSURE_GROUP + KEEP + USAGE_LUA + """
+-- KEYS: stream, job, waiting, running, deliveries, usage, usage at
+-- ARGV: group, id, now, retention, delivery id, delivery key prefix, timestamp, half-life
 -- Returns -1 for no such job, 0 when it had already finished, 1 when cancelled now.
-local status, entry, attempt = unpack(redis.call('HMGET', KEYS[2], 'status', 'entry', 'attempt'))
+local status, entry, attempt, owner, started = unpack(
+  redis.call('HMGET', KEYS[2], 'status', 'entry', 'attempt', 'owner', 'started'))
 if not status then return -1 end
 if status ~= 'pending' and status ~= 'in_progress' then return 0 end
+if status == 'in_progress' then
+  charge(KEYS[6], KEYS[7], owner or '', tonumber(ARGV[3]) - tonumber(started), tonumber(ARGV[3]), tonumber(ARGV[8]))
+end
 redis.call('HSET', KEYS[2], 'status', 'canceled', 'finished', ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('ZREM', KEYS[4], ARGV[2])
@@ -389,7 +456,7 @@ T = TypeVar("T")
 
 
 def _timestamp(now: float) -> str:
-    """The envelope's timestamp, as svd/jobs/events.py writes it."""
+    """The envelope's timestamp, as svd/jobs/webhooks/events.py writes it."""
     return datetime.fromtimestamp(now, timezone.utc).isoformat()
 
 
@@ -444,9 +511,9 @@ class RedisJobs:
     @_reaching
     def submit(
         self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None,
-        idempotency: Idempotency | None = None,
+        idempotency: Idempotency | None = None, owner: str = "", per_user: int = 0,
     ) -> Job:
-        job = Job(new_id(), PENDING, time.time(), progress=Progress())
+        job = Job(new_id(), PENDING, time.time(), progress=Progress(), owner=owner)
         key = IDEMPOTENCY + (idempotency.key if idempotency else "")
         refused = self._submit(
             keys=[STREAM, WAITING, RUNNING, JOB + job.id, LAST_SECONDS, IMAGES, IMAGE_BYTES, key],
@@ -470,6 +537,8 @@ class RedisJobs:
                 JOB,
                 idempotency.request if idempotency else "",
                 IDEMPOTENCY_SECONDS,
+                owner,
+                per_user,
             ],
         )
         if len(refused) == 2:
@@ -477,6 +546,9 @@ class RedisJobs:
             if outcome == -1:
                 raise KeyReused(first.decode())
             return self.get(first.decode()) or job
+        if len(refused) == 4:
+            owned, limit, last, _ = refused
+            raise UserQueueFull(owned, limit, float(last) if last else None)
         if refused:
             unfinished, limit, last = refused
             raise QueueFull(unfinished, limit, float(last) if last else None)
@@ -486,10 +558,10 @@ class RedisJobs:
     def claim(self, worker: str) -> Claim | None:
         now = time.time()
         job_id, failed, *claimed = self._claim(
-            keys=[STREAM, WAITING, RUNNING, DELIVERIES, SERVING_RUN_ID, SERVING_SINCE],
+            keys=[STREAM, WAITING, RUNNING, DELIVERIES, SERVING_RUN_ID, SERVING_SINCE, USAGE, USAGE_AT],
             args=[
                 GROUP, worker, int(self.lease * 1000), self.attempts, repr(now), RETENTION_SECONDS, JOB, QUEUED,
-                new_delivery_id(), DELIVERY, _timestamp(now), IMAGE,
+                new_delivery_id(), DELIVERY, _timestamp(now), IMAGE, HALF_LIFE_SECONDS,
             ],
         )
         for given_up, attempt, holder, started, error in failed:
@@ -499,8 +571,8 @@ class RedisJobs:
             )
         if not job_id:
             return None
-        attempt, image, image_name, controls = claimed
-        return Claim(job_id.decode(), attempt, image, image_name.decode(), json.loads(controls))
+        attempt, image, image_name, controls, owner = claimed
+        return Claim(job_id.decode(), attempt, image, image_name.decode(), json.loads(controls), owner.decode())
 
     @_reaching
     def renew(self, claim: Claim) -> bool:
@@ -522,7 +594,7 @@ class RedisJobs:
         ended: bytes | None = None,
     ) -> bool:
         return 1 == self._finish(
-            keys=[STREAM, JOB + claim.id, RUNNING, LAST_SECONDS, DELIVERIES],
+            keys=[STREAM, JOB + claim.id, RUNNING, LAST_SECONDS, DELIVERIES, USAGE, USAGE_AT],
             args=[
                 GROUP,
                 claim.attempt,
@@ -535,6 +607,7 @@ class RedisJobs:
                 ended or b"",
                 new_delivery_id(),
                 DELIVERY,
+                HALF_LIFE_SECONDS,
             ],
         )
 
@@ -542,8 +615,11 @@ class RedisJobs:
     def cancel(self, job_id: str) -> tuple[Job, bool]:
         now = time.time()
         outcome = self._cancel(
-            keys=[STREAM, JOB + job_id, WAITING, RUNNING, DELIVERIES],
-            args=[GROUP, job_id, repr(now), RETENTION_SECONDS, new_delivery_id(), DELIVERY, _timestamp(now)],
+            keys=[STREAM, JOB + job_id, WAITING, RUNNING, DELIVERIES, USAGE, USAGE_AT],
+            args=[
+                GROUP, job_id, repr(now), RETENTION_SECONDS, new_delivery_id(), DELIVERY, _timestamp(now),
+                HALF_LIFE_SECONDS,
+            ],
         )
         job = self.get(job_id)
         if outcome == -1 or job is None:
@@ -566,17 +642,28 @@ class RedisJobs:
     @_reaching
     def unfinished(self) -> list[Unfinished]:
         with self._redis.pipeline(transaction=True) as pipe:
-            running, waiting = pipe.zrange(RUNNING, 0, -1).zrange(WAITING, 0, -1).execute()
+            running, waiting, usage, usage_at = (
+                pipe.zrange(RUNNING, 0, -1).zrange(WAITING, 0, -1).hgetall(USAGE).hgetall(USAGE_AT).execute()
+            )
         ids = [job_id.decode() for job_id in running + waiting]
         with self._redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hmget(JOB + job_id, ("status", "started", "controls"))
+                pipe.hmget(JOB + job_id, ("status", "started", "controls", "owner", "created"))
             records = pipe.execute()
-        return [
-            Unfinished(job_id, JobStatus(status.decode()), started and float(started), json.loads(controls))
-            for job_id, (status, started, controls) in zip(ids, records, strict=True)
+        queue = [
+            Unfinished(
+                job_id,
+                JobStatus(status.decode()),
+                started and float(started),
+                json.loads(controls),
+                (owner or b"").decode(),
+                float(created),
+            )
+            for job_id, (status, started, controls, owner, created) in zip(ids, records, strict=True)
             if status is not None and status.decode() in (PENDING, IN_PROGRESS)
         ]
+        kept = [(owner.decode(), float(seconds), float(usage_at.get(owner, 0))) for owner, seconds in usage.items()]
+        return turn_order(queue, kept, self.speeds(), time.time())
 
     @_reaching
     def learn(self, size: str, work: float, seconds: float, turn_seconds: float | None = None) -> None:
@@ -604,9 +691,19 @@ class RedisJobs:
     def depth(self) -> QueueDepth:
         with self._redis.pipeline(transaction=True) as pipe:
             waiting, running, oldest = (
-                pipe.zcard(WAITING).zcard(RUNNING).zrange(WAITING, 0, 0, withscores=True).execute()
+                pipe.zrange(WAITING, 0, -1).zrange(RUNNING, 0, -1).zrange(WAITING, 0, 0, withscores=True).execute()
             )
-        return QueueDepth(waiting, running, max(0.0, time.time() - oldest[0][1]) if oldest else 0.0)
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in waiting + running:
+                pipe.hget(JOB + job_id.decode(), "owner")
+            owners = [(owner or b"").decode() for owner in pipe.execute()]
+        by_owner: dict[str, tuple[int, int]] = {}
+        for index, owner in enumerate(owners):
+            counts = by_owner.get(owner, (0, 0))
+            by_owner[owner] = (counts[0] + 1, counts[1]) if index < len(waiting) else (counts[0], counts[1] + 1)
+        return QueueDepth(
+            len(waiting), len(running), max(0.0, time.time() - oldest[0][1]) if oldest else 0.0, by_owner
+        )
 
     @_reaching
     def notify(self, job_id: str, event: str, body: bytes) -> bool:
@@ -641,7 +738,7 @@ class RedisJobs:
 
 def _job(job_id: str, values: list[bytes | None]) -> Job | None:
     """A job from its hash's JOB_FIELDS, or from one of its events; None when it has none."""
-    status, created, started, finished, attempt, progress, error, error_status = values
+    status, created, started, finished, attempt, progress, error, error_status, *owner = values
     if status is None:
         return None
     return Job(
@@ -654,4 +751,5 @@ def _job(job_id: str, values: list[bytes | None]) -> Job | None:
         Progress(**json.loads(progress)) if progress else None,
         error and error.decode(),
         error_status and int(error_status),
+        (owner[0] or b"").decode() if owner else "",
     )

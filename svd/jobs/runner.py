@@ -28,12 +28,14 @@ from typing import TypeVar
 from svd.base.errors import Refused
 from svd.base.params import GenerationParams
 from svd.base.progress import Progress, ProgressCallback
+from svd.base.users import label_of
 from svd.core.generate import Stopped
 from svd.core.preview import Previewer
-from svd.jobs import events
 from svd.jobs.eta import size_of, work_of
 from svd.jobs.model import CANCELED, COMPLETED, FAILED, Claim, StoreUnavailable
 from svd.jobs.store import JobStore
+from svd.jobs.webhooks import events
+from svd.serving import metrics
 from svd.serving.engine import Engine
 from svd.serving.gpu_turns import HandedTurn
 from svd.serving.records import record_of
@@ -73,6 +75,8 @@ class JobRunner:
         # Each running job's latest preview, beside the videos: where every replica's routes look.
         self.previews = previews_of(outputs)
         self.lease = lease
+        # The users the configuration names: the GPU time's metric labels.
+        self.users = frozenset(name for name, _ in engine.settings.api_tokens)
         # Unique across machines and restarts: host, process and worker.
         self.name = f"{socket.gethostname()}/{os.getpid()}/worker-{engine.settings.worker}"
         self._stopping = threading.Event()
@@ -200,6 +204,7 @@ class JobRunner:
             turn.give_back()
             ended.set()
             self._end()
+            metrics.GPU_SECONDS.labels(user=label_of(claim.owner, self.users)).inc(time.perf_counter() - start)
 
     def _generate(self, claim: Claim, turn: HandedTurn, report: ProgressCallback, stop: threading.Event) -> None:
         with tempfile.TemporaryDirectory(prefix="svd-job-") as folder:
@@ -216,7 +221,7 @@ class JobRunner:
             # A job cancelled while its video was being written ends cancelled, with nothing kept.
             if stop.is_set() or not self._still_held(claim):
                 raise Stopped("the job was stopped while its video was written")
-            record = record_of(result, image, self.engine.settings)
+            record = {**record_of(result, image, self.engine.settings), "owner": claim.owner}
             ended = events.ended_body(
                 claim.id, COMPLETED, None, claim.attempt,
                 output_id=claim.id, output_path=f"/generate_task/get?task_id={claim.id}",

@@ -22,7 +22,7 @@ from typing import Any
 from svd.base.ids import new_id
 from svd.base.progress import Progress
 from svd.jobs.eta import learned, runs_of, speeds_of
-from svd.jobs.events import END, START, ended_body, started_body, wants
+from svd.jobs.fair import decayed, turn_order, used_now
 from svd.jobs.model import (
     CANCELED,
     COMPLETED,
@@ -44,10 +44,12 @@ from svd.jobs.model import (
     Speeds,
     Unfinished,
     UnknownJob,
+    UserQueueFull,
     Webhook,
     image_hash,
     new_delivery_id,
 )
+from svd.jobs.webhooks.events import END, START, ended_body, started_body, wants
 
 logger = logging.getLogger(f"bentoml.{__name__}")
 SCHEMA = """
@@ -104,6 +106,12 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     job_id TEXT NOT NULL,
     created REAL NOT NULL
 );
+-- Each owner's GPU seconds, as they counted when last recorded (svd/jobs/fair.py).
+CREATE TABLE IF NOT EXISTS usage (
+    owner TEXT PRIMARY KEY,
+    seconds REAL NOT NULL,
+    at REAL NOT NULL
+);
 -- Seconds per job of each size run, and per unit of work (svd/jobs/eta.py's runs_of).
 CREATE TABLE IF NOT EXISTS speeds (
     size TEXT PRIMARY KEY,
@@ -111,11 +119,13 @@ CREATE TABLE IF NOT EXISTS speeds (
 );
 """
 # Columns added since the first release, added to a file made before them.
-ADDED_COLUMNS = {"webhook": "TEXT", "webhook_events": "TEXT", "image_hash": "TEXT"}
+ADDED_COLUMNS = {"webhook": "TEXT", "webhook_events": "TEXT", "image_hash": "TEXT", "owner": "TEXT NOT NULL DEFAULT ''"}
 # A job's image: kept once by hash in `images`, or in its own row by a file from before that.
 IMAGE = "COALESCE((SELECT data FROM images WHERE hash = jobs.image_hash), jobs.image)"
 UNFINISHED = f"status IN ('{PENDING}', '{IN_PROGRESS}')"
 JOB_COLUMNS = "id, status, created, started, finished, attempt, progress, error, error_status"
+# A job as its record has it: with its owner, which its events leave out.
+OWNED = f"{JOB_COLUMNS}, owner"
 # Running jobs whose worker stopped renewing their lease.
 LAPSED = f"status = '{IN_PROGRESS}' AND lease_until < :now"
 # Only the worker holding the current attempt may act for a job.
@@ -171,10 +181,17 @@ class SQLiteJobs:
             return self._db.execute(sql, values).rowcount > 0
 
     def submit(
-        self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None,
+        self,
+        image: bytes,
+        image_name: str,
+        controls: dict[str, Any],
+        per_worker: int,
+        hook: Webhook | None = None,
         idempotency: Idempotency | None = None,
+        owner: str = "",
+        per_user: int = 0,
     ) -> Job:
-        job = Job(new_id(), PENDING, time.time(), progress=Progress())
+        job = Job(new_id(), PENDING, time.time(), progress=Progress(), owner=owner)
         limit = per_worker * self.workers
         with self._transaction() as db:
             if idempotency is not None:
@@ -185,7 +202,7 @@ class SQLiteJobs:
                 if used is not None:
                     if used[0] != idempotency.request:
                         raise KeyReused(used[1])
-                    first = _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (used[1],)).fetchone())
+                    first = _job(db.execute(f"SELECT {OWNED} FROM jobs WHERE id = ?", (used[1],)).fetchone())
                     if first is not None:
                         return first
                 db.execute(
@@ -195,11 +212,14 @@ class SQLiteJobs:
             (unfinished,) = db.execute(
                 f"SELECT COUNT(*) FROM jobs WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
             ).fetchone()
-            if unfinished >= limit:
+            (owned,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {UNFINISHED} AND owner = ?", (owner,)).fetchone()
+            if unfinished >= limit or (per_user and owned >= per_user):
                 last = db.execute(
                     f"SELECT finished - started FROM jobs WHERE status = '{COMPLETED}' ORDER BY finished DESC LIMIT 1"
                 ).fetchone()
-                raise QueueFull(unfinished, limit, last and last[0])
+                if unfinished >= limit:
+                    raise QueueFull(unfinished, limit, last and last[0])
+                raise UserQueueFull(owned, per_user, last and last[0])
             digest = image_hash(image)
             db.execute(
                 "INSERT INTO images (hash, data, size, used) VALUES (?, ?, ?, ?)"
@@ -208,7 +228,7 @@ class SQLiteJobs:
             )
             db.execute(
                 "INSERT INTO jobs (id, status, created, image_hash, image_name, controls, progress, webhook,"
-                " webhook_events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " webhook_events, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.status,
@@ -218,6 +238,7 @@ class SQLiteJobs:
                     json.dumps(controls),
                     QUEUED,
                     *_hook_columns(hook),
+                    owner,
                 ),
             )
             self._drop_images(db)
@@ -270,14 +291,15 @@ class SQLiteJobs:
                 )
                 db.execute(LOG, (job_id,))
                 self._keep_delivery(db, job_id, END, ended_body(job_id, FAILED, error, attempt))
-            row = db.execute(
-                f"SELECT id, attempt, {IMAGE}, image_name, controls FROM jobs WHERE status = '{PENDING}'"
-                f" OR ({LAPSED}) ORDER BY seq LIMIT 1",
-                {"now": now},
-            ).fetchone()
-            if row is None:
+            # A job whose worker stopped comes first: it is older than any waiting one.
+            job_id = db.execute(f"SELECT id FROM jobs WHERE {LAPSED} ORDER BY seq LIMIT 1", {"now": now}).fetchone()
+            if job_id is None:
+                job_id = self._fair_turn(db, now)
+            if job_id is None:
                 return None
-            job_id, attempt, image, image_name, controls = row
+            job_id, attempt, image, image_name, controls, owner = db.execute(
+                f"SELECT id, attempt, {IMAGE}, image_name, controls, owner FROM jobs WHERE id = ?", job_id
+            ).fetchone()
             db.execute(
                 f"UPDATE jobs SET status = '{IN_PROGRESS}', attempt = :attempt, worker = :worker, started = :now,"
                 " lease_until = :until, progress = :progress WHERE id = :id",
@@ -292,25 +314,55 @@ class SQLiteJobs:
             )
             self._keep_delivery(db, job_id, START, started_body(job_id, attempt + 1))
             db.execute(LOG, (job_id,))
-        return Claim(job_id, attempt + 1, image, image_name, json.loads(controls))
+        return Claim(job_id, attempt + 1, image, image_name, json.loads(controls), owner)
+
+    def _fair_turn(self, db: sqlite3.Connection, now: float) -> tuple[str] | None:
+        """The oldest waiting job of the owner with the least GPU time (svd/jobs/fair.py)."""
+        running = [
+            Unfinished(job_id, IN_PROGRESS, started, {}, owner)
+            for job_id, started, owner in db.execute(
+                f"SELECT id, started, owner FROM jobs WHERE status = '{IN_PROGRESS}'"
+            )
+        ]
+        used = used_now(db.execute("SELECT owner, seconds, at FROM usage").fetchall(), running, now)
+        waiting = db.execute(f"SELECT id, owner FROM jobs WHERE status = '{PENDING}' ORDER BY seq").fetchall()
+        if not waiting:
+            return None
+        job_id, _ = min(waiting, key=lambda job: used.get(job[1], 0.0))
+        return (job_id,)
+
+    def _charge(self, db: sqlite3.Connection, job_id: str, now: float) -> None:
+        """Count the GPU time of a job that stops running now to its owner."""
+        row = db.execute("SELECT owner, started FROM jobs WHERE id = ? AND started IS NOT NULL", (job_id,)).fetchone()
+        if row is None:
+            return
+        owner, started = row
+        kept = db.execute("SELECT seconds, at FROM usage WHERE owner = ?", (owner,)).fetchone()
+        seconds = (decayed(*kept, now) if kept else 0.0) + max(0.0, now - started)
+        db.execute("INSERT OR REPLACE INTO usage (owner, seconds, at) VALUES (?, ?, ?)", (owner, seconds, now))
 
     def renew(self, claim: Claim) -> bool:
         return self._update(
             f"UPDATE jobs SET lease_until = :until WHERE {HELD}",
-            until=time.time() + self.lease, id=claim.id, attempt=claim.attempt,
+            until=time.time() + self.lease,
+            id=claim.id,
+            attempt=claim.attempt,
         )
 
     def report(self, claim: Claim, progress: Progress) -> bool:
         with self._transaction() as db:
-            held = db.execute(
-                f"UPDATE jobs SET progress = :progress, lease_until = :until WHERE {HELD}",
-                {
-                    "progress": json.dumps(asdict(progress)),
-                    "until": time.time() + self.lease,
-                    "id": claim.id,
-                    "attempt": claim.attempt,
-                },
-            ).rowcount > 0
+            held = (
+                db.execute(
+                    f"UPDATE jobs SET progress = :progress, lease_until = :until WHERE {HELD}",
+                    {
+                        "progress": json.dumps(asdict(progress)),
+                        "until": time.time() + self.lease,
+                        "id": claim.id,
+                        "attempt": claim.attempt,
+                    },
+                ).rowcount
+                > 0
+            )
             if held:
                 db.execute(LOG, (claim.id,))
         return held
@@ -339,6 +391,7 @@ class SQLiteJobs:
             )
             if updated.rowcount == 1:
                 db.execute(LOG, (claim.id,))
+                self._charge(db, claim.id, now)
                 if ended is not None:
                     self._keep_delivery(db, claim.id, END, ended)
             db.execute(
@@ -353,21 +406,24 @@ class SQLiteJobs:
 
     def cancel(self, job_id: str) -> tuple[Job, bool]:
         with self._transaction() as db:
-            job = _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            job = _job(db.execute(f"SELECT {OWNED} FROM jobs WHERE id = ?", (job_id,)).fetchone())
             if job is None:
                 raise UnknownJob(job_id)
             if job.status not in (PENDING, IN_PROGRESS):
                 return job, False
+            now = time.time()
+            if job.status == IN_PROGRESS:
+                self._charge(db, job_id, now)
             db.execute(
                 f"UPDATE jobs SET status = '{CANCELED}', finished = ?, lease_until = NULL WHERE id = ?",
-                (time.time(), job_id),
+                (now, job_id),
             )
             db.execute(LOG, (job_id,))
             self._keep_delivery(db, job_id, END, ended_body(job_id, CANCELED, None, job.attempt))
-            return _job(db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+            return _job(db.execute(f"SELECT {OWNED} FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
     def get(self, job_id: str) -> Job | None:
-        return _job(self._one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id", id=job_id))
+        return _job(self._one(f"SELECT {OWNED} FROM jobs WHERE id = :id", id=job_id))
 
     def live_workers(self) -> int:
         # The server's own workers: with SQLite they run in the server that answers, so they are there.
@@ -378,12 +434,19 @@ class SQLiteJobs:
         return None if row is None or row[0] is None else (row[0], row[1], json.loads(row[2]))
 
     def depth(self) -> QueueDepth:
-        waiting, running, oldest = self._one(
-            f"SELECT COUNT(*) FILTER (WHERE status = '{PENDING}'), COUNT(*) FILTER (WHERE status = '{IN_PROGRESS}'),"
-            f" MIN(created) FILTER (WHERE status = '{PENDING}') FROM jobs"
-            f" WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT owner, COUNT(*) FILTER (WHERE status = '{PENDING}'),"
+                f" COUNT(*) FILTER (WHERE status = '{IN_PROGRESS}'), MIN(created) FILTER (WHERE status = '{PENDING}')"
+                f" FROM jobs WHERE {UNFINISHED} GROUP BY owner"
+            ).fetchall()
+        oldest = min((row[3] for row in rows if row[3] is not None), default=None)
+        return QueueDepth(
+            sum(row[1] for row in rows),
+            sum(row[2] for row in rows),
+            0.0 if oldest is None else max(0.0, time.time() - oldest),
+            {owner: (waiting, running) for owner, waiting, running, _ in rows},
         )
-        return QueueDepth(waiting, running, 0.0 if oldest is None else max(0.0, time.time() - oldest))
 
     def events(self, job_id: str, after: str | None = None) -> list[tuple[str, Job]]:
         seen = int(after) if after and after.isdigit() else 0
@@ -396,13 +459,15 @@ class SQLiteJobs:
     def unfinished(self) -> list[Unfinished]:
         with self._lock:
             rows = self._db.execute(
-                f"SELECT id, status, started, controls FROM jobs WHERE status IN ('{IN_PROGRESS}', '{PENDING}')"
+                f"SELECT id, status, started, controls, owner, created FROM jobs WHERE {UNFINISHED}"
                 f" ORDER BY status = '{PENDING}', started, seq"
             ).fetchall()
-        return [
-            Unfinished(job_id, JobStatus(status), started, json.loads(data))
-            for job_id, status, started, data in rows
+            kept = self._db.execute("SELECT owner, seconds, at FROM usage").fetchall()
+        queue = [
+            Unfinished(job_id, JobStatus(status), started, json.loads(data), owner, created)
+            for job_id, status, started, data, owner, created in rows
         ]
+        return turn_order(queue, kept, self.speeds(), time.time())
 
     def learn(self, size: str, work: float, seconds: float, turn_seconds: float | None = None) -> None:
         with self._transaction() as db:
@@ -464,7 +529,7 @@ def _hook_columns(hook: Webhook | None) -> tuple[str | None, str]:
 def _job(row: tuple | None) -> Job | None:
     if row is None:
         return None
-    job_id, status, created, started, finished, attempt, progress, error, error_status = row
+    job_id, status, created, started, finished, attempt, progress, error, error_status, *owner = row
     return Job(
         job_id,
         JobStatus(status),
@@ -475,4 +540,5 @@ def _job(row: tuple | None) -> Job | None:
         Progress(**json.loads(progress)) if progress else None,
         error,
         error_status,
+        owner[0] if owner else "",
     )

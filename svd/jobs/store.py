@@ -28,16 +28,19 @@ class JobStore(Protocol):
 
     def submit(
         self, image: bytes, image_name: str, controls: dict[str, Any], per_worker: int, hook: Webhook | None = None,
-        idempotency: Idempotency | None = None,
+        idempotency: Idempotency | None = None, owner: str = "", per_user: int = 0,
     ) -> Job:
-        """Queue a job, which calls `hook` back; QueueFull when `per_worker` jobs for each worker
-        taking jobs are already pending or in progress. With `idempotency`, a key already used
-        answers its job, queuing nothing, or raises KeyReused when its request was another."""
+        """Queue `owner`'s job, which calls `hook` back; QueueFull when `per_worker` jobs for each worker
+        taking jobs are already pending or in progress, UserQueueFull when `per_user` (0: no bound) of
+        the owner's are. With `idempotency`, a key already used answers its job, queuing nothing, or
+        raises KeyReused when its request was another."""
         ...
 
     def claim(self, worker: str) -> Claim | None:
-        """The oldest pending job, or one whose lease lapsed, now leased to `worker`, its start event
-        kept; None when there is none. Jobs whose lease lapsed on their last attempt are failed on the way."""
+        """A job whose lease lapsed, else the oldest pending job of the owner with the least GPU time
+        (svd/jobs/fair.py), now leased to `worker`, its start event kept; None when there is none. Jobs
+        whose lease lapsed on their last attempt are failed on the way. A job that stops running (finish,
+        cancel) counts its time to its owner."""
         ...
 
     def renew(self, claim: Claim) -> bool:
@@ -85,7 +88,8 @@ class JobStore(Protocol):
         ...
 
     def unfinished(self) -> list[Unfinished]:
-        """The jobs running, by when they started, then those waiting, in the order they are taken."""
+        """The jobs running, by when they started, then those waiting, in the order they will be taken
+        (svd/jobs/fair.py's turn_order)."""
         ...
 
     def learn(self, size: str, work: float, seconds: float, turn_seconds: float | None = None) -> None:

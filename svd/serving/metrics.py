@@ -61,3 +61,22 @@ EVENT_STREAMS = bentoml.metrics.Gauge(
     documentation="Clients following a job's events (ROUTE/events) now.",
     multiprocess_mode="livesum",
 )
+# Per user (svd/base/users.py's label_of): the users the configuration names, `admin`, `anonymous`
+# on an open service and `other` for a user since removed, so the labels stay few.
+USER_JOBS_WAITING = bentoml.metrics.Gauge(
+    name="svd_user_jobs_waiting",
+    documentation="Each user's jobs waiting for a GPU.",
+    labelnames=["user"],
+    multiprocess_mode="mostrecent",
+)
+USER_JOBS_RUNNING = bentoml.metrics.Gauge(
+    name="svd_user_jobs_running",
+    documentation="Each user's jobs running on a GPU.",
+    labelnames=["user"],
+    multiprocess_mode="mostrecent",
+)
+GPU_SECONDS = bentoml.metrics.Counter(
+    name="svd_user_gpu_seconds",
+    documentation="Seconds each user's jobs ran on this service's GPU workers, whatever their end.",
+    labelnames=["user"],
+)

@@ -26,6 +26,7 @@ from typing import Any
 from svd.base.errors import Refused
 from svd.base.ids import ID
 from svd.base.retention import Retention
+from svd.base.users import NOBODY, OPEN, Caller
 from svd.storage.folder import Folder
 from svd.storage.storage import Download, Entry, Storage, StorageFull, StorageUnavailable
 
@@ -43,6 +44,8 @@ UNAVAILABLE_RETRY_AFTER = 5
 ATTEMPT = "~"
 # Temporary and attempts' files older than this were left by a crash.
 LEFT_SECONDS = 24 * 3600
+# Sidecars whose owner is remembered, at most: a few MiB.
+OWNERS_KEPT = 100_000
 
 
 class Outputs:
@@ -51,6 +54,9 @@ class Outputs:
     def __init__(self, storage: Storage | Path, keep: Retention):
         self.storage = Folder(storage) if isinstance(storage, Path) else storage
         self.keep = keep
+        # Each sidecar's owner, by its name and time: a sidecar never changes once written, so a
+        # user's list reads only the sidecars it has not read before.
+        self._owners: dict[tuple[str, float], str] = {}
 
     def describe(self) -> str:
         """Where videos are kept and what prunes them, for the log at start."""
@@ -113,10 +119,11 @@ class Outputs:
                 if Path(entry.name).stem == _stem(output_id, attempt):
                     self.storage.delete(entry.name)
 
-    def find(self, output_id: str) -> tuple[Path | Download, dict[str, Any]] | None:
-        """The video and record of a well-formed id, or None; other ids never reach the storage."""
+    def find(self, output_id: str, caller: Caller = OPEN) -> tuple[Path | Download, dict[str, Any]] | None:
+        """The video and record of a well-formed id that `caller` may see, or None; other ids never
+        reach the storage."""
         record = self.record(output_id)
-        if record is None:
+        if record is None or not caller.sees(record.get("owner", NOBODY)):
             return None
         video = self.storage.fetch(f"{output_id}{Path(record.get('file', '')).suffix}")
         return (video, record) if video is not None else None
@@ -140,14 +147,30 @@ class Outputs:
         storage has one."""
         return self.storage.link(file, LINK_SECONDS)
 
-    def recent(self, limit: int, offset: int = 0) -> list[dict[str, Any]]:
-        """Records, newest first: one listing, and only the page's sidecars read."""
+    def recent(self, limit: int, offset: int = 0, owner: str | None = None) -> list[dict[str, Any]]:
+        """Records, newest first, of `owner` only unless None: one listing, and only the page's
+        sidecars read, besides those of others' videos never read before."""
+        sidecars = _sidecars(self.storage.list())
+        if owner is not None:
+            sidecars = [sidecar for sidecar in sidecars if self._owner(sidecar) == owner]
         records = []
-        for sidecar in _sidecars(self.storage.list())[offset : offset + limit]:
+        for sidecar in sidecars[offset : offset + limit]:
             record = self._record(sidecar.name)
             if record is not None:  # None: pruned or being replaced meanwhile
                 records.append(record)
         return records
+
+    def _owner(self, sidecar: Entry) -> str | None:
+        """Who made the sidecar's video: its record's owner ('' before users), None when it is gone."""
+        key = (sidecar.name, sidecar.modified)
+        if key not in self._owners:
+            record = self._record(sidecar.name)
+            if record is None:
+                return None
+            if len(self._owners) > OWNERS_KEPT:
+                self._owners.clear()
+            self._owners[key] = record.get("owner", NOBODY)
+        return self._owners[key]
 
     def prune(self) -> None:
         """Remove the oldest beyond what SVD_OUTPUT_KEEP allows. A file still being written has a

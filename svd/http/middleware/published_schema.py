@@ -26,14 +26,15 @@ ERROR_SCHEMA = {
 }
 WHY = {
     400: "A field is missing, unknown, out of range or of the wrong type; the body does not parse as its content type.",
-    401: "SVD_API_TOKEN is set and `Authorization: Bearer <token>` is missing or wrong.",
-    404: "No job has this task id; for /generate_task/preview, the job has no preview now.",
+    401: "API tokens are set (SVD_API_TOKENS, SVD_API_TOKEN) and `Authorization: Bearer <token>` is missing or wrong.",
+    404: "No job of yours has this task id; for /generate_task/preview, the job has no preview now.",
     408: "The upload did not arrive whole within SVD_UPLOAD_TIMEOUT.",
     409: "The job already finished (cancel), or was cancelled (get).",
     413: "The upload or the image is too large.",
     415: "The file is not an image format the service reads.",
     422: "The request needs more GPU memory than the GPU has.",
-    429: "Too many generations or jobs waiting; retry after Retry-After seconds.",
+    429: "Too many generations or jobs waiting, in all or yours (SVD_MAX_QUEUE_PER_USER); retry after Retry-After "
+    "seconds.",
     500: "The job failed: its worker stopped SVD_JOB_ATTEMPTS times, or the generation failed.",
     503: "The model is loading, the GPU is out of memory or failed, or the job queue or output bucket is unreachable.",
     504: "The generation passed SVD_TIMEOUT.",
@@ -109,7 +110,7 @@ def published(
     spec: dict[str, Any], job_fields: dict[str, Any], open_paths: frozenset[str], token: bool
 ) -> dict[str, Any]:
     """BentoML's `spec`, told the truth; `job_fields`: what /generate_task/submit takes beyond
-    /generate's fields; `token`: SVD_API_TOKEN guards all but `open_paths`."""
+    /generate's fields; `token`: API tokens guard all but `open_paths`."""
     spec = copy.deepcopy(spec)
     spec["paths"].setdefault(PREVIEW_PATH, copy.deepcopy(PREVIEW))
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})

@@ -7,12 +7,12 @@ few at once, so a slow or dead receiver never holds the GPU or a request thread.
 is signed anew (`webhook-id` stays, `webhook-timestamp` is the try's) with the Standard
 Webhooks library, so receivers verify with any Standard Webhooks implementation.
 
-Outbound requests are dangerous: every try goes only to an address svd/jobs/addresses.py
+Outbound requests are dangerous: every try goes only to an address svd/jobs/webhooks/addresses.py
 admits, checked anew, with no redirects followed. A try has one deadline for all of it
 (the lookup, connecting, sending, and the status line and headers of the answer), which
 asyncio enforces whatever the receiver trickles; nothing past the headers is read. The
 store holds a delivery for one sender for longer than a try can last, so one delivery
-never has two tries open. The bodies are svd/jobs/events.py's.
+never has two tries open. The bodies are svd/jobs/webhooks/events.py's.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import httpx
 from standardwebhooks import Webhook
 
 from svd.base.errors import BadInput
-from svd.jobs.addresses import Unresolved, WebhookHosts, checked_address
 from svd.jobs.model import Delivery, StoreUnavailable
 from svd.jobs.store import JobStore
+from svd.jobs.webhooks.addresses import Unresolved, WebhookHosts, checked_address
 
 logger = logging.getLogger(f"bentoml.{__name__}")
 

@@ -2,7 +2,7 @@
 
 A URL is called only when every address its host resolves to is public (or allowed by
 SVD_WEBHOOK_HOSTS), checked at submit and again at every try, and the request goes to the
-address checked (svd/jobs/delivery.py), with no redirects followed.
+address checked (svd/jobs/webhooks/delivery.py), with no redirects followed.
 """
 
 from __future__ import annotations
