@@ -79,6 +79,20 @@ def test_an_idempotency_key_answers_its_job_once_per_request_and_token(stores): 
     assert later.id not in (first.id, other.id)
 
 
+def test_a_job_is_never_placed_from_a_queue_read_before_it_started_or_was_submitted(stores):  # noqa: F811
+    """The queue behind places is read once per 0.5 s, but never trusted about the job asked for
+    when it disagrees with the job's own record: the browser test saw "1st in line" while denoising."""
+    store = stores()
+    places = following.QueuePlaces(lambda: store)
+    first = store.submit(b"image", "photo.png", {}, per_worker=10)
+    assert places.of(first).position == 0
+    second = store.submit(b"image", "photo.png", {}, per_worker=10)
+    assert places.of(second).position == 1, "submitted after the last read"
+    store.claim("w")
+    assert places.of(store.get(first.id)).position is None, "started after the last read"
+    assert places.of(store.get(second.id)).position == 0
+
+
 def test_positions_count_down_and_the_eta_is_the_learned_time_of_the_jobs_ahead(stores):  # noqa: F811
     store = stores()
     small, large = {"width": 64, "height": 64}, {"width": 128, "height": 128}

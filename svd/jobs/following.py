@@ -48,14 +48,18 @@ class QueuePlaces:
         self._speeds = Speeds({}, None)
         self._workers = 0
 
-    def of(self, job_id: str) -> Place:
+    def of(self, job: Job) -> Place:
+        """The place of an unfinished job: from the queue as last read, unless that is older than
+        REFRESH_SECONDS or disagrees with the job's own record (it started, or was just submitted,
+        since), which the queue is then read again for."""
         with self._lock:
-            if time.monotonic() - self._read_at >= REFRESH_SECONDS:
+            known = next((queued.status for queued in self._queue if queued.id == job.id), None)
+            if time.monotonic() - self._read_at >= REFRESH_SECONDS or known != job.status:
                 store = self._store()
                 self._queue, self._speeds, self._workers = store.unfinished(), store.speeds(), store.live_workers()
                 self._read_at = time.monotonic()
             queue, speeds, workers = self._queue, self._speeds, self._workers
-        return place(job_id, queue, speeds, time.time(), workers)
+        return place(job.id, queue, speeds, time.time(), workers)
 
 
 # What /generate_task/status adds to BentoML's task status, from progress_of.
@@ -66,7 +70,7 @@ def progress_of(job: Job, places: QueuePlaces, previews: Previews, route: str) -
     """Where the job is: its status, stage, step and segment, its live preview's address, its queue
     position and ETA, what it waits for ("worker": no worker takes jobs now), and how it ended: the
     video's id and address, or the error and its HTTP status."""
-    position, eta, waiting_for = Place(None, None) if job.status in FINISHED else places.of(job.id)
+    position, eta, waiting_for = Place(None, None) if job.status in FINISHED else places.of(job)
     completed = job.status == COMPLETED
     return {
         "task_id": job.id,
