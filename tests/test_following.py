@@ -367,7 +367,7 @@ def _positions_count_down_behind_a_job_held_on_the_gpu(server: Server, size: dic
     """Three jobs queued behind one that holds the GPU until the test cancels it: the last one's stream
     starts 2nd in line (0 = next), counts down, then runs. The holder is the longest job there is, canceled
     as soon as the stream has said where the last one stands, so the jobs' own speed decides nothing."""
-    holder = _submit(server, {**TINY, "width": 256, "height": 256, "num_inference_steps": 100, "segments": 4})
+    holder = _submit(server, {**TINY, "width": 512, "height": 512, "num_inference_steps": 100, "segments": 4})
     holder_id = holder.json()["task_id"]
     assert any(event["status"] == "in_progress" for event in follow(server.url, holder_id, timeout=120))
     ids = [_submit(server, size).json()["task_id"] for _ in range(3)]

@@ -208,7 +208,7 @@ def test_every_route_answers_another_users_job_and_video_as_missing(stores, tmp_
 
 
 # The longest job there is: it holds its worker's GPU until the test cancels it.
-HOLD = {**TINY, "width": 256, "height": 256, "num_inference_steps": 100, "segments": 4}
+HOLD = {**TINY, "width": 512, "height": 512, "num_inference_steps": 100, "segments": 4}
 USERS_ENV = {
     "SVD_API_TOKENS": ",".join(f"{name}:{token}" for name, token in TOKENS.items()),
     "SVD_API_TOKEN": ADMIN_TOKEN,
