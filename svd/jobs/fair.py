@@ -37,19 +37,31 @@ def used_now(kept: Iterable[tuple[str, float, float]], running: Iterable[Unfinis
     return used
 
 
+def _next(waiting: list[Unfinished], used: dict[str, float]) -> Unfinished:
+    # min keeps the first of equals: the oldest waiting job's owner.
+    return min(waiting, key=lambda candidate: used.get(candidate.owner, 0.0))
+
+
+def next_turn(queue: list[Unfinished], kept: Iterable[tuple[str, float, float]], now: float) -> Unfinished | None:
+    """The waiting job of `queue` (running jobs, and waiting ones oldest first) that a GPU freed now
+    takes; `kept` is each owner's GPU seconds as recorded (owner, seconds, when)."""
+    waiting = [job for job in queue if job.status == PENDING]
+    running = [job for job in queue if job.status == IN_PROGRESS]
+    return _next(waiting, used_now(kept, running, now)) if waiting else None
+
+
 def turn_order(
     queue: list[Unfinished], kept: Iterable[tuple[str, float, float]], speeds: Speeds, now: float
 ) -> list[Unfinished]:
     """`queue` (running jobs, then waiting ones oldest first) with the waiting ones in the order
-    the GPUs will take them: each turn to the owner with the least GPU time, who is then counted
-    the job's estimated seconds (one second where the service has no measurement yet)."""
+    the GPUs will take them: each turn as next_turn gives it, its owner then counted the job's
+    estimated seconds (one second where the service has no measurement yet)."""
     running = [job for job in queue if job.status == IN_PROGRESS]
     waiting = [job for job in queue if job.status == PENDING]
     used = used_now(kept, running, now)
     ordered: list[Unfinished] = []
     while waiting:
-        # min keeps the first of equals: the oldest waiting job's owner.
-        job = min(waiting, key=lambda candidate: used.get(candidate.owner, 0.0))
+        job = _next(waiting, used)
         waiting.remove(job)
         ordered.append(job)
         used[job.owner] = used.get(job.owner, 0.0) + (seconds_for(job.controls, speeds) or 1.0)

@@ -22,7 +22,7 @@ from typing import Any
 from svd.base.ids import new_id
 from svd.base.progress import Progress
 from svd.jobs.eta import learned, runs_of, speeds_of
-from svd.jobs.fair import decayed, turn_order, used_now
+from svd.jobs.fair import decayed, next_turn, turn_order
 from svd.jobs.model import (
     CANCELED,
     COMPLETED,
@@ -212,7 +212,11 @@ class SQLiteJobs:
             (unfinished,) = db.execute(
                 f"SELECT COUNT(*) FROM jobs WHERE status IN ('{PENDING}', '{IN_PROGRESS}')"
             ).fetchone()
-            (owned,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {UNFINISHED} AND owner = ?", (owner,)).fetchone()
+            owned = (
+                db.execute(f"SELECT COUNT(*) FROM jobs WHERE {UNFINISHED} AND owner = ?", (owner,)).fetchone()[0]
+                if per_user
+                else 0
+            )
             if unfinished >= limit or (per_user and owned >= per_user):
                 last = db.execute(
                     f"SELECT finished - started FROM jobs WHERE status = '{COMPLETED}' ORDER BY finished DESC LIMIT 1"
@@ -318,18 +322,14 @@ class SQLiteJobs:
 
     def _fair_turn(self, db: sqlite3.Connection, now: float) -> tuple[str] | None:
         """The oldest waiting job of the owner with the least GPU time (svd/jobs/fair.py)."""
-        running = [
-            Unfinished(job_id, IN_PROGRESS, started, {}, owner)
-            for job_id, started, owner in db.execute(
-                f"SELECT id, started, owner FROM jobs WHERE status = '{IN_PROGRESS}'"
+        queue = [
+            Unfinished(job_id, JobStatus(status), started, {}, owner)
+            for job_id, status, started, owner in db.execute(
+                f"SELECT id, status, started, owner FROM jobs WHERE {UNFINISHED} ORDER BY seq"
             )
         ]
-        used = used_now(db.execute("SELECT owner, seconds, at FROM usage").fetchall(), running, now)
-        waiting = db.execute(f"SELECT id, owner FROM jobs WHERE status = '{PENDING}' ORDER BY seq").fetchall()
-        if not waiting:
-            return None
-        job_id, _ = min(waiting, key=lambda job: used.get(job[1], 0.0))
-        return (job_id,)
+        job = next_turn(queue, db.execute("SELECT owner, seconds, at FROM usage").fetchall(), now)
+        return None if job is None else (job.id,)
 
     def _charge(self, db: sqlite3.Connection, job_id: str, now: float) -> None:
         """Count the GPU time of a job that stops running now to its owner."""
